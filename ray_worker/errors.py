@@ -1,0 +1,142 @@
+"""The worker's exception hierarchy.
+
+This module owns every exception the package raises on purpose. It must not import
+httpx, redis or vllm: the modules that talk to those libraries translate their errors
+into these, so that callers decide by class alone whether to retry.
+
+Every exception here pickles (plain attributes only) because several of them cross
+Ray actor boundaries.
+
+    WorkerError
+    ├── RetryableError               try again later, with backoff
+    │   ├── QueueUnavailableError    Bella-Queue timed out, refused, or answered 5xx
+    │   ├── EventBusUnavailableError the event-bus Redis is unreachable
+    │   └── EngineOverloadedError    the LLM replicas cannot take more right now (HTTP 503/429)
+    ├── PermanentError               the same call will fail the same way
+    │   ├── AuthenticationError      Bella-Queue answered 401 (bad or missing API key)
+    │   ├── BadRequestError          Bella-Queue answered 400 (its message is kept)
+    │   └── TaskError                one task cannot be served; carries the HTTP status
+    │       ├── InvalidTaskError     malformed request body (400)
+    │       ├── ModelNotFoundError   data.model is not served here (404)
+    │       └── TaskExpiredError     the task's expire_time passed (408)
+    └── FatalError                   the worker cannot run (bad configuration, missing model)
+        └── ConfigError
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class WorkerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class RetryableError(WorkerError):
+    """A transient fault: the same call may succeed later."""
+
+
+class QueueUnavailableError(RetryableError):
+    """Bella-Queue could not be reached, timed out, or answered with a 5xx status."""
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.status_code))
+
+
+class EventBusUnavailableError(RetryableError):
+    """The event-bus Redis is unreachable or refused a write."""
+
+
+class EngineOverloadedError(RetryableError):
+    """The LLM replicas refused new work for now."""
+
+
+class PermanentError(WorkerError):
+    """A fault that repeating the same call will not fix."""
+
+
+class AuthenticationError(PermanentError):
+    """Bella-Queue answered 401: the API key is missing, malformed or unknown."""
+
+
+class BadRequestError(PermanentError):
+    """Bella-Queue answered 400; ``message`` is the server's own text."""
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.status_code))
+
+
+class TaskError(PermanentError):
+    """One task cannot be served. Answered to its producer as an OpenAI error body."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.param))
+
+
+class InvalidTaskError(TaskError):
+    """The task's request body is malformed or out of range."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ModelNotFoundError(TaskError):
+    """``data.model`` names a model this worker does not serve."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class TaskExpiredError(TaskError):
+    """The task's ``expire_time`` passed before or during generation."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    code = "task_expired"
+
+
+class FatalError(WorkerError):
+    """The worker cannot run at all."""
+
+
+class ConfigError(FatalError):
+    """The configuration is invalid or incomplete."""
+
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigError",
+    "EngineOverloadedError",
+    "EventBusUnavailableError",
+    "FatalError",
+    "InvalidTaskError",
+    "ModelNotFoundError",
+    "PermanentError",
+    "QueueUnavailableError",
+    "RetryableError",
+    "TaskError",
+    "TaskExpiredError",
+    "WorkerError",
+]

@@ -1,0 +1,641 @@
+"""Bella-Queue wire protocol: every message of ``bella-queue-protocol.md`` as a model.
+
+This module owns the exact shape of what crosses the wire between a worker, Bella-Queue
+and the event-bus Redis: HTTP bodies (register, put, take, complete, eventbus, batches,
+error envelopes), the Task, and the two Redis stream events with their field encoding.
+It must not do I/O. Readers are tolerant (unknown inbound fields are ignored and logged
+once); writers are strict (outbound bodies are exact, snake_case, nulls omitted).
+
+Section numbers in docstrings refer to the protocol specification.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    field_serializer,
+    model_validator,
+)
+
+logger = logging.getLogger(__name__)
+
+QUEUE_NAME_RE = re.compile(r"^[a-zA-Z0-9_\-]+$")
+QUEUE_NAME_MAX_LEN = 64
+FIFO_TAKE_CAP = 10
+"""``fifo`` returns at most this many tasks per take (§3)."""
+SEQUENTIAL_LOCK_TTL_S = 600
+EVENT_STREAM_MINID_WINDOW_MS = 30 * 60 * 1000
+"""XADD trims entries older than now minus this window (§4.2)."""
+ONLINE_MAX_LIFETIME_S = 300
+ONLINE_MAX_WAIT_S = 600
+OFFLINE_DEFAULT_LIFETIME_S = 86400
+DEFAULT_PUT_TIMEOUT_S = 300
+
+PROGRESS_EVENT = "task-progress-event"
+COMPLETION_EVENT = "task-completion-event"
+STREAM_DONE = "[DONE]"
+
+
+def now_ms() -> int:
+    """Epoch milliseconds, the protocol's time unit."""
+    return time.time_ns() // 1_000_000
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON as the Java side writes it (UTF-8, no spaces)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class ResponseMode(enum.StrEnum):
+    """How a task's producer waits for its result (§1.3)."""
+
+    BLOCKING = "blocking"
+    STREAMING = "streaming"
+    CALLBACK = "callback"
+    BATCH = "batch"
+
+    @property
+    def is_online(self) -> bool:
+        """Blocking and streaming tasks are answered through the event bus (§4.1)."""
+        return self in (ResponseMode.BLOCKING, ResponseMode.STREAMING)
+
+    @property
+    def id_letter(self) -> str:
+        """The mode letter inside a task id (§2.2)."""
+        return _MODE_LETTERS[self]
+
+
+_MODE_LETTERS = {
+    ResponseMode.BLOCKING: "B",
+    ResponseMode.STREAMING: "S",
+    ResponseMode.CALLBACK: "C",
+    ResponseMode.BATCH: "P",
+}
+
+
+class TakeStrategy(enum.StrEnum):
+    """How ``take`` walks the listed queues (§3)."""
+
+    FIFO = "fifo"
+    ROUND_ROBIN = "round_robin"
+    ACTIVE_PASSIVE = "active_passive"
+    SEQUENTIAL = "sequential"
+
+
+class Level(enum.IntEnum):
+    """Queue level: 0 is online (Redis only), 1 is offline (persisted) (§2.3)."""
+
+    ONLINE = 0
+    OFFLINE = 1
+
+
+def validate_queue_name(name: str) -> str:
+    """Check a base queue name as register does (§1.1); raise ``ValueError`` if invalid."""
+    if not name or len(name) > QUEUE_NAME_MAX_LEN or not QUEUE_NAME_RE.match(name):
+        raise ValueError(
+            f"queue name {name!r} must match {QUEUE_NAME_RE.pattern} and be at most "
+            f"{QUEUE_NAME_MAX_LEN} characters"
+        )
+    return name
+
+
+def parse_full_queue_name(full: str) -> tuple[str, Level]:
+    """Split ``"name:level"`` into its parts; raise ``ValueError`` if malformed (§1.4)."""
+    parts = full.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"queue {full!r} must be '<name>:<level>' with exactly one ':'")
+    name, level_text = parts
+    try:
+        level = Level(int(level_text))
+    except ValueError:
+        raise ValueError(f"Unknown queue level in {full!r}: only 0 and 1 exist") from None
+    validate_queue_name(name)
+    return name, level
+
+
+def full_queue_name(name: str, level: int) -> str:
+    """Join a base name and a level into the ``"name:level"`` form."""
+    return f"{name}:{int(level)}"
+
+
+# --------------------------------------------------------------------------------------
+# Task ids (§2.2)
+# --------------------------------------------------------------------------------------
+
+TASK_ID_RE = re.compile(
+    r"^TASK-(?P<queue_id>\d+)-(?P<level>\d)-(?P<mode>[BSCP])-(?P<stamp>\d{12})"
+    r"-(?P<instance>\d{4})-(?P<serial>\d{6})$"
+)
+BATCH_ID_RE = re.compile(
+    r"^BATCH-(?P<queue_id>\d+)-(?P<level>\d)-(?P<stamp>\d{12})-(?P<instance>\d{4})-(?P<serial>\d{6})$"
+)
+
+
+def _id_stamp(at_ms: int) -> str:
+    return time.strftime("%y%m%d%H%M%S", time.gmtime(at_ms / 1000))
+
+
+def make_task_id(
+    queue_id: int, level: int, mode: ResponseMode, at_ms: int, instance: int, serial: int
+) -> str:
+    """Mint a task id in the server's format; workers treat ids as opaque."""
+    return (
+        f"TASK-{queue_id}-{int(level)}-{mode.id_letter}-{_id_stamp(at_ms)}"
+        f"-{instance % 10000:04d}-{serial % 1_000_000:06d}"
+    )
+
+
+def make_batch_id(queue_id: int, level: int, at_ms: int, instance: int, serial: int) -> str:
+    """Mint a batch id in the server's format."""
+    return (
+        f"BATCH-{queue_id}-{int(level)}-{_id_stamp(at_ms)}"
+        f"-{instance % 10000:04d}-{serial % 1_000_000:06d}"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Base models
+# --------------------------------------------------------------------------------------
+
+
+class WireModel(BaseModel):
+    """A strict outbound message: exact fields, snake_case, nulls omitted on dump."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-ready dict sent on the wire (nulls omitted, secrets revealed)."""
+        return self.model_dump(mode="json", exclude_none=True, context={"reveal_secrets": True})
+
+
+_warned_unknown: set[tuple[str, str]] = set()
+
+
+class InboundModel(WireModel):
+    """A tolerant inbound message: unknown fields are ignored and logged once per name."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _note_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known and (cls.__name__, key) not in _warned_unknown:
+                    _warned_unknown.add((cls.__name__, key))
+                    logger.info("ignoring unknown %s field %r", cls.__name__, key)
+        return data
+
+
+# --------------------------------------------------------------------------------------
+# HTTP messages (§1)
+# --------------------------------------------------------------------------------------
+
+
+class RegisterRequest(WireModel):
+    """``POST /v1/queue/register`` body (§1.1)."""
+
+    queue: str = Field(description="Base queue name, no level: ^[a-zA-Z0-9_-]+$, at most 64.")
+    endpoint: str = Field(min_length=1, description="Capability, e.g. /v1/chat/completions.")
+
+
+class PutRequest(WireModel):
+    """``POST /v1/queue/put`` body (§1.3)."""
+
+    endpoint: str = Field(description="Capability, e.g. /v1/chat/completions.")
+    data: dict[str, Any] = Field(description="The request body; becomes task.data.")
+    queue: str | None = Field(default=None, description="Base queue name; routed if absent.")
+    level: int | None = Field(default=None, description="0 online, 1 offline; default 0.")
+    response_mode: ResponseMode | None = Field(
+        default=None, description="Default callback. blocking/streaming force level 0."
+    )
+    callback_url: str | None = Field(default=None, description="The server POSTs results here.")
+    timeout: int | None = Field(default=None, description="Task lifetime in seconds.")
+    trace_id: str | None = Field(default=None, description="Echoed as task.trace_id.")
+
+    @property
+    def effective_mode(self) -> ResponseMode:
+        """The mode the server applies: callback when absent."""
+        return self.response_mode or ResponseMode.CALLBACK
+
+    @property
+    def effective_level(self) -> Level:
+        """``Put.getQueueLevel()``: 0 for online modes, else ``level`` (1 if negative)."""
+        if self.effective_mode.is_online:
+            return Level.ONLINE
+        level = 0 if self.level is None else self.level
+        return Level(level) if level >= 0 else Level.OFFLINE
+
+    @property
+    def lifetime_s(self) -> int:
+        """``Put.getTaskTimeout()``: online min(timeout, 300); offline timeout or 24 h."""
+        timeout = DEFAULT_PUT_TIMEOUT_S if self.timeout is None else self.timeout
+        if self.effective_level is Level.ONLINE:
+            return min(timeout, ONLINE_MAX_LIFETIME_S) if timeout > 0 else ONLINE_MAX_LIFETIME_S
+        return timeout if timeout > 0 else OFFLINE_DEFAULT_LIFETIME_S
+
+
+class BellaResponse(InboundModel):
+    """The wrapper only callback-mode put returns: ``{code, timestamp, data}`` (§1.0)."""
+
+    code: int
+    timestamp: int
+    data: Any = None
+
+
+class BellaErrorBody(InboundModel):
+    """A 400/500 error object: ``{code, message, timestamp[, stacktrace]}`` (§1.0)."""
+
+    code: int
+    message: str = ""
+    timestamp: int = 0
+    stacktrace: str | None = None
+
+
+class TakeRequest(WireModel):
+    """``POST /v1/queue/take`` body (§1.4). Always sends strategy and size explicitly."""
+
+    queues: list[str] = Field(min_length=1, description="Full names '<queue>:<level>'.")
+    size: int = Field(description="How many tasks at most; semantics per strategy (§3).")
+    strategy: TakeStrategy = Field(default=TakeStrategy.FIFO, description="Take strategy.")
+    process_timeout: int = Field(
+        default=0, ge=0, description="Seconds before an uncompleted task is redelivered (§2.5)."
+    )
+    process_max_retries: int = Field(
+        default=0, ge=-1, description="Redeliveries after process_timeout; -1 unlimited."
+    )
+    min_age_seconds: int = Field(default=0, ge=0, description="Take only tasks this old.")
+    endpoint: str | None = Field(default=None, description="Sent by the SDK; ignored.")
+
+
+class Task(InboundModel):
+    """A task as ``take`` returns it (§2.1). ``ak`` is the producer's key: a secret."""
+
+    task_id: str
+    ak: SecretStr | None = None
+    endpoint: str = ""
+    queue: str = ""
+    level: int = 0
+    data: dict[str, Any] = Field(default_factory=dict)
+    status: str | None = None
+    result: Any = None
+    instance_id: str | None = None
+    batch_id: str | None = None
+    trace_id: str | None = None
+    custom_id: str | None = None
+    start_time: int = 0
+    running_time: int = 0
+    expire_time: int = 0
+    completed_time: int = 0
+    callback_url: str | None = None
+    response_mode: ResponseMode = ResponseMode.CALLBACK
+
+    @field_serializer("ak")
+    def _dump_ak(self, ak: SecretStr | None, info: SerializationInfo) -> str | None:
+        if ak is None:
+            return None
+        context = info.context or {}
+        return ak.get_secret_value() if context.get("reveal_secrets") else str(ak)
+
+    @property
+    def full_queue(self) -> str:
+        """``"<queue>:<level>"``."""
+        return full_queue_name(self.queue, self.level)
+
+    @property
+    def is_online(self) -> bool:
+        """Answered through the event bus rather than HTTP complete (§4.1)."""
+        return self.response_mode.is_online
+
+    def expired(self, at_ms: int | None = None) -> bool:
+        """Whether ``expire_time`` has passed (a zero expire_time never expires)."""
+        return self.expire_time > 0 and (now_ms() if at_ms is None else at_ms) >= self.expire_time
+
+
+class TakeResponse(BaseModel):
+    """``take`` answers ``{"<queue>:<level>": [Task, ...]}`` (§1.4); ``{}`` when empty."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tasks: dict[str, list[Task]] = Field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> TakeResponse:
+        """Parse the raw map the server sends."""
+        return cls(tasks={key: [Task.model_validate(t) for t in value] for key, value in body.items()})
+
+    def to_wire(self) -> dict[str, Any]:
+        """The raw map, secrets revealed, as the server sends it."""
+        return {key: [t.to_wire() for t in value] for key, value in self.tasks.items()}
+
+    def all_tasks(self) -> list[Task]:
+        """Every task, in the order the server listed them."""
+        return [task for tasks in self.tasks.values() for task in tasks]
+
+
+class EventBusConfig(InboundModel):
+    """``GET /v1/queue/eventbus`` answer (§1.2). ``url`` may embed a password."""
+
+    url: str
+    topic: str
+
+    def __repr__(self) -> str:
+        return f"EventBusConfig(url={redact_url(self.url)!r}, topic={self.topic!r})"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a ``redis://user:pw@host`` URL for logs."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+# --------------------------------------------------------------------------------------
+# Results (§6) and OpenAI errors
+# --------------------------------------------------------------------------------------
+
+
+class OpenAIErrorDetail(WireModel):
+    """The inner object of an OpenAI error body."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        # OpenAI bodies always carry param and code, null when unset.
+        return self.model_dump(mode="json")
+
+
+class OpenAIErrorBody(WireModel):
+    """``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: OpenAIErrorDetail
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"error": self.error.to_wire()}
+
+
+def openai_error(
+    message: str, type_: str = "server_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """An OpenAI error body as a plain dict."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class TaskResult(InboundModel):
+    """The complete body and the completion event's ``result`` (§6.1).
+
+    ``status_code`` is an int from workers; the server's own timeout result sends the string
+    ``"408"`` (§6.3), so readers accept both.
+    """
+
+    status_code: int | str = 200
+    request_id: str | None = None
+    body: Any = None
+    stream: bool | None = None
+
+    @property
+    def status(self) -> int:
+        """``status_code`` as an int (the server's ``MapUtils.getInteger``, default 200)."""
+        try:
+            return int(self.status_code)
+        except (TypeError, ValueError):
+            return 200
+
+
+def result_body(status_code: int, request_id: str, body: Any = None) -> dict[str, Any]:
+    """The exact ``{status_code, request_id, body}`` a worker sends (§6.1)."""
+    result: dict[str, Any] = {"status_code": status_code, "request_id": request_id}
+    if body is not None:
+        result["body"] = body
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Redis stream events (§4.2)
+# --------------------------------------------------------------------------------------
+
+
+def stream_key(topic: str, instance_id: str) -> str:
+    """The stream a task's events go to: ``topic + instance_id``, verbatim."""
+    return topic + instance_id
+
+
+def event_minid(at_ms: int | None = None) -> int:
+    """The XADD ``MINID`` for an event written now: 30 minutes back."""
+    return (now_ms() if at_ms is None else at_ms) - EVENT_STREAM_MINID_WINDOW_MS
+
+
+def progress_fields(
+    task_id: str, event_id: str, event_name: str, event_data: Any, at_ms: int | None = None
+) -> dict[str, str]:
+    """Stream fields of a progress event: ``name, from, payload (JSON text), context, timestamp``.
+
+    Written for the hot path (one call per token chunk): a single ``json.dumps``.
+    """
+    payload = {
+        "taskId": task_id,
+        "eventId": event_id,
+        "eventName": event_name,
+        "eventData": event_data,
+    }
+    return {
+        "name": PROGRESS_EVENT,
+        "from": "",
+        "payload": dumps(payload),
+        "context": "",
+        "timestamp": str(now_ms() if at_ms is None else at_ms),
+    }
+
+
+def completion_fields(
+    task_id: str, result: Mapping[str, Any], at_ms: int | None = None
+) -> dict[str, str]:
+    """Stream fields of a completion event; ``result`` is ``{status_code, request_id, body}``."""
+    return {
+        "name": COMPLETION_EVENT,
+        "from": "",
+        "payload": dumps({"taskId": task_id, "result": dict(result)}),
+        "context": "",
+        "timestamp": str(now_ms() if at_ms is None else at_ms),
+    }
+
+
+class ProgressEvent(InboundModel):
+    """Payload of a ``task-progress-event``; camelCase on the wire."""
+
+    name: Literal["task-progress-event"] = PROGRESS_EVENT
+    task_id: str = Field(alias="taskId")
+    event_id: str | None = Field(default=None, alias="eventId")
+    event_name: str | None = Field(default=None, alias="eventName")
+    event_data: Any = Field(default=None, alias="eventData")
+    timestamp: int | None = None
+
+
+class CompletionEvent(InboundModel):
+    """Payload of a ``task-completion-event``; ``result`` must be a JSON object."""
+
+    name: Literal["task-completion-event"] = COMPLETION_EVENT
+    task_id: str = Field(alias="taskId")
+    result: dict[str, Any] = Field(default_factory=dict)
+    timestamp: int | None = None
+
+
+StreamEvent = Annotated[ProgressEvent | CompletionEvent, Field(discriminator="name")]
+
+
+def _text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_event(
+    fields: Mapping[str, str] | Mapping[bytes, bytes],
+) -> ProgressEvent | CompletionEvent | None:
+    """Decode one stream entry as the server does (§4.3); ``None`` for unknown names.
+
+    Raises ``ValueError`` when ``payload`` is not JSON or lacks ``taskId``.
+    """
+    text = {_text(k): _text(v) for k, v in fields.items()}  # type: ignore[arg-type]
+    name = text.get("name", "")
+    if name not in (PROGRESS_EVENT, COMPLETION_EVENT):
+        return None
+    payload = json.loads(text.get("payload") or "{}")
+    if not isinstance(payload, dict):
+        raise ValueError("event payload must be a JSON object")
+    timestamp = text.get("timestamp")
+    payload = {**payload, "name": name, "timestamp": int(timestamp) if timestamp else None}
+    if name == PROGRESS_EVENT:
+        return ProgressEvent.model_validate(payload)
+    return CompletionEvent.model_validate(payload)
+
+
+def sse_data(event_data: Any) -> str:
+    """What the server writes as SSE ``data:`` for a progress event (§4.4).
+
+    A string is sent verbatim, with a leading ``data:`` stripped; anything else is JSON.
+    """
+    if isinstance(event_data, str):
+        if event_data.startswith("data:"):
+            return event_data[5:].strip()
+        return event_data
+    return dumps(event_data)
+
+
+# --------------------------------------------------------------------------------------
+# Batches (§1.9, §7)
+# --------------------------------------------------------------------------------------
+
+
+class BatchRequest(WireModel):
+    """``POST /v1/batches`` body (OpenAI ``BatchRequest``)."""
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, Any] | None = None
+
+
+class BatchRequestCounts(InboundModel):
+    """OpenAI batch request counts."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class Batch(InboundModel):
+    """An OpenAI-style batch object; timestamps are epoch milliseconds (§1.9)."""
+
+    id: str
+    object: str = "batch"
+    endpoint: str = ""
+    input_file_id: str = ""
+    completion_window: str = "24h"
+    status: str = "validating"
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int = 0
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    completed_at: int | None = None
+    request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
+    metadata: dict[str, Any] | None = None
+
+
+class BatchInputLine(InboundModel):
+    """One line of a batch input JSONL file."""
+
+    custom_id: str = ""
+    method: str = "POST"
+    url: str = ""
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatchOutputLine(WireModel):
+    """One line of a batch output file: the worker's complete payload verbatim (§7)."""
+
+    id: str
+    custom_id: str
+    response: dict[str, Any]
+
+
+__all__ = [
+    "COMPLETION_EVENT",
+    "FIFO_TAKE_CAP",
+    "PROGRESS_EVENT",
+    "STREAM_DONE",
+    "Batch",
+    "BatchInputLine",
+    "BatchOutputLine",
+    "BatchRequest",
+    "BellaErrorBody",
+    "BellaResponse",
+    "CompletionEvent",
+    "EventBusConfig",
+    "Level",
+    "OpenAIErrorBody",
+    "OpenAIErrorDetail",
+    "ProgressEvent",
+    "PutRequest",
+    "RegisterRequest",
+    "ResponseMode",
+    "StreamEvent",
+    "TakeRequest",
+    "TakeResponse",
+    "TakeStrategy",
+    "Task",
+    "TaskResult",
+    "completion_fields",
+    "decode_event",
+    "dumps",
+    "event_minid",
+    "full_queue_name",
+    "make_batch_id",
+    "make_task_id",
+    "now_ms",
+    "openai_error",
+    "parse_full_queue_name",
+    "progress_fields",
+    "redact_url",
+    "result_body",
+    "sse_data",
+    "stream_key",
+    "validate_queue_name",
+]
