@@ -17,6 +17,7 @@ Ray actor boundaries.
     │   ├── BadRequestError          Bella-Queue answered 400 (its message is kept)
     │   └── TaskError                one task cannot be served; carries the HTTP status
     │       ├── InvalidTaskError     malformed request body (400)
+    │       ├── EngineError          the engine failed on this task (500 unless it said otherwise)
     │       ├── ModelNotFoundError   data.model is not served here (404)
     │       └── TaskExpiredError     the task's expire_time passed (408)
     └── FatalError                   the worker cannot run (bad configuration, missing model)
@@ -83,13 +84,47 @@ class TaskError(PermanentError):
     error_type: str = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # Instance overrides of the class defaults, e.g. an engine's own 4xx status.
+        if status_code is not None:
+            self.status_code = status_code
+        if code is not None:
+            self.code = code
+        if error_type is not None:
+            self.error_type = error_type
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.param))
+        return (_rebuild_task_error, (type(self), self.message, self.param, self.__dict__))
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI error body ``{"error": {message, type, param, code}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _rebuild_task_error(
+    cls: type[TaskError], message: str, param: str | None, state: dict[str, Any]
+) -> TaskError:
+    err = cls(message, param)
+    err.__dict__.update(state)
+    return err
 
 
 class InvalidTaskError(TaskError):
@@ -98,6 +133,14 @@ class InvalidTaskError(TaskError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class EngineError(TaskError):
+    """The engine failed while serving this task."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "engine_error"
 
 
 class ModelNotFoundError(TaskError):
@@ -128,6 +171,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConfigError",
+    "EngineError",
     "EngineOverloadedError",
     "EventBusUnavailableError",
     "FatalError",

@@ -335,7 +335,9 @@ class TakeResponse(BaseModel):
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> TakeResponse:
         """Parse the raw map the server sends."""
-        return cls(tasks={key: [Task.model_validate(t) for t in value] for key, value in body.items()})
+        return cls(
+            tasks={key: [Task.model_validate(t) for t in value] for key, value in body.items()}
+        )
 
     def to_wire(self) -> dict[str, Any]:
         """The raw map, secrets revealed, as the server sends it."""

@@ -119,7 +119,10 @@ class RedisServer:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _ping(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.5) as s:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection((self.host, self.port), 0.5) as s,
+        ):
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
         return False
