@@ -481,7 +481,7 @@ def completion_fields(
 class ProgressEvent(InboundModel):
     """Payload of a ``task-progress-event``; camelCase on the wire."""
 
-    name: Literal["task-progress-event"] = PROGRESS_EVENT
+    name: Literal["task-progress-event"] = "task-progress-event"
     task_id: str = Field(alias="taskId")
     event_id: str | None = Field(default=None, alias="eventId")
     event_name: str | None = Field(default=None, alias="eventName")
@@ -492,7 +492,7 @@ class ProgressEvent(InboundModel):
 class CompletionEvent(InboundModel):
     """Payload of a ``task-completion-event``; ``result`` must be a JSON object."""
 
-    name: Literal["task-completion-event"] = COMPLETION_EVENT
+    name: Literal["task-completion-event"] = "task-completion-event"
     task_id: str = Field(alias="taskId")
     result: dict[str, Any] = Field(default_factory=dict)
     timestamp: int | None = None
@@ -514,7 +514,7 @@ def decode_event(
 
     Raises ``ValueError`` when ``payload`` is not JSON or lacks ``taskId``.
     """
-    text = {_text(k): _text(v) for k, v in fields.items()}  # type: ignore[arg-type]
+    text = {_text(k): _text(v) for k, v in fields.items()}
     name = text.get("name", "")
     if name not in (PROGRESS_EVENT, COMPLETION_EVENT):
         return None
