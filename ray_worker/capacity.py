@@ -1,0 +1,199 @@
+"""The capacity model: how many more tasks the worker may take, per served model.
+
+This module owns the arithmetic behind ``remaining_capacity``: the live load each LLM
+replica reports (running and waiting requests, KV-cache use, ``max_num_seqs``), which
+replicas count as running (those that reported recently), and what the worker holds in
+flight. It must not do I/O or import Ray; the poller feeds it reports and asks it for sizes.
+
+Per replica ``r`` of a model:
+
+    slots(r)  = ceil(max_num_seqs(r) * target_ratio)       # target, not max
+    slots(r)  = min(slots(r), running(r) + waiting(r))     # when its KV cache is nearly full
+    target    = sum of slots(r) over fresh replicas
+    remaining = max(0, target - in_flight)                  # level 0
+    remaining = max(0, target - reserve - in_flight)        # level 1, reserve kept for level 0
+
+``in_flight`` counts tasks the worker took and has not answered yet (queued in the worker,
+waiting in the engine or running), so the worker never takes more than it can start soon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_worker.config import CapacityConfig
+from ray_worker.protocol import Level
+
+__all__ = ["CapacityTracker", "ModelCapacity", "ReplicaLoad"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """One replica's load report."""
+
+    replica_id: str
+    model_id: str
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    max_num_seqs: int
+    received_at: float = 0.0
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any], received_at: float) -> ReplicaLoad:
+        """Build from the dict an LLM replica sends (``LLMServer.get_load``)."""
+        return cls(
+            replica_id=str(report["replica_id"]),
+            model_id=str(report["model_id"]),
+            running=int(report.get("running", 0)),
+            waiting=int(report.get("waiting", 0)),
+            kv_cache_usage=float(report.get("kv_cache_usage", 0.0)),
+            max_num_seqs=max(1, int(report.get("max_num_seqs", 1))),
+            received_at=received_at,
+        )
+
+
+@dataclass
+class ModelCapacity:
+    """What the tracker knows of one served model's deployment."""
+
+    model_id: str
+    loads: dict[str, ReplicaLoad] = field(default_factory=dict)
+    in_flight: dict[Level, int] = field(default_factory=lambda: {Level.ONLINE: 0, Level.OFFLINE: 0})
+    declined: int = 0
+    """Tasks the poller wanted to take but could not for lack of capacity (a backlog hint)."""
+
+    @property
+    def total_in_flight(self) -> int:
+        """In flight at both levels."""
+        return self.in_flight[Level.ONLINE] + self.in_flight[Level.OFFLINE]
+
+
+class CapacityTracker:
+    """Remaining capacity per model from replica load reports and in-flight counts."""
+
+    def __init__(
+        self,
+        config: CapacityConfig,
+        model_ids: list[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._models = {m: ModelCapacity(m) for m in model_ids}
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def model(self, model_id: str) -> ModelCapacity:
+        """The state of one model; ``KeyError`` if it is not served."""
+        return self._models[model_id]
+
+    @property
+    def model_ids(self) -> list[str]:
+        """Served models."""
+        return list(self._models)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def report(self, report: Mapping[str, Any]) -> None:
+        """Record a replica's load report; reports of unknown models are ignored."""
+        load = ReplicaLoad.from_report(report, self._clock())
+        state = self._models.get(load.model_id)
+        if state is None:
+            return
+        previous = state.loads.get(load.replica_id)
+        state.loads[load.replica_id] = load
+        if previous is None or _slots(previous, self.config) != _slots(load, self.config):
+            self._notify()
+
+    def acquire(self, model_id: str, level: Level, n: int = 1) -> None:
+        """Count ``n`` tasks taken for ``model_id``."""
+        self._models[model_id].in_flight[level] += n
+
+    def release(self, model_id: str, level: Level, n: int = 1) -> None:
+        """Count ``n`` tasks answered; wakes pollers waiting for capacity."""
+        counts = self._models[model_id].in_flight
+        counts[level] = max(0, counts[level] - n)
+        self._notify()
+
+    def decline(self, model_id: str, n: int = 1) -> None:
+        """Note that the poller wanted ``n`` more tasks than capacity allowed."""
+        self._models[model_id].declined += n
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def fresh_loads(self, model_id: str) -> list[ReplicaLoad]:
+        """Reports of replicas that reported within ``load_stale_after_s``; drops stale ones."""
+        state = self._models[model_id]
+        horizon = self._clock() - self.config.load_stale_after_s
+        stale = [rid for rid, load in state.loads.items() if load.received_at < horizon]
+        for rid in stale:
+            del state.loads[rid]
+        return list(state.loads.values())
+
+    def replicas(self, model_id: str) -> int:
+        """Replicas counted as running."""
+        return len(self.fresh_loads(model_id))
+
+    def target(self, model_id: str) -> int:
+        """Tasks the model's running replicas should hold: enough to keep batches full."""
+        return sum(_slots(load, self.config) for load in self.fresh_loads(model_id))
+
+    def max_num_seqs(self, model_id: str) -> int:
+        """Sequences the running replicas can run at once."""
+        return sum(load.max_num_seqs for load in self.fresh_loads(model_id))
+
+    def remaining(self, model_id: str, level: Level) -> int:
+        """How many more tasks of ``level`` may be taken for ``model_id`` now."""
+        target = self.target(model_id)
+        if level is Level.OFFLINE:
+            target -= math.ceil(target * self.config.online_reserve_ratio)
+        return max(0, target - self._models[model_id].total_in_flight)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Per model: replicas, target, in flight, remaining, engine load."""
+        out: dict[str, dict[str, Any]] = {}
+        for model_id, state in self._models.items():
+            loads = self.fresh_loads(model_id)
+            out[model_id] = {
+                "replicas": len(loads),
+                "target": self.target(model_id),
+                "max_num_seqs": sum(x.max_num_seqs for x in loads),
+                "in_flight_online": state.in_flight[Level.ONLINE],
+                "in_flight_offline": state.in_flight[Level.OFFLINE],
+                "remaining_online": self.remaining(model_id, Level.ONLINE),
+                "remaining_offline": self.remaining(model_id, Level.OFFLINE),
+                "engine_running": sum(x.running for x in loads),
+                "engine_waiting": sum(x.waiting for x in loads),
+                "kv_cache_usage_max": max((x.kv_cache_usage for x in loads), default=0.0),
+                "declined": state.declined,
+            }
+        return out
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        """Wait until capacity may have grown (a release or a new report), or the timeout."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+    def _notify(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _slots(load: ReplicaLoad, config: CapacityConfig) -> int:
+    slots = math.ceil(load.max_num_seqs * config.target_ratio)
+    if load.kv_cache_usage >= config.kv_cache_high_watermark:
+        slots = min(slots, load.running + load.waiting)
+    return slots

@@ -1,0 +1,324 @@
+"""Typed configuration: the Serve app's ``args`` and the environment contract.
+
+This module owns every knob an operator sets, as frozen pydantic models with a description
+on each field (the configuration reference is generated from them), and the environment
+overrides of DESIGN.md: ``BELLA_QUEUE_URL``, ``BELLA_QUEUE_APIKEY``, ``BELLA_QUEUE_QUEUES``,
+``BELLA_EVENTBUS_URL``. It must not do I/O beyond reading the environment and YAML files.
+The API key comes only from the environment and is held as a ``SecretStr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ray_worker.errors import ConfigError
+from ray_worker.protocol import Level, TakeStrategy, parse_full_queue_name
+
+__all__ = [
+    "CapacityConfig",
+    "DispatcherConfig",
+    "EnvSettings",
+    "PollerConfig",
+    "PublisherConfig",
+    "QueueSpec",
+    "WorkerAppArgs",
+    "load_app_args",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QueueSpec(_Frozen):
+    """One Bella-Queue queue the worker takes from."""
+
+    name: str = Field(description="Full queue name '<queue>:<level>', level 0 (online) or 1.")
+    model: str | None = Field(
+        default=None,
+        description=(
+            "Served model for tasks of this queue whose data.model is missing, and the deployment "
+            "whose capacity this queue draws on. Required when several models are served."
+        ),
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        parse_full_queue_name(value)
+        return value
+
+    @property
+    def base(self) -> str:
+        """The queue name without its level."""
+        return parse_full_queue_name(self.name)[0]
+
+    @property
+    def level(self) -> Level:
+        """The queue's level."""
+        return parse_full_queue_name(self.name)[1]
+
+
+class PollerConfig(_Frozen):
+    """How the poller takes tasks (protocol §1.4, §3)."""
+
+    strategy: TakeStrategy = Field(
+        default=TakeStrategy.ACTIVE_PASSIVE,
+        description=(
+            "Take strategy. active_passive takes queues in list order; the poller lists level-0 "
+            "queues first so online work is taken before offline work."
+        ),
+    )
+    max_take_size: int = Field(
+        default=32, ge=1, le=1000, description="Largest size sent in one take (fifo caps at 10)."
+    )
+    process_timeout_s: int = Field(
+        default=900,
+        ge=0,
+        description=(
+            "Sent with takes of level-1 queues: the server redelivers a task not completed in this "
+            "many seconds (needs Redis keyspace events on the server). 0 disables redelivery."
+        ),
+    )
+    process_max_retries: int = Field(
+        default=2, ge=-1, description="Redeliveries after process_timeout; -1 is unlimited."
+    )
+    min_age_seconds: int = Field(default=0, ge=0, description="Take only tasks this old.")
+    idle_backoff_initial_s: float = Field(
+        default=0.005, gt=0, description="First wait after an empty take; doubles per empty take."
+    )
+    idle_backoff_max_s: float = Field(
+        default=0.05,
+        gt=0,
+        description="Longest wait between takes of an idle queue (bounds idle pickup latency).",
+    )
+    error_backoff_initial_s: float = Field(
+        default=0.2, gt=0, description="First wait after a failed take; doubles per failure."
+    )
+    error_backoff_max_s: float = Field(
+        default=10.0, gt=0, description="Longest wait after repeated take failures."
+    )
+    take_timeout_s: float = Field(default=10.0, gt=0, description="HTTP timeout of one take.")
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On shutdown, how long in-flight tasks may finish before a 503 answer.",
+    )
+
+
+class CapacityConfig(_Frozen):
+    """How much work the worker holds per replica (see README, capacity model)."""
+
+    target_ratio: float = Field(
+        default=1.25,
+        gt=0,
+        description=(
+            "Target tasks in flight per replica as a multiple of its max_num_seqs. Above 1 keeps "
+            "continuous batching full while tasks travel; the excess waits inside the worker."
+        ),
+    )
+    online_reserve_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of the target kept free for level-0 tasks (offline stops short).",
+    )
+    kv_cache_high_watermark: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description="A replica whose KV cache is this full gets no new work until it drains.",
+    )
+    load_stale_after_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A replica that has not reported its load for this long is not counted.",
+    )
+    load_report_interval_s: float = Field(
+        default=0.5, gt=0, description="How often each LLM replica reports its load to the poller."
+    )
+
+
+class DispatcherConfig(_Frozen):
+    """How each task is run and answered."""
+
+    max_replica_retries: int = Field(
+        default=2, ge=0, description="Retries of a task whose replica failed before any output."
+    )
+    overload_retry_initial_s: float = Field(
+        default=0.1, gt=0, description="First wait before re-sending a task the replicas refused."
+    )
+    overload_retry_max_s: float = Field(
+        default=2.0, gt=0, description="Longest wait between re-sends of a refused task."
+    )
+    max_task_time_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Deadline of a task whose expire_time is unset (online tasks: 600 s at most).",
+    )
+    complete_attempts: int = Field(
+        default=6, ge=1, description="Attempts of one HTTP complete on retryable faults."
+    )
+    complete_backoff_max_s: float = Field(
+        default=10.0, gt=0, description="Longest wait between complete attempts."
+    )
+    remember_completed: int = Field(
+        default=4096,
+        ge=0,
+        description="How many completed task ids are remembered to recognise redeliveries.",
+    )
+
+
+class PublisherConfig(_Frozen):
+    """The event-bus publisher (Redis stream writer)."""
+
+    max_buffered: int = Field(
+        default=100_000, ge=1, description="Entries held while Redis is down, then backpressure."
+    )
+    outage_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Continuous Redis failure after which buffered entries are given up (counted).",
+    )
+
+
+class WorkerAppArgs(_Frozen):
+    """The ``args`` of ``ray_worker.app:build_app`` in a Serve config file."""
+
+    queue_url: str | None = Field(
+        default=None, description="Bella-Queue base URL; env BELLA_QUEUE_URL overrides."
+    )
+    queues: list[QueueSpec] = Field(
+        default_factory=list,
+        description="Queues: 'name:level' or {name, model}; env BELLA_QUEUE_QUEUES overrides.",
+    )
+    eventbus_url: str | None = Field(
+        default=None,
+        description=(
+            "Redis URL for events, instead of the one GET /v1/queue/eventbus reports; "
+            "env BELLA_EVENTBUS_URL overrides."
+        ),
+    )
+    register_queues: bool = Field(
+        default=False,
+        description="Register the queues at start-up (for the emulator); errors are ignored.",
+    )
+    llm_configs: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="ray.serve.llm LLMConfig mappings, one per served model.",
+    )
+    engine: Literal["vllm", "simulated"] = Field(
+        default="vllm",
+        description="Engine inside the LLM replicas; 'simulated' is the CPU load-shape stand-in.",
+    )
+    poller: PollerConfig = Field(default_factory=PollerConfig, description="Take loop.")
+    capacity: CapacityConfig = Field(default_factory=CapacityConfig, description="Capacity model.")
+    dispatcher: DispatcherConfig = Field(
+        default_factory=DispatcherConfig, description="Task execution."
+    )
+    publisher: PublisherConfig = Field(default_factory=PublisherConfig, description="Event bus.")
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _queue_strings(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [q for q in value.split(",") if q.strip()]
+        if isinstance(value, list):
+            return [{"name": q.strip()} if isinstance(q, str) else q for q in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerAppArgs:
+        names = [q.name for q in self.queues]
+        if len(set(names)) != len(names):
+            raise ValueError(f"queues are listed twice: {names}")
+        return self
+
+    def model_ids(self) -> list[str]:
+        """The served model ids, in config order."""
+        ids = []
+        for cfg in self.llm_configs:
+            loading = cfg.get("model_loading_config") or {}
+            model_id = loading.get("model_id") if isinstance(loading, Mapping) else None
+            if not model_id:
+                raise ConfigError("every llm_configs entry needs model_loading_config.model_id")
+            ids.append(str(model_id))
+        return ids
+
+    def resolved(self, env: EnvSettings | None = None) -> WorkerAppArgs:
+        """Apply the environment overrides and check what must be set."""
+        env = env or EnvSettings()
+        update: dict[str, Any] = {}
+        if env.queue_url:
+            update["queue_url"] = env.queue_url
+        if env.eventbus_url:
+            update["eventbus_url"] = env.eventbus_url
+        if env.queue_queues:
+            defaults = {q.name: q.model for q in self.queues}
+            update["queues"] = [
+                QueueSpec(name=n.strip(), model=defaults.get(n.strip()))
+                for n in env.queue_queues.split(",")
+                if n.strip()
+            ]
+        args = self.model_copy(update=update)
+        if not args.queue_url:
+            raise ConfigError("set BELLA_QUEUE_URL or queue_url: the Bella-Queue base URL")
+        if not args.queues:
+            raise ConfigError("set BELLA_QUEUE_QUEUES or queues: which 'name:level' queues to take")
+        models = args.model_ids()
+        if not models:
+            raise ConfigError("llm_configs is empty: the worker needs at least one model to serve")
+        if len(set(models)) != len(models):
+            raise ConfigError(f"model ids are listed twice: {models}")
+        for queue in args.queues:
+            if queue.model is not None and queue.model not in models:
+                raise ConfigError(f"queue {queue.name}: model {queue.model!r} not in {models}")
+            if queue.model is None and len(models) > 1:
+                raise ConfigError(f"queue {queue.name} must name its model: several are served")
+        return args
+
+    def queue_model(self, queue: QueueSpec) -> str:
+        """The deployment a queue draws on: its own model, or the only one served."""
+        return queue.model or self.model_ids()[0]
+
+
+class EnvSettings(BaseSettings):
+    """The environment contract (DESIGN.md). Values here override the config file."""
+
+    model_config = SettingsConfigDict(env_prefix="BELLA_", extra="ignore", frozen=True)
+
+    queue_url: str | None = Field(default=None, description="BELLA_QUEUE_URL")
+    queue_apikey: SecretStr | None = Field(default=None, description="BELLA_QUEUE_APIKEY")
+    queue_queues: str | None = Field(default=None, description="BELLA_QUEUE_QUEUES, comma list")
+    eventbus_url: str | None = Field(default=None, description="BELLA_EVENTBUS_URL")
+
+    def require_apikey(self) -> SecretStr:
+        """The API key, or a ``ConfigError`` naming the variable."""
+        if self.queue_apikey is None or not self.queue_apikey.get_secret_value():
+            raise ConfigError("set BELLA_QUEUE_APIKEY: the Bella-Queue API key (never in a config)")
+        return self.queue_apikey
+
+
+def load_app_args(path: str | os.PathLike[str], app_name: str | None = None) -> WorkerAppArgs:
+    """Load the ``args`` of our app from a Serve config file (``applications[].args``)."""
+    document = yaml.safe_load(Path(path).read_text())
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: not a YAML mapping")
+    apps = document.get("applications")
+    if not isinstance(apps, list):
+        raise ConfigError(f"{path}: no 'applications' list (a Serve config file is expected)")
+    for app in apps:
+        if not isinstance(app, dict):
+            continue
+        if str(app.get("import_path", "")).startswith("ray_worker.") and (
+            app_name is None or app.get("name") == app_name
+        ):
+            return WorkerAppArgs.model_validate(app.get("args") or {})
+    raise ConfigError(f"{path}: no application with a ray_worker import_path")
