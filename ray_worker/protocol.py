@@ -192,7 +192,10 @@ class InboundModel(WireModel):
     @classmethod
     def _note_unknown_fields(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            known = set(cls.model_fields)
+            # Aliased fields (camelCase event payloads) arrive under their alias.
+            known = set(cls.model_fields) | {
+                f.alias for f in cls.model_fields.values() if f.alias is not None
+            }
             for key in data:
                 if key not in known and (cls.__name__, key) not in _warned_unknown:
                     _warned_unknown.add((cls.__name__, key))
