@@ -11,7 +11,8 @@ Ray actor boundaries.
     ├── RetryableError               try again later, with backoff
     │   ├── QueueUnavailableError    Bella-Queue timed out, refused, or answered 5xx
     │   ├── EventBusUnavailableError the event-bus Redis is unreachable
-    │   └── EngineOverloadedError    the LLM replicas cannot take more right now (HTTP 503/429)
+    │   ├── EngineOverloadedError    the LLM replicas cannot take more right now (HTTP 503/429)
+    │   └── ReplicaUnavailableError  the replica serving a request died or is unreachable
     ├── PermanentError               the same call will fail the same way
     │   ├── AuthenticationError      Bella-Queue answered 401 (bad or missing API key)
     │   ├── BadRequestError          Bella-Queue answered 400 (its message is kept)
@@ -55,6 +56,10 @@ class EventBusUnavailableError(RetryableError):
 
 class EngineOverloadedError(RetryableError):
     """The LLM replicas refused new work for now."""
+
+
+class ReplicaUnavailableError(RetryableError):
+    """The LLM replica serving a request died or could not be reached."""
 
 
 class PermanentError(WorkerError):
@@ -179,6 +184,7 @@ __all__ = [
     "ModelNotFoundError",
     "PermanentError",
     "QueueUnavailableError",
+    "ReplicaUnavailableError",
     "RetryableError",
     "TaskError",
     "TaskExpiredError",

@@ -1,0 +1,152 @@
+"""Worker metrics, exported through ``ray.util.metrics`` next to Serve's and vLLM's.
+
+This module owns the metric names, their tags and their buckets. Inside a Ray process the
+metrics reach Ray's Prometheus endpoint (prefixed ``ray_`` there); outside Ray (unit tests,
+tools) they are kept only as local counters, which the status endpoint also reads. It must
+not import anything of the worker but the standard library and Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METRIC_NAMES", "WorkerMetrics"]
+
+_LATENCY_BOUNDARIES_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+METRIC_NAMES = {
+    "tasks_taken": "bella_worker_tasks_taken_total",
+    "tasks_completed": "bella_worker_tasks_completed_total",
+    "tasks_in_flight": "bella_worker_tasks_in_flight",
+    "remaining_capacity": "bella_worker_remaining_capacity",
+    "replicas": "bella_worker_replicas",
+    "take_latency_s": "bella_worker_take_latency_seconds",
+    "take_failures": "bella_worker_take_failures_total",
+    "put_to_start_s": "bella_worker_put_to_start_seconds",
+    "time_to_first_event_s": "bella_worker_time_to_first_event_seconds",
+    "publish_failures": "bella_worker_publish_failures_total",
+    "complete_retries": "bella_worker_complete_retries_total",
+    "complete_failures": "bella_worker_complete_failures_total",
+    "duplicates": "bella_worker_duplicate_tasks_total",
+}
+
+
+def status_class(status_code: int) -> str:
+    """``2xx``, ``4xx`` or ``5xx``."""
+    return f"{status_code // 100}xx"
+
+
+class WorkerMetrics:
+    """Counters, gauges and histograms of the worker; safe to use with or without Ray."""
+
+    def __init__(self, *, use_ray: bool | None = None) -> None:
+        self._lock = threading.Lock()
+        self.counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self.gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._ray: dict[str, Any] = {}
+        if use_ray is None:
+            use_ray = _ray_connected()
+        if use_ray:
+            self._make_ray_metrics()
+
+    def _make_ray_metrics(self) -> None:
+        try:
+            from ray.util import metrics as rm
+        except ImportError:  # pragma: no cover - ray is a base dependency
+            return
+        n = METRIC_NAMES
+        self._ray = {
+            "tasks_taken": rm.Counter(
+                n["tasks_taken"], "Tasks taken from Bella-Queue.", tag_keys=("queue",)
+            ),
+            "tasks_completed": rm.Counter(
+                n["tasks_completed"],
+                "Tasks answered, by response mode and status class.",
+                tag_keys=("queue", "mode", "status"),
+            ),
+            "tasks_in_flight": rm.Gauge(
+                n["tasks_in_flight"], "Tasks taken and not answered yet.", tag_keys=("model",)
+            ),
+            "remaining_capacity": rm.Gauge(
+                n["remaining_capacity"], "Tasks the worker may still take.", tag_keys=("model",)
+            ),
+            "replicas": rm.Gauge(
+                n["replicas"], "LLM replicas reporting load.", tag_keys=("model",)
+            ),
+            "take_latency_s": rm.Histogram(
+                n["take_latency_s"],
+                "Latency of POST /v1/queue/take.",
+                boundaries=_LATENCY_BOUNDARIES_S,
+                tag_keys=("model",),
+            ),
+            "take_failures": rm.Counter(n["take_failures"], "Failed takes.", tag_keys=("model",)),
+            "put_to_start_s": rm.Histogram(
+                n["put_to_start_s"],
+                "From the task's put (start_time) to the engine call.",
+                boundaries=_LATENCY_BOUNDARIES_S,
+                tag_keys=("queue",),
+            ),
+            "time_to_first_event_s": rm.Histogram(
+                n["time_to_first_event_s"],
+                "From taking a task to its first event or answer.",
+                boundaries=_LATENCY_BOUNDARIES_S,
+                tag_keys=("queue",),
+            ),
+            "publish_failures": rm.Counter(
+                n["publish_failures"], "Events that could not be published.", tag_keys=("kind",)
+            ),
+            "complete_retries": rm.Counter(
+                n["complete_retries"], "Retried HTTP completes.", tag_keys=()
+            ),
+            "complete_failures": rm.Counter(
+                n["complete_failures"], "HTTP completes given up after retries.", tag_keys=()
+            ),
+            "duplicates": rm.Counter(
+                n["duplicates"], "Redelivered tasks recognised as duplicates.", tag_keys=()
+            ),
+        }
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        """Add to a counter."""
+        key = (name, tuple(sorted(tags.items())))
+        with self._lock:
+            self.counters[key] += value
+        metric = self._ray.get(name)
+        if metric is not None:
+            metric.inc(value, tags=tags or None)
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        """Set a gauge."""
+        key = (name, tuple(sorted(tags.items())))
+        with self._lock:
+            self.gauges[key] = value
+        metric = self._ray.get(name)
+        if metric is not None:
+            metric.set(value, tags=tags or None)
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        """Record a histogram observation (locally: count and sum)."""
+        self.inc(name + ":count", 1.0, **tags)
+        self.inc(name + ":sum", value, **tags)
+        metric = self._ray.get(name)
+        if metric is not None:
+            metric.observe(value, tags=tags or None)
+
+    def total(self, name: str, **tags: str) -> float:
+        """Sum of a counter over every tag set that includes ``tags``."""
+        wanted = set(tags.items())
+        with self._lock:
+            return sum(v for (n, t), v in self.counters.items() if n == name and wanted <= set(t))
+
+
+def _ray_connected() -> bool:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(ray.is_initialized())
