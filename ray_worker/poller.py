@@ -1,0 +1,248 @@
+"""The take loop: pulls only what fits from Bella-Queue and hands tasks to the dispatcher.
+
+This module owns ``POST /v1/queue/take`` pacing. Queues are grouped by the deployment whose
+capacity they draw on (a *pool*); each pool runs one loop:
+
+- ``size = min(max_take_size, remaining_capacity)``; level-1 queues are taken only while
+  capacity above the online reserve is left, so level-0 work is never starved;
+- re-poll at once while tasks flow; after an empty take wait 5 ms, 10 ms, ... up to
+  ``idle_backoff_max_s`` (with jitter), so an idle worker picks a new task up within tens
+  of milliseconds; after a failed take back off exponentially up to ``error_backoff_max_s``;
+- with no capacity, wait until a task finishes or a replica reports more room.
+
+It must not run tasks (the dispatcher does) nor talk to Ray: ``QueuePoller`` in
+``ray_worker.app`` is the thin Serve deployment around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ray_worker.capacity import CapacityTracker
+from ray_worker.config import PollerConfig, QueueSpec
+from ray_worker.dispatcher import Dispatcher
+from ray_worker.errors import AuthenticationError, WorkerError
+from ray_worker.metrics import WorkerMetrics
+from ray_worker.protocol import FIFO_TAKE_CAP, Level, TakeRequest, TakeResponse, TakeStrategy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Poller", "Pool", "Taker"]
+
+
+class Taker(Protocol):
+    """Bella-Queue's take (a ``QueueClient``)."""
+
+    async def take(self, request: TakeRequest) -> TakeResponse:
+        """``POST /v1/queue/take``."""
+        ...
+
+
+@dataclass
+class Pool:
+    """The queues that draw on one model deployment's capacity, and the loop's state."""
+
+    model_id: str
+    online: list[str]
+    offline: list[str]
+    state: str = "starting"
+    takes: int = 0
+    tasks_taken: int = 0
+    full_takes: int = 0
+    empty_takes: int = 0
+    failed_takes: int = 0
+    last_take_at: float | None = None
+    last_take_size: int = 0
+    last_take_count: int = 0
+    backoff_s: float = 0.0
+    last_error: str | None = None
+    errors_in_a_row: int = 0
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "model": self.model_id,
+            "queues": self.online + self.offline,
+            "state": self.state,
+            "takes": self.takes,
+            "tasks_taken": self.tasks_taken,
+            "full_takes": self.full_takes,
+            "empty_takes": self.empty_takes,
+            "failed_takes": self.failed_takes,
+            "last_take_age_s": None
+            if self.last_take_at is None
+            else round(time.monotonic() - self.last_take_at, 3),
+            "last_take_size": self.last_take_size,
+            "last_take_count": self.last_take_count,
+            "backoff_s": round(self.backoff_s, 4),
+            "last_error": self.last_error,
+        }
+
+
+def make_pools(queues: list[QueueSpec], queue_model: dict[str, str]) -> list[Pool]:
+    """Group queues by model; level-0 queues listed first, config order kept within a level."""
+    pools: dict[str, Pool] = {}
+    for queue in queues:
+        model = queue_model[queue.name]
+        pool = pools.setdefault(model, Pool(model_id=model, online=[], offline=[]))
+        (pool.online if queue.level is Level.ONLINE else pool.offline).append(queue.name)
+    return list(pools.values())
+
+
+class Poller:
+    """One take loop per pool; stops cleanly; its status is a plain dict."""
+
+    def __init__(
+        self,
+        *,
+        taker: Taker,
+        dispatcher: Dispatcher,
+        capacity: CapacityTracker,
+        pools: list[Pool],
+        config: PollerConfig | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.taker = taker
+        self.dispatcher = dispatcher
+        self.capacity = capacity
+        self.pools = pools
+        self.config = config or PollerConfig()
+        self.metrics = metrics or dispatcher.metrics
+        self._stop = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loops (idempotent)."""
+        if not self._loops:
+            self._loops = [
+                asyncio.create_task(self._loop(pool), name=f"poll-{pool.model_id}")
+                for pool in self.pools
+            ]
+
+    @property
+    def alive(self) -> bool:
+        """False when a loop died of an unexpected error (the health check fails then)."""
+        return self.failure() is None
+
+    def failure(self) -> BaseException | None:
+        """The exception a loop died of, if any."""
+        for task in self._loops:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+    async def stop(self) -> None:
+        """Stop taking; in-flight tasks keep running (drain them with the dispatcher)."""
+        self._stop.set()
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for pool in self.pools:
+            pool.state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        """Per pool: take state and capacity."""
+        capacity = self.capacity.snapshot()
+        return {
+            "in_flight": self.dispatcher.in_flight,
+            "pools": [{**p.status(), "capacity": capacity.get(p.model_id, {})} for p in self.pools],
+        }
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _loop(self, pool: Pool) -> None:
+        cfg = self.config
+        idle = cfg.idle_backoff_initial_s
+        failing = cfg.error_backoff_initial_s
+        while not self._stop.is_set():
+            request = self._next_request(pool)
+            if request is None:
+                await self.capacity.wait_changed(1.0)
+                continue
+            started = time.monotonic()
+            pool.takes += 1
+            pool.last_take_size = request.size
+            try:
+                response = await self.taker.take(request)
+            except WorkerError as err:
+                pool.failed_takes += 1
+                pool.errors_in_a_row += 1
+                pool.last_error = f"{type(err).__name__}: {err}"
+                pool.state = "failing"
+                self.metrics.inc("take_failures", model=pool.model_id)
+                log = logger.error if isinstance(err, AuthenticationError) else logger.warning
+                log(
+                    "take failed (%d in a row): %s",
+                    pool.errors_in_a_row,
+                    err,
+                    extra={"model": pool.model_id, "queues": request.queues},
+                )
+                pool.backoff_s = failing * random.uniform(0.75, 1.25)
+                await self._sleep(pool.backoff_s)
+                failing = min(failing * 2, cfg.error_backoff_max_s)
+                continue
+            self.metrics.observe("take_latency_s", time.monotonic() - started, model=pool.model_id)
+            failing = cfg.error_backoff_initial_s
+            pool.errors_in_a_row = 0
+            pool.last_take_at = time.monotonic()
+            tasks = response.all_tasks()
+            pool.last_take_count = len(tasks)
+            if not tasks:
+                pool.empty_takes += 1
+                pool.state = "idle"
+                pool.backoff_s = idle * random.uniform(0.5, 1.0)
+                await self._sleep(pool.backoff_s)
+                idle = min(idle * 2, cfg.idle_backoff_max_s)
+                continue
+            idle = cfg.idle_backoff_initial_s
+            pool.backoff_s = 0.0
+            pool.state = "taking"
+            pool.tasks_taken += len(tasks)
+            if len(tasks) >= request.size:
+                pool.full_takes += 1
+            for task in tasks:
+                level = Level(task.level)
+                self.metrics.inc("tasks_taken", queue=task.full_queue)
+                self.capacity.acquire(pool.model_id, level)
+                if not self.dispatcher.submit(task, pool.model_id):
+                    self.capacity.release(pool.model_id, level)
+            # Tasks flow: re-poll at once (the next request is sized by what is left).
+
+    def _next_request(self, pool: Pool) -> TakeRequest | None:
+        cfg = self.config
+        remaining_offline = self.capacity.remaining(pool.model_id, Level.OFFLINE)
+        remaining_online = self.capacity.remaining(pool.model_id, Level.ONLINE)
+        if pool.offline and remaining_offline > 0:
+            queues, size = pool.online + pool.offline, remaining_offline
+        elif pool.online and remaining_online > 0:
+            queues, size = pool.online, remaining_online
+        else:
+            replicas = self.capacity.replicas(pool.model_id)
+            pool.state = "waiting for replicas" if replicas == 0 else "at capacity"
+            return None
+        size = min(size, cfg.max_take_size)
+        if cfg.strategy is TakeStrategy.FIFO:
+            size = min(size, FIFO_TAKE_CAP)
+        with_offline = any(q in pool.offline for q in queues)
+        return TakeRequest(
+            queues=queues,
+            size=size,
+            strategy=cfg.strategy,
+            process_timeout=cfg.process_timeout_s if with_offline else 0,
+            process_max_retries=cfg.process_max_retries if with_offline else 0,
+            min_age_seconds=cfg.min_age_seconds,
+        )
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
