@@ -1,0 +1,840 @@
+"""Event-bus publisher: online task events into Redis Streams (protocol §4).
+
+This module owns the event-bus Redis connection and the delivery of already-encoded stream
+entries (``(stream_key, fields)`` pairs built with ``protocol.progress_fields`` /
+``protocol.completion_fields``). It is the only module that sees redis-py errors: they are
+counted, logged and translated into ``errors.EventBusUnavailableError``. It must not encode
+events itself beyond calling the protocol encoders, decide what a task's result is, or talk to
+Bella-Queue over HTTP.
+
+Three layers:
+
+``EventPublisher`` (plain async class, no Ray)
+    One ``redis.asyncio.Redis`` built from a URL with explicit socket/connect timeouts, TCP
+    keepalive, idle health checks, and redis-py's own retry turned off (this class retries,
+    so it knows what may have been applied). ``publish(entries)`` appends to one FIFO buffer
+    and returns; ONE writer loop drains everything pending (up to ``max_batch``) into one
+    pipeline per round, coalescing entries across tasks. One writer + FIFO ⇒ per-task order.
+
+    Atomicity: each round is a MULTI/EXEC transaction, so a connection drop mid-batch
+    applies all of the batch or none of it. The transaction also sets a short-lived marker
+    key (``bella-ray-worker:evbatch:<uuid>``, ``idempotency_ttl_s``). After a failed
+    round the outcome is ambiguous (EXEC may have run before the reply was lost), so the
+    next attempt first asks ``EXISTS marker``: present ⇒ the batch was applied, skip it;
+    absent ⇒ send it again. Marker and entries live and die together (same transaction,
+    same Redis), so a Redis restart that loses the entries also loses the marker and the
+    batch is re-sent. With ``idempotency_ttl_s=0`` no marker is written and an ambiguous
+    batch is re-sent (at-least-once; duplicates possible only in that window).
+
+    Trimming: every XADD carries ``MINID ~ now-30min`` (``event_minid()``). The Java SDK
+    trims exactly; we trim approximately (``approximate_trim=True``): Redis then frees whole
+    radix-tree nodes only, which is cheaper per XADD and bounds the work of one write. The
+    stream may briefly keep a few dozen entries older than 30 min, which nobody reads: the
+    server reads from "now" and trims consumed entries itself (``XTRIM MINID ~``, §4.3).
+
+    Outages: on a Redis error the writer backs off (exponential, jittered) and retries the
+    same entries in order; the buffer keeps filling up to ``max_buffered`` entries, then
+    ``publish`` waits (backpressure, never drops at enqueue). Once Redis has been failing
+    continuously for ``outage_timeout_s``, entries older than ``outage_timeout_s`` are given
+    up from the front of the buffer: progress entries are counted (``dropped_progress``) and
+    logged as a summary; every completion entry is logged at ERROR with its task id and
+    counted (``dropped_completions``). A per-entry rejection inside an applied transaction
+    (e.g. ``WRONGTYPE``) is handled the same way. If the writer loop itself dies (a bug),
+    ``publish``/``flush`` raise ``EventBusUnavailableError`` and ``healthy()`` is False.
+
+``PublisherClient`` (caller side, one per dispatcher)
+    Coalesces events for a remote publisher without one remote call per token: at most one
+    ``send(batch)`` in flight; the first event after an idle period leaves at once, later
+    events gather into the next batch, sent as soon as the in-flight call returns. One
+    send in flight ⇒ per-task order holds across the Ray hop. Failed sends are retried with
+    backoff for ``send_timeout_s``, then surfaced to whoever awaits that batch
+    (``completion()``, ``flush()``) and counted; never swallowed.
+
+``RedisPublisher`` (thin ``@serve.deployment`` wrapper)
+    Owns one ``EventPublisher``. Must run as ONE replica: ``publish`` returns once entries
+    are buffered, so two replicas could reorder one task's consecutive batches. Its Redis
+    URL and topic come from the constructor (what the app builder uses); ``configure(url,
+    topic)`` may set or replace them later (an existing publisher is drained first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ray_worker.errors import EventBusUnavailableError
+from ray_worker.protocol import (
+    COMPLETION_EVENT,
+    completion_fields,
+    event_minid,
+    progress_fields,
+    redact_url,
+    stream_key,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Entry",
+    "EventPublisher",
+    "PublisherClient",
+    "PublisherClientStats",
+    "PublisherOptions",
+    "PublisherStats",
+    "RedisPublisher",
+    "SendFn",
+]
+
+Entry = tuple[str, Mapping[str, str]]
+"""One stream entry: ``(stream_key, fields)`` with every field a ``str`` (§4.2)."""
+
+SendFn = Callable[[list[tuple[str, dict[str, str]]]], Awaitable[object]]
+"""What ``PublisherClient`` calls to ship a batch, e.g. ``handle.publish.remote``."""
+
+MARKER_PREFIX = "bella-ray-worker:evbatch:"
+"""Prefix of the short-lived idempotency marker keys (see the module docstring)."""
+
+_FAILURES = (RedisError, OSError)
+
+
+class PublisherOptions(BaseModel):
+    """Tuning of an ``EventPublisher``; the defaults suit one worker cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_buffered: int = Field(
+        default=10_000,
+        ge=1,
+        description="Entries held while Redis is slow or down; then publish() waits.",
+    )
+    max_batch: int = Field(default=1000, ge=1, description="Most entries in one transaction.")
+    outage_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After this long of continuous Redis failure, older entries are given up.",
+    )
+    socket_timeout_s: float = Field(default=5.0, gt=0, description="Redis read/write timeout.")
+    connect_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect timeout.")
+    health_check_interval_s: int = Field(
+        default=15, ge=0, description="PING a pooled connection idle this long before use."
+    )
+    backoff_initial_s: float = Field(default=0.05, gt=0, description="First retry delay.")
+    backoff_max_s: float = Field(default=1.0, gt=0, description="Largest retry delay.")
+    approximate_trim: bool = Field(
+        default=True, description="MINID ~ (whole nodes) rather than exact trimming."
+    )
+    idempotency_ttl_s: int = Field(
+        default=600, ge=0, description="TTL of the per-batch marker key; 0 disables it."
+    )
+    latency_window: int = Field(
+        default=4096, ge=1, description="Recent entries kept for the latency percentiles."
+    )
+
+
+@dataclass
+class PublisherStats:
+    """Counters of an ``EventPublisher``; read them through ``EventPublisher.stats()``."""
+
+    published: int = 0
+    batches: int = 0
+    retries: int = 0
+    reconnects: int = 0
+    dropped_progress: int = 0
+    dropped_completions: int = 0
+    rejected: int = 0
+    buffered: int = 0
+    last_error: str | None = None
+
+
+class _LatencyWindow:
+    """Enqueue → acknowledged latency: all-time count/mean/max, percentiles over recent ones."""
+
+    def __init__(self, size: int) -> None:
+        self._recent: deque[float] = deque(maxlen=size)
+        self.count = 0
+        self.total_s = 0.0
+        self.max_s = 0.0
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(seconds)
+        self.count += 1
+        self.total_s += seconds
+        if seconds > self.max_s:
+            self.max_s = seconds
+
+    def summary(self) -> dict[str, float | int]:
+        ordered = sorted(self._recent)
+
+        def pct(q: float) -> float:
+            if not ordered:
+                return 0.0
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+        return {
+            "count": self.count,
+            "mean_ms": (self.total_s / self.count * 1000) if self.count else 0.0,
+            "p50_ms": pct(0.50),
+            "p90_ms": pct(0.90),
+            "p99_ms": pct(0.99),
+            "max_ms": self.max_s * 1000,
+        }
+
+
+class _Pending:
+    __slots__ = ("enqueued_at", "fields", "key", "seq")
+
+    def __init__(self, seq: int, key: str, fields: Mapping[str, str], enqueued_at: float) -> None:
+        self.seq = seq
+        self.key = key
+        self.fields = fields
+        self.enqueued_at = enqueued_at
+
+
+def _task_id_of(fields: Mapping[str, str]) -> str:
+    try:
+        payload = json.loads(fields.get("payload") or "{}")
+    except ValueError:
+        return "?"
+    return str(payload.get("taskId", "?")) if isinstance(payload, dict) else "?"
+
+
+def _is_completion(fields: Mapping[str, str]) -> bool:
+    return fields.get("name") == COMPLETION_EVENT
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _jittered(delay_s: float) -> float:
+    return delay_s / 2 + random.uniform(0, delay_s / 2)
+
+
+def _check_entry(key: object, fields: object) -> None:
+    if not isinstance(key, str) or not isinstance(fields, Mapping):
+        raise TypeError("an entry must be (stream_key: str, fields: Mapping[str, str])")
+    for name, value in fields.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"stream field {name!r} must be str -> str, got {type(value)}")
+
+
+class EventPublisher:
+    """Single-writer, pipelined, outage-tolerant XADD of encoded events (see module doc).
+
+    Safe to construct outside an event loop; the writer starts on first ``publish``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        options: PublisherOptions | None = None,
+        *,
+        client: Redis | None = None,
+    ) -> None:
+        self.options = options or PublisherOptions()
+        self.url = url
+        opts = self.options
+        self._redis: Redis = client or Redis.from_url(
+            url,
+            socket_timeout=opts.socket_timeout_s,
+            socket_connect_timeout=opts.connect_timeout_s,
+            socket_keepalive=True,
+            health_check_interval=opts.health_check_interval_s,
+            # Our loop retries; redis-py retrying a transaction behind our back would hide
+            # which attempt was applied.
+            retry=Retry(NoBackoff(), 0),
+            client_name="bella-ray-worker-publisher",
+        )
+        self._queue: deque[_Pending] = deque()
+        self._seq = 0
+        self._progress = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._enqueue_lock = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._closed = False
+        self._down_since: float | None = None
+        self._last_down_log = 0.0
+        self._marker: tuple[str, int] | None = None
+        self._stats = PublisherStats()
+        self._latency = _LatencyWindow(opts.latency_window)
+
+    # ---------------------------------------------------------------- public API
+
+    async def publish(self, entries: Sequence[Entry]) -> None:
+        """Append ``entries`` in order; wait while the buffer is full. Returns once buffered.
+
+        Raises ``EventBusUnavailableError`` if the writer loop died or the publisher is
+        closed, ``TypeError`` for a malformed entry (nothing of that call is enqueued).
+        """
+        self._check_usable()
+        for key, fields in entries:
+            _check_entry(key, fields)
+        self._ensure_writer()
+        queue = self._queue
+        limit = self.options.max_buffered
+        now = time.monotonic()
+        if not self._enqueue_lock.locked() and len(queue) + len(entries) <= limit:
+            for key, fields in entries:
+                self._seq += 1
+                queue.append(_Pending(self._seq, key, fields, now))
+            if entries:
+                self._wake.set()
+            return
+        # Slow path: FIFO among waiting publishers (asyncio.Lock is fair).
+        async with self._enqueue_lock:
+            for key, fields in entries:
+                while len(queue) >= limit:
+                    await self._progress.wait()
+                    self._check_usable()
+                self._seq += 1
+                queue.append(_Pending(self._seq, key, fields, time.monotonic()))
+                self._wake.set()
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything enqueued so far is acknowledged or given up.
+
+        Returns False if ``timeout_s`` passed first. Raises ``EventBusUnavailableError`` if
+        the writer loop died with entries still pending.
+        """
+        target = self._seq
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._done_upto() < target:
+                    if self._failure is not None:
+                        self._check_usable()
+                    await self._progress.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop accepting, drain within ``drain_timeout_s``, give up the rest, close Redis."""
+        if self._closed:
+            return
+        self._closing = True
+        drained = True
+        if self._writer is not None and self._failure is None and self._queue:
+            try:
+                drained = await self.flush(drain_timeout_s)
+            except EventBusUnavailableError:
+                drained = False
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._queue:
+            logger.error(
+                "event-bus publisher closing with %d undelivered entries (drained=%s)",
+                len(self._queue),
+                drained,
+            )
+            self._give_up(len(self._queue), "publisher closed before delivery")
+        self._closed = True
+        await self._redis.aclose()
+        self._notify()
+
+    def healthy(self) -> bool:
+        """False once the writer loop has died or the publisher is closed."""
+        return self._failure is None and not self._closed
+
+    def check_health(self) -> None:
+        """Raise ``EventBusUnavailableError`` if the writer loop died."""
+        if self._failure is not None:
+            raise EventBusUnavailableError(
+                f"event-bus writer loop died: {_describe(self._failure)}"
+            ) from self._failure
+
+    def stats(self) -> dict[str, Any]:
+        """Counters plus the publish latency summary, as a plain dict."""
+        self._stats.buffered = len(self._queue)
+        out = asdict(self._stats)
+        out["healthy"] = self.healthy()
+        out["latency"] = self._latency.summary()
+        return out
+
+    @property
+    def counters(self) -> PublisherStats:
+        """The live counters object (``buffered`` refreshed)."""
+        self._stats.buffered = len(self._queue)
+        return self._stats
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_usable(self) -> None:
+        self.check_health()
+        if self._closing or self._closed:
+            raise EventBusUnavailableError("event-bus publisher is closed")
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._run(), name="event-bus-writer"
+            )
+            self._writer.add_done_callback(self._writer_done)
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._failure = exc
+            self._stats.last_error = _describe(exc)
+            logger.error("event-bus writer loop died", exc_info=exc)
+        self._notify()
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _done_upto(self) -> int:
+        return self._queue[0].seq - 1 if self._queue else self._seq
+
+    async def _run(self) -> None:
+        opts = self.options
+        delay = opts.backoff_initial_s
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._write_round()
+            except _FAILURES as exc:
+                self._on_failure(exc)
+                await asyncio.sleep(_jittered(delay))
+                delay = min(delay * 2, opts.backoff_max_s)
+            else:
+                delay = opts.backoff_initial_s
+                if self._down_since is not None:
+                    self._stats.reconnects += 1
+                    logger.warning(
+                        "event-bus Redis back after %.1f s; %d entries buffered",
+                        time.monotonic() - self._down_since,
+                        len(self._queue),
+                    )
+                    self._down_since = None
+
+    async def _write_round(self) -> None:
+        if self._marker is not None:
+            marker, last_seq = self._marker
+            applied = await self._redis.exists(marker)
+            self._marker = None
+            if applied:
+                self._ack(last_seq, {})
+                return
+        opts = self.options
+        batch = list(itertools.islice(self._queue, opts.max_batch))
+        minid = event_minid()
+        pipe = self._redis.pipeline(transaction=True)
+        for entry in batch:
+            # redis-py only iterates the mapping; no copy needed.
+            fields = cast("dict[Any, Any]", entry.fields)
+            pipe.xadd(entry.key, fields, minid=minid, approximate=opts.approximate_trim)
+        if opts.idempotency_ttl_s:
+            marker = MARKER_PREFIX + uuid.uuid4().hex
+            pipe.set(marker, b"1", ex=opts.idempotency_ttl_s)
+            # Set before sending: if execute() raises, the batch may or may not be applied.
+            self._marker = (marker, batch[-1].seq)
+        results = await pipe.execute(raise_on_error=False)
+        self._marker = None
+        self._stats.batches += 1
+        rejected = {
+            entry.seq: result
+            for entry, result in zip(batch, results, strict=False)
+            if isinstance(result, Exception)
+        }
+        self._ack(batch[-1].seq, rejected)
+
+    def _ack(self, last_seq: int, rejected: Mapping[int, Exception]) -> None:
+        now = time.monotonic()
+        queue = self._queue
+        latency = self._latency
+        published = 0
+        while queue and queue[0].seq <= last_seq:
+            entry = queue.popleft()
+            error = rejected.get(entry.seq) if rejected else None
+            if error is None:
+                published += 1
+                latency.add(now - entry.enqueued_at)
+            else:
+                self._stats.rejected += 1
+                self._stats.last_error = _describe(error)
+                self._count_dropped(entry, f"rejected by Redis: {_describe(error)}")
+        self._stats.published += published
+        self._notify()
+
+    def _on_failure(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._stats.retries += 1
+        self._stats.last_error = _describe(exc)
+        if self._down_since is None:
+            self._down_since = now
+            self._last_down_log = now
+            logger.warning(
+                "event-bus Redis %s unavailable, buffering %d entries: %s",
+                redact_url(self.url),
+                len(self._queue),
+                _describe(exc),
+            )
+        elif now - self._last_down_log >= 10.0:
+            self._last_down_log = now
+            logger.warning(
+                "event-bus Redis still unavailable after %.1f s, %d entries buffered: %s",
+                now - self._down_since,
+                len(self._queue),
+                _describe(exc),
+            )
+        outage_s = self.options.outage_timeout_s
+        if now - self._down_since < outage_s:
+            return
+        cutoff = now - outage_s
+        count = 0
+        for entry in self._queue:
+            if entry.enqueued_at > cutoff:
+                break
+            count += 1
+        if count:
+            self._give_up(count, f"Redis unavailable for {now - self._down_since:.1f} s")
+
+    def _give_up(self, count: int, reason: str) -> None:
+        """Drop the ``count`` oldest entries, logging and counting each kind."""
+        progress = 0
+        for _ in range(count):
+            entry = self._queue.popleft()
+            if _is_completion(entry.fields):
+                self._count_dropped(entry, reason)
+            else:
+                progress += 1
+        if progress:
+            self._stats.dropped_progress += progress
+            logger.warning("dropped %d progress events: %s", progress, reason)
+        self._notify()
+
+    def _count_dropped(self, entry: _Pending, reason: str) -> None:
+        if _is_completion(entry.fields):
+            self._stats.dropped_completions += 1
+            logger.error(
+                "completion event of task %s NOT delivered to stream %s: %s",
+                _task_id_of(entry.fields),
+                entry.key,
+                reason,
+                extra={"task_id": _task_id_of(entry.fields)},
+            )
+        else:
+            self._stats.dropped_progress += 1
+            logger.warning(
+                "progress event of task %s not delivered to stream %s: %s",
+                _task_id_of(entry.fields),
+                entry.key,
+                reason,
+            )
+
+
+# ======================================================================================
+# Caller side
+# ======================================================================================
+
+
+@dataclass
+class PublisherClientStats:
+    """Counters of a ``PublisherClient``."""
+
+    sent_batches: int = 0
+    sent_events: int = 0
+    send_retries: int = 0
+    failed_batches: int = 0
+    failed_events: int = 0
+    pending: int = 0
+    largest_batch: int = 0
+    last_error: str | None = None
+
+
+class _Batch:
+    __slots__ = ("done", "entries", "error")
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, dict[str, str]]] = []
+        self.done = asyncio.Event()
+        self.error: BaseException | None = None
+
+
+class PublisherClient:
+    """Coalesces events into batches for a remote publisher, one ``send`` in flight.
+
+    ``send(batch)`` ships a list of ``(stream_key, fields)`` pairs, e.g.
+    ``lambda b: handle.publish.remote(b)``. ``topic`` is the event-bus topic used by the
+    ``progress``/``completion`` helpers to build stream keys.
+    """
+
+    def __init__(
+        self,
+        send: SendFn,
+        *,
+        topic: str = "",
+        max_pending: int = 2000,
+        send_timeout_s: float = 30.0,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self.topic = topic
+        self._send = send
+        self._max_pending = max_pending
+        self._send_timeout_s = send_timeout_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._next = _Batch()
+        self._inflight: _Batch | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._space = asyncio.Event()
+        self._closed = False
+        self._stats = PublisherClientStats()
+
+    async def emit(self, key: str, fields: dict[str, str]) -> None:
+        """Queue one entry; starts a send at once if none is in flight.
+
+        Waits only while ``max_pending`` entries are already waiting for the next send.
+        """
+        await self._enqueue(key, fields)
+
+    async def progress(
+        self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
+    ) -> None:
+        """Encode and queue a progress event (hot path: one per token chunk)."""
+        await self._enqueue(
+            stream_key(self.topic, instance_id),
+            progress_fields(task_id, event_id, event_name, event_data),
+        )
+
+    async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
+        """Queue a completion event and wait until its batch was handed over.
+
+        Raises ``EventBusUnavailableError`` if the batch could not be sent.
+        """
+        batch = await self._enqueue(
+            stream_key(self.topic, instance_id), completion_fields(task_id, result)
+        )
+        await self._wait(batch)
+
+    async def flush(self) -> None:
+        """Wait until every entry queued so far was sent; raise if any such batch failed."""
+        batches = [b for b in (self._inflight, self._next) if b is not None and b.entries]
+        errors = []
+        for batch in batches:
+            try:
+                await self._wait(batch)
+            except EventBusUnavailableError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    async def aclose(self) -> None:
+        """Flush, then refuse further events."""
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+
+    def stats(self) -> dict[str, Any]:
+        """Counters as a plain dict."""
+        self._stats.pending = len(self._next.entries)
+        return asdict(self._stats)
+
+    # ---------------------------------------------------------------- internals
+
+    async def _enqueue(self, key: str, fields: dict[str, str]) -> _Batch:
+        if self._closed:
+            raise EventBusUnavailableError("publisher client is closed")
+        while len(self._next.entries) >= self._max_pending:
+            self._space.clear()
+            await self._space.wait()
+        batch = self._next
+        batch.entries.append((key, fields))
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name="event-bus-client-sender"
+            )
+            self._sender.add_done_callback(self._sender_done)
+        return batch
+
+    async def _wait(self, batch: _Batch) -> None:
+        await batch.done.wait()
+        if batch.error is not None:
+            raise EventBusUnavailableError(
+                f"event batch not delivered to the publisher: {_describe(batch.error)}"
+            ) from batch.error
+
+    async def _send_loop(self) -> None:
+        while self._next.entries:
+            batch, self._next = self._next, _Batch()
+            self._inflight = batch
+            self._space.set()
+            try:
+                await self._send_with_retry(batch.entries)
+            except asyncio.CancelledError:
+                batch.error = EventBusUnavailableError("publisher client sender was cancelled")
+                raise
+            except Exception as exc:
+                batch.error = exc
+                self._stats.failed_batches += 1
+                self._stats.failed_events += len(batch.entries)
+                self._stats.last_error = _describe(exc)
+                logger.error(
+                    "could not hand %d events to the event-bus publisher: %s",
+                    len(batch.entries),
+                    _describe(exc),
+                )
+            else:
+                self._stats.sent_batches += 1
+                self._stats.sent_events += len(batch.entries)
+                self._stats.largest_batch = max(self._stats.largest_batch, len(batch.entries))
+            finally:
+                self._inflight = None
+                batch.done.set()
+        self._sender = None
+
+    def _sender_done(self, task: asyncio.Task[None]) -> None:
+        # The loop catches send errors; reaching here with an exception (or a cancel) means
+        # nobody will send the pending batch: fail it so no awaiter hangs.
+        if self._sender is task:
+            self._sender = None
+        error: BaseException
+        if task.cancelled():
+            error = EventBusUnavailableError("publisher client sender was cancelled")
+        elif task.exception() is not None:
+            error = task.exception()  # type: ignore[assignment]
+            logger.error("publisher client sender died", exc_info=error)
+        else:
+            return
+        for batch in (self._inflight, self._next):
+            if batch is not None and not batch.done.is_set() and batch.entries:
+                batch.error = error
+                batch.done.set()
+        self._next = _Batch()
+        self._space.set()
+
+    async def _send_with_retry(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        deadline = time.monotonic() + self._send_timeout_s
+        delay = self._backoff_initial_s
+        attempt = 1
+        while True:
+            try:
+                await self._send(entries)
+                return
+            except Exception as exc:
+                pause = _jittered(delay)
+                if time.monotonic() + pause > deadline:
+                    raise
+                self._stats.send_retries += 1
+                self._stats.last_error = _describe(exc)
+                logger.warning(
+                    "event-bus publisher call failed (attempt %d), retrying: %s",
+                    attempt,
+                    _describe(exc),
+                )
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, self._backoff_max_s)
+                attempt += 1
+
+
+# ======================================================================================
+# Serve deployment
+# ======================================================================================
+
+
+@serve.deployment(
+    name="RedisPublisher",
+    num_replicas=1,
+    # Each call only buffers entries; Serve's default of 5 would throttle every dispatcher.
+    max_ongoing_requests=1000,
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 0.5},
+)
+class RedisPublisher:
+    """Serve wrapper of one ``EventPublisher``. Keep ``num_replicas=1`` (per-task order).
+
+    ``url``/``topic`` come from the app builder; ``configure`` may set them later.
+    ``options`` is a ``PublisherOptions`` or its dict form.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        topic: str = "",
+        options: PublisherOptions | Mapping[str, Any] | None = None,
+        drain_timeout_s: float = 20.0,
+    ) -> None:
+        self._options = (
+            options
+            if isinstance(options, PublisherOptions)
+            else PublisherOptions.model_validate(dict(options or {}))
+        )
+        self._drain_timeout_s = drain_timeout_s
+        self._topic = topic
+        self._publisher = EventPublisher(url, self._options) if url else None
+
+    async def configure(self, url: str, topic: str) -> None:
+        """Set (or replace) the Redis URL and topic; a previous publisher is drained first."""
+        self._topic = topic
+        if self._publisher is not None and self._publisher.url == url:
+            return
+        old, self._publisher = self._publisher, EventPublisher(url, self._options)
+        if old is not None:
+            await old.aclose(self._drain_timeout_s)
+        logger.info("event-bus publisher configured for %s", redact_url(url))
+
+    async def topic(self) -> str:
+        """The event-bus topic (stream key prefix)."""
+        return self._topic
+
+    async def publish(self, batch: list[tuple[str, dict[str, str]]]) -> None:
+        """Buffer ``batch`` in order; returns once buffered (waits while the buffer is full)."""
+        await self._require().publish(batch)
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything buffered so far is acknowledged or given up."""
+        return await self._require().flush(timeout_s)
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters and latency summary (``{"configured": False}`` before configure)."""
+        if self._publisher is None:
+            return {"configured": False}
+        return {"configured": True, **self._publisher.stats()}
+
+    async def check_health(self) -> None:
+        """Serve health check: raise if the writer loop died."""
+        if self._publisher is not None:
+            self._publisher.check_health()
+
+    async def __del__(self) -> None:
+        """Graceful shutdown: drain then close."""
+        publisher = getattr(self, "_publisher", None)
+        self._publisher = None
+        if publisher is not None:
+            await publisher.aclose(self._drain_timeout_s)
+
+    def _require(self) -> EventPublisher:
+        if self._publisher is None:
+            raise EventBusUnavailableError("event-bus publisher is not configured yet")
+        return self._publisher

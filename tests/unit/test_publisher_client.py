@@ -1,0 +1,213 @@
+"""PublisherClient: caller-side coalescing of event-bus entries, with a fake ``send``."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import pytest
+
+from ray_worker.errors import EventBusUnavailableError
+from ray_worker.protocol import CompletionEvent, ProgressEvent, decode_event
+from ray_worker.publisher import PublisherClient
+
+Batch = list[tuple[str, dict[str, str]]]
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def ticks(n: int = 20) -> None:
+    """Let the loop run ``n`` rounds (no wall-clock wait)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+class FakeSend:
+    """Records batches; can hold calls on a gate and fail a number of times."""
+
+    def __init__(self, *, fail_times: int = 0, always_fail: bool = False) -> None:
+        self.batches: list[Batch] = []
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_times = fail_times
+        self.always_fail = always_fail
+        self.jitter = False
+
+    async def __call__(self, batch: Batch) -> None:
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.gate.wait()
+            if self.jitter:
+                await ticks(random.randint(0, 3))
+            if self.always_fail or self.fail_times > 0:
+                self.fail_times -= 1
+                raise ConnectionError("replica unavailable")
+            self.batches.append(list(batch))
+        finally:
+            self.in_flight -= 1
+
+    @property
+    def entries(self) -> Batch:
+        return [entry for batch in self.batches for entry in batch]
+
+
+def entry(i: int) -> tuple[str, dict[str, str]]:
+    return ("stream", {"n": str(i)})
+
+
+async def test_first_event_is_sent_at_once() -> None:
+    send = FakeSend()
+    client = PublisherClient(send)
+    await client.emit(*entry(0))
+    await wait_for(lambda: len(send.batches) == 1)
+    assert send.batches == [[entry(0)]]
+    await client.flush()
+
+
+async def test_events_coalesce_while_a_send_is_in_flight() -> None:
+    send = FakeSend()
+    send.gate.clear()
+    client = PublisherClient(send)
+    await client.emit(*entry(0))
+    await wait_for(lambda: send.calls == 1)
+    for i in range(1, 50):
+        await client.emit(*entry(i))
+    await ticks()
+    assert send.calls == 1, "no second send while one is in flight"
+    send.gate.set()
+    await client.flush()
+    assert send.batches == [[entry(0)], [entry(i) for i in range(1, 50)]]
+    assert send.max_in_flight == 1
+    stats = client.stats()
+    assert stats["sent_batches"] == 2
+    assert stats["sent_events"] == 50
+    assert stats["largest_batch"] == 49
+
+
+async def test_per_task_order_across_many_concurrent_tasks() -> None:
+    send = FakeSend()
+    send.jitter = True
+    client = PublisherClient(send, topic="t:")
+    tasks, events = 40, 60
+
+    async def stream(task: int) -> None:
+        for i in range(events):
+            await client.progress("inst", f"task-{task}", str(i), "message", {"i": i})
+            if random.random() < 0.3:
+                await asyncio.sleep(0)
+        await client.completion("inst", f"task-{task}", {"status_code": 200})
+
+    await asyncio.gather(*(stream(t) for t in range(tasks)))
+    await client.flush()
+    assert send.max_in_flight == 1
+    seen: dict[str, list[str]] = {}
+    for key, fields in send.entries:
+        assert key == "t:inst"
+        event = decode_event(fields)
+        assert event is not None
+        label = event.event_id if isinstance(event, ProgressEvent) else "done"
+        seen.setdefault(event.task_id, []).append(label or "")
+    expected = [str(i) for i in range(events)] + ["done"]
+    assert seen == {f"task-{t}": expected for t in range(tasks)}
+    assert len(send.batches) < tasks * (events + 1), "events were coalesced"
+
+
+async def test_pending_is_bounded_and_emit_waits() -> None:
+    send = FakeSend()
+    send.gate.clear()
+    client = PublisherClient(send, max_pending=5)
+    await client.emit(*entry(0))
+    await wait_for(lambda: send.calls == 1)
+    for i in range(1, 6):
+        await client.emit(*entry(i))
+    blocked = asyncio.create_task(client.emit(*entry(6)))
+    await ticks()
+    assert not blocked.done(), "emit waits while max_pending entries are waiting"
+    assert client.stats()["pending"] == 5
+    send.gate.set()
+    await asyncio.wait_for(blocked, 5)
+    await client.flush()
+    assert send.entries == [entry(i) for i in range(7)]
+
+
+async def test_transient_send_failures_are_retried_in_order() -> None:
+    send = FakeSend(fail_times=2)
+    client = PublisherClient(send, backoff_initial_s=0.001, backoff_max_s=0.002)
+    for i in range(3):
+        await client.emit(*entry(i))
+    await client.completion("inst", "task-1", {"status_code": 200})
+    assert [fields.get("n") for _, fields in send.entries[:3]] == ["0", "1", "2"]
+    assert isinstance(decode_event(send.entries[-1][1]), CompletionEvent)
+    assert client.stats()["send_retries"] == 2
+    assert client.stats()["failed_batches"] == 0
+
+
+async def test_persistent_send_failure_is_surfaced_to_completion_and_flush() -> None:
+    send = FakeSend(always_fail=True)
+    client = PublisherClient(
+        send, send_timeout_s=0.05, backoff_initial_s=0.005, backoff_max_s=0.01
+    )
+    await client.progress("inst", "task-1", "0", "message", "hello")
+    with pytest.raises(EventBusUnavailableError, match="replica unavailable"):
+        await client.completion("inst", "task-1", {"status_code": 200})
+    await client.emit(*entry(1))
+    with pytest.raises(EventBusUnavailableError):
+        await client.flush()
+    stats = client.stats()
+    assert stats["failed_batches"] >= 2
+    assert stats["failed_events"] == 3
+    assert "replica unavailable" in (stats["last_error"] or "")
+    # The client keeps working once the publisher is back.
+    send.always_fail = False
+    await client.completion("inst", "task-2", {"status_code": 200})
+    assert len(send.entries) == 1
+
+
+async def test_flush_waits_for_in_flight_and_pending() -> None:
+    send = FakeSend()
+    send.gate.clear()
+    client = PublisherClient(send)
+    await client.emit(*entry(0))
+    await wait_for(lambda: send.calls == 1)
+    await client.emit(*entry(1))
+    flushing = asyncio.create_task(client.flush())
+    await ticks()
+    assert not flushing.done()
+    send.gate.set()
+    await asyncio.wait_for(flushing, 5)
+    assert send.entries == [entry(0), entry(1)]
+    await client.flush()  # nothing pending: returns at once
+
+
+async def test_helpers_encode_exact_fields() -> None:
+    send = FakeSend()
+    client = PublisherClient(send, topic="redis-mesh:private-stream:test:")
+    await client.progress("10.0.0.5:8080", "TASK-1", "0", "message", {"x": 1})
+    await client.completion("10.0.0.5:8080", "TASK-1", {"status_code": 200, "request_id": "r"})
+    (k1, progress), (k2, completion) = send.entries
+    assert k1 == k2 == "redis-mesh:private-stream:test:10.0.0.5:8080"
+    assert set(progress) == set(completion) == {"name", "from", "payload", "context", "timestamp"}
+    decoded = decode_event(progress)
+    assert isinstance(decoded, ProgressEvent)
+    assert (decoded.task_id, decoded.event_id, decoded.event_data) == ("TASK-1", "0", {"x": 1})
+    done = decode_event(completion)
+    assert isinstance(done, CompletionEvent)
+    assert done.result == {"status_code": 200, "request_id": "r"}
+
+
+async def test_closed_client_refuses_events() -> None:
+    client = PublisherClient(FakeSend())
+    await client.emit(*entry(0))
+    await client.aclose()
+    with pytest.raises(EventBusUnavailableError):
+        await client.emit(*entry(1))
