@@ -8,11 +8,14 @@ never sees Ray. It must not hold business logic.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from ray import exceptions as ray_exceptions
+from ray import serve
 from ray.serve import exceptions as serve_exceptions
 from ray.serve.handle import DeploymentHandle
 
@@ -25,7 +28,10 @@ from ray_worker.errors import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServeEngines", "translate_ray_error"]
+__all__ = ["POLLER_DEPLOYMENT", "LoadReporter", "ServeEngines", "translate_ray_error"]
+
+POLLER_DEPLOYMENT = "QueuePoller"
+"""Name of the poller deployment LLM replicas push their load to (same Serve app)."""
 
 _UNAVAILABLE = (
     ray_exceptions.RayActorError,
@@ -57,7 +63,7 @@ def translate_ray_error(err: BaseException) -> BaseException:
 class ServeEngines:
     """``Engines`` over Serve handles of ``BellaLLMServer`` deployments."""
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle]) -> None:
+    def __init__(self, handles: Mapping[str, DeploymentHandle[Any]]) -> None:
         self._handles = {m: h.options(stream=True) for m, h in handles.items()}
         self._load_handles = dict(handles)
         # DeploymentResponseGenerator per request id; typed Any as Ray's own stubs are partial.
@@ -73,9 +79,7 @@ class ServeEngines:
     ) -> AsyncIterator[dict[str, Any]]:
         """Run ``run_task`` on a replica of ``model_id``; yields what it yields."""
         handle = self._handles[model_id]
-        call: Any = handle.run_task.remote(
-            endpoint, data, request_id=request_id, priority=priority
-        )
+        call: Any = handle.run_task.remote(endpoint, data, request_id=request_id, priority=priority)
         self._calls[request_id] = call
         finished = False
         try:
@@ -97,3 +101,63 @@ class ServeEngines:
         call = self._calls.pop(request_id, None)
         if call is not None:
             call.cancel()
+
+
+class LoadReporter:
+    """Runs inside each LLM replica: pushes ``get_load()`` to the poller every interval.
+
+    The poller counts a replica as running while its reports are fresh, so a replica that
+    stops reporting (dead, draining) stops receiving work. Outside an app that has a
+    ``QueuePoller`` (an LLM deployment used on its own) it stays idle.
+    """
+
+    def __init__(
+        self,
+        get_load: Callable[[], Awaitable[dict[str, Any]]],
+        interval_s: float,
+        *,
+        deployment_name: str = POLLER_DEPLOYMENT,
+    ) -> None:
+        self._get_load = get_load
+        self._interval_s = interval_s
+        self._deployment_name = deployment_name
+        self._task: asyncio.Task[None] | None = None
+        self.reports_sent = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        """Start reporting from the running event loop (idempotent)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="llm-load-reporter"
+            )
+
+    async def stop(self) -> None:
+        """Stop reporting."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        handle = None
+        while True:
+            try:
+                if handle is None:
+                    app_name = serve.get_replica_context().app_name
+                    handle = serve.get_deployment_handle(
+                        self._deployment_name, app_name, _record_telemetry=False
+                    )
+                load = await self._get_load()
+                await handle.report_load.remote(load)
+                self.reports_sent += 1
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the poller may not be up yet; keep trying
+                if self.last_error is None:
+                    logger.info("load report not delivered yet: %s", err)
+                self.last_error = repr(err)
+                handle = None if "not found" in str(err).lower() else handle
+            await asyncio.sleep(self._interval_s)

@@ -1,0 +1,225 @@
+"""The Serve application: ``serve run configs/<name>.yaml`` builds it with ``build_app``.
+
+This module owns the application graph and the ``QueuePoller`` deployment, a thin wrapper
+that wires the plain classes together inside one replica:
+
+    QueuePoller ── Poller ── Dispatcher ──▶ LLM deployments (BellaLLMServer, one per model)
+         │                      └─────────▶ RedisPublisher (event bus) / QueueClient (complete)
+         └── CapacityTracker ◀── load reports pushed by every LLM replica
+
+It must not hold business logic: that lives in ``poller``, ``dispatcher`` and ``capacity``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from pydantic import SecretStr
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ray_worker.capacity import CapacityTracker
+from ray_worker.config import EnvSettings, WorkerAppArgs
+from ray_worker.dispatcher import Dispatcher
+from ray_worker.errors import BadRequestError, ConfigError, WorkerError
+from ray_worker.metrics import WorkerMetrics
+from ray_worker.poller import Poller, make_pools
+from ray_worker.publisher import PublisherClient, PublisherOptions, RedisPublisher
+from ray_worker.queue_client import QueueClient, RetryPolicy
+from ray_worker.replicas import POLLER_DEPLOYMENT, ServeEngines
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QueuePoller", "build_app"]
+
+_STATUS_GAUGE_PERIOD_S = 1.0
+
+
+@serve.deployment(
+    name=POLLER_DEPLOYMENT,
+    num_replicas=1,
+    max_ongoing_requests=100_000,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=90,
+    ray_actor_options={"num_cpus": 0.5},
+)
+class QueuePoller:
+    """Takes tasks, runs them on the LLM deployments and answers them. One replica only."""
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        apikey: SecretStr,
+        llm_handles: dict[str, DeploymentHandle[Any]],
+        publisher: DeploymentHandle[Any],
+    ) -> None:
+        self.args = WorkerAppArgs.model_validate(args)
+        queue_url = self.args.queue_url
+        if queue_url is None:  # resolved() guarantees it; kept for the type checker
+            raise ConfigError("queue_url is not set")
+        self.metrics = WorkerMetrics()
+        self.capacity = CapacityTracker(self.args.capacity, self.args.model_ids())
+        dispatch = self.args.dispatcher
+        self.client = QueueClient(
+            queue_url,
+            apikey,
+            timeout_s=self.args.poller.take_timeout_s,
+            complete_retry=RetryPolicy(
+                attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
+            ),
+        )
+        self.publisher = publisher
+        self.events = PublisherClient(self._send_events)
+        self.dispatcher = Dispatcher(
+            engines=ServeEngines(llm_handles),
+            events=self.events,
+            completer=self.client,
+            capacity=self.capacity,
+            queues=self.args.queues,
+            served_models=self.args.model_ids(),
+            config=dispatch,
+            metrics=self.metrics,
+        )
+        pools = make_pools(
+            self.args.queues, {q.name: self.args.queue_model(q) for q in self.args.queues}
+        )
+        self.poller = Poller(
+            taker=self.client,
+            dispatcher=self.dispatcher,
+            capacity=self.capacity,
+            pools=pools,
+            config=self.args.poller,
+            metrics=self.metrics,
+        )
+        self.state = "starting"
+        self._complete_retries_seen = 0
+        self.startup_error: str | None = None
+        self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
+        self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
+
+    async def _send_events(self, batch: list[tuple[str, dict[str, str]]]) -> None:
+        await self.publisher.publish.remote(batch)
+
+    async def _start(self) -> None:
+        """Register queues (optional), find the event bus, configure the publisher, poll."""
+        if self.args.register_queues:
+            await self._register_queues()
+        wait = 0.5
+        while True:
+            try:
+                eventbus = await self.client.eventbus()
+                break
+            except WorkerError as err:
+                self.startup_error = f"GET /v1/queue/eventbus failed: {err}"
+                self.state = "waiting for Bella-Queue"
+                logger.warning("%s; retrying in %.1fs", self.startup_error, wait)
+                await asyncio.sleep(wait * random.uniform(0.75, 1.25))
+                wait = min(wait * 2, 10.0)
+        url = self.args.eventbus_url or eventbus.url
+        self.events.topic = eventbus.topic
+        await self.publisher.configure.remote(url, eventbus.topic)
+        self.startup_error = None
+        self.state = "running"
+        logger.info(
+            "polling %s with %s", [q.name for q in self.args.queues], self.args.poller.strategy
+        )
+        self.poller.start()
+
+    async def _register_queues(self) -> None:
+        endpoint = "/v1/chat/completions"
+        for base in dict.fromkeys(q.base for q in self.args.queues):
+            try:
+                await self.client.register(base, endpoint)
+                logger.info("registered queue %s", base)
+            except BadRequestError:
+                pass  # already registered
+            except WorkerError as err:
+                logger.warning("could not register queue %s: %s", base, err)
+
+    async def _export_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(_STATUS_GAUGE_PERIOD_S)
+            for model_id, snap in self.capacity.snapshot().items():
+                self.metrics.set("replicas", snap["replicas"], model=model_id)
+                self.metrics.set(
+                    "tasks_in_flight",
+                    snap["in_flight_online"] + snap["in_flight_offline"],
+                    model=model_id,
+                )
+                self.metrics.set("remaining_capacity", snap["remaining_online"], model=model_id)
+            retries = self.client.counters.complete_retries
+            if retries > self._complete_retries_seen:
+                self.metrics.inc("complete_retries", retries - self._complete_retries_seen)
+                self._complete_retries_seen = retries
+
+    # -- methods called through handles and HTTP -----------------------------------------
+
+    async def report_load(self, load: dict[str, Any]) -> None:
+        """An LLM replica's load report (pushed every ``load_report_interval_s``)."""
+        self.capacity.report(load)
+
+    async def status(self) -> dict[str, Any]:
+        """The worker's state: per pool take state and capacity."""
+        return {
+            "state": self.state,
+            "startup_error": self.startup_error,
+            "queues": [q.name for q in self.args.queues],
+            "strategy": self.args.poller.strategy.value,
+            **self.poller.status(),
+            "complete_retries": self.client.counters.complete_retries,
+            "events": self.events.stats(),
+        }
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        """``GET /<route_prefix>``: the status as JSON."""
+        return JSONResponse(await self.status())
+
+    async def check_health(self) -> None:
+        """Serve health check: fails when start-up or a take loop died."""
+        if self._main.done() and not self._main.cancelled() and self._main.exception():
+            raise RuntimeError(f"start-up failed: {self._main.exception()!r}")
+        failure = self.poller.failure()
+        if failure is not None:
+            raise RuntimeError(f"a take loop died: {failure!r}")
+
+    async def __del__(self) -> None:
+        """Drain: stop taking, let in-flight tasks finish, answer the rest, close clients."""
+        self.state = "draining"
+        self._main.cancel()
+        self._gauges.cancel()
+        await self.poller.stop()
+        cut = await self.dispatcher.drain(self.args.poller.drain_timeout_s)
+        if cut:
+            logger.warning("%d tasks were cut short by shutdown and answered 503", cut)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.events.flush(), 10)
+        await self.client.aclose()
+        self.state = "stopped"
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Typed app builder for ``serve run``: validates ``args`` as ``WorkerAppArgs``."""
+    from ray_worker.llm_server import build_llm_deployment
+
+    app_args = WorkerAppArgs.model_validate(args).resolved()
+    apikey = EnvSettings().require_apikey()
+    llm_apps = {
+        model_id: build_llm_deployment(
+            cfg,
+            engine=app_args.engine,
+            load_report_interval_s=app_args.capacity.load_report_interval_s,
+        )
+        for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
+    }
+    publisher = RedisPublisher.bind(
+        url=None, topic="", options=PublisherOptions.model_validate(app_args.publisher.model_dump())
+    )
+    return QueuePoller.bind(app_args.model_dump(mode="json"), apikey, llm_apps, publisher)
