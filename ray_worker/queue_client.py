@@ -28,7 +28,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn
@@ -372,8 +372,10 @@ class QueueClient:
             if isinstance(task_id, str) and task_id:
                 return task_id
             self._bad_body(response, what, "the wrapper carries no task id in 'data'")
-        if isinstance(body, str) and body.strip().strip('"'):
-            return body.strip().strip('"')
+        # Tolerated: a bare JSON string literal. Plain text is not (an HTML error page from
+        # a proxy must not become a task id).
+        if isinstance(body, str) and body and response.text.lstrip().startswith('"'):
+            return body
         self._bad_body(response, what, "expected {code, timestamp, data}")
 
     def _online_request(self, request: PutRequest, mode: ResponseMode) -> PutRequest:
@@ -411,13 +413,14 @@ class QueueClient:
             self._raise_status(status, body, what)
         return BlockingResult(status_code=status, body=body)
 
-    async def put_streaming(self, request: PutRequest) -> AsyncIterator[SSEEvent]:
+    async def put_streaming(self, request: PutRequest) -> AsyncGenerator[SSEEvent, None]:
         """A streaming put: yields the SSE events until the server closes the stream.
 
         ``response_mode`` may be left unset (it is filled in). A non-2xx answer raises the
         mapped error before any event; a stream cut short by a fault raises
         :class:`QueueUnavailableError`. The completion event has no SSE form: the stream
-        simply ends (§4.4).
+        simply ends (§4.4). A consumer that stops early should ``aclose()`` the generator
+        (``contextlib.aclosing``) so the connection is released at once.
         """
         request = self._online_request(request, ResponseMode.STREAMING)
         what = "POST /v1/queue/put"
