@@ -211,6 +211,10 @@ def build_app(args: dict[str, Any]) -> Application:
 
     app_args = WorkerAppArgs.model_validate(args).resolved()
     apikey = EnvSettings().require_apikey()
+    if app_args.engine == "vllm":
+        app_args = app_args.model_copy(
+            update={"llm_configs": [_local_model_source(c) for c in app_args.llm_configs]}
+        )
     llm_apps = {
         model_id: build_llm_deployment(
             cfg,
@@ -223,3 +227,31 @@ def build_app(args: dict[str, Any]) -> Application:
         url=None, topic="", options=PublisherOptions.model_validate(app_args.publisher.model_dump())
     )
     return QueuePoller.bind(app_args.model_dump(mode="json"), apikey, llm_apps, publisher)
+
+
+def _local_model_source(llm_config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve a relative local ``model_source`` against the cwd of ``serve run``.
+
+    Ray workers run elsewhere, so they need an absolute path. The tiny test model is built
+    here on first use (a few seconds); any other missing local path is a clear error.
+    """
+    loading = dict(llm_config.get("model_loading_config") or {})
+    source = loading.get("model_source")
+    if not isinstance(source, str) or not source.startswith((".", "/", "~")):
+        return llm_config  # a hub id or an object-store URI: vLLM resolves it
+    from pathlib import Path
+
+    from ray_worker import tiny_model
+
+    path = Path(source).expanduser().resolve()
+    if not tiny_model.is_complete(path) and not (path / "config.json").exists():
+        if path.name == tiny_model.DEFAULT_MODEL_DIR.name:
+            logger.info("building the tiny test model in %s (first use)", path)
+            tiny_model.build_tiny_model(path)
+        else:
+            raise ConfigError(
+                f"model_source {source!r} does not exist ({path}); "
+                "for the tiny test model run `make tiny-model` or `ray-worker tiny-model`"
+            )
+    loading["model_source"] = str(path)
+    return {**llm_config, "model_loading_config": loading}
