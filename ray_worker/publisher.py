@@ -17,14 +17,15 @@ Three layers:
     pipeline per round, coalescing entries across tasks. One writer + FIFO ⇒ per-task order.
 
     Atomicity: each round is a MULTI/EXEC transaction, so a connection drop mid-batch
-    applies all of the batch or none of it. The transaction also sets a short-lived marker
-    key (``bella-ray-worker:evbatch:<uuid>``, ``idempotency_ttl_s``). After a failed
+    applies all of the batch or none of it. The transaction also sets this publisher's
+    marker key (``bella-ray-worker:evbatch:<publisher uuid>`` = sequence number of the
+    batch's last entry, TTL ``idempotency_ttl_s``, one key per publisher). After a failed
     round the outcome is ambiguous (EXEC may have run before the reply was lost), so the
-    next attempt first asks ``EXISTS marker``: present ⇒ the batch was applied, skip it;
-    absent ⇒ send it again. Marker and entries live and die together (same transaction,
-    same Redis), so a Redis restart that loses the entries also loses the marker and the
-    batch is re-sent. With ``idempotency_ttl_s=0`` no marker is written and an ambiguous
-    batch is re-sent (at-least-once; duplicates possible only in that window).
+    next attempt first reads the marker: at or past that sequence number ⇒ the batch was
+    applied, skip it; otherwise send it again. Marker and entries live and die together
+    (same transaction, same Redis), so a Redis restart that loses the entries also loses
+    the marker and the batch is re-sent. With ``idempotency_ttl_s=0`` no marker is written
+    and an ambiguous batch is re-sent (at-least-once; duplicates only in that window).
 
     Trimming: every XADD carries ``MINID ~ now-30min`` (``event_minid()``). The Java SDK
     trims exactly; we trim approximately (``approximate_trim=True``): Redis then frees whole
@@ -72,7 +73,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -109,7 +110,7 @@ SendFn = Callable[[list[tuple[str, dict[str, str]]]], Awaitable[object]]
 """What ``PublisherClient`` calls to ship a batch, e.g. ``handle.publish.remote``."""
 
 MARKER_PREFIX = "bella-ray-worker:evbatch:"
-"""Prefix of the short-lived idempotency marker keys (see the module docstring)."""
+"""Prefix of each publisher's idempotency marker key (see the module docstring)."""
 
 _FAILURES = (RedisError, OSError)
 
@@ -141,11 +142,22 @@ class PublisherOptions(BaseModel):
         default=True, description="MINID ~ (whole nodes) rather than exact trimming."
     )
     idempotency_ttl_s: int = Field(
-        default=600, ge=0, description="TTL of the per-batch marker key; 0 disables it."
+        default=3600,
+        ge=0,
+        description="TTL of this publisher's batch marker key (refreshed per batch); 0 disables "
+        "it. Keep it above outage_timeout_s.",
     )
     latency_window: int = Field(
         default=4096, ge=1, description="Recent entries kept for the latency percentiles."
     )
+
+    @model_validator(mode="after")
+    def _marker_outlives_outage(self) -> PublisherOptions:
+        if self.idempotency_ttl_s and self.idempotency_ttl_s <= self.outage_timeout_s:
+            raise ValueError("idempotency_ttl_s must exceed outage_timeout_s (or be 0)")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be at least backoff_initial_s")
+        return self
 
 
 @dataclass
@@ -273,7 +285,8 @@ class EventPublisher:
         self._closed = False
         self._down_since: float | None = None
         self._last_down_log = 0.0
-        self._marker: tuple[str, int] | None = None
+        self._marker_key = MARKER_PREFIX + uuid.uuid4().hex
+        self._ambiguous_upto: int | None = None
         self._stats = PublisherStats()
         self._latency = _LatencyWindow(opts.latency_window)
 
@@ -337,7 +350,7 @@ class EventPublisher:
                 drained = await self.flush(drain_timeout_s)
             except EventBusUnavailableError:
                 drained = False
-        if self._writer is not None:
+        if self._writer is not None and not self._writer.done():
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -434,15 +447,15 @@ class EventPublisher:
                     self._down_since = None
 
     async def _write_round(self) -> None:
-        if self._marker is not None:
-            marker, last_seq = self._marker
-            applied = await self._redis.exists(marker)
-            self._marker = None
-            if applied:
+        opts = self.options
+        if self._ambiguous_upto is not None:
+            applied_upto = await self._redis.get(self._marker_key)
+            last_seq, self._ambiguous_upto = self._ambiguous_upto, None
+            if applied_upto is not None and int(applied_upto) >= last_seq:
                 self._ack(last_seq, {})
                 return
-        opts = self.options
         batch = list(itertools.islice(self._queue, opts.max_batch))
+        last_seq = batch[-1].seq
         minid = event_minid()
         pipe = self._redis.pipeline(transaction=True)
         for entry in batch:
@@ -450,19 +463,18 @@ class EventPublisher:
             fields = cast("dict[Any, Any]", entry.fields)
             pipe.xadd(entry.key, fields, minid=minid, approximate=opts.approximate_trim)
         if opts.idempotency_ttl_s:
-            marker = MARKER_PREFIX + uuid.uuid4().hex
-            pipe.set(marker, b"1", ex=opts.idempotency_ttl_s)
+            pipe.set(self._marker_key, str(last_seq), ex=opts.idempotency_ttl_s)
             # Set before sending: if execute() raises, the batch may or may not be applied.
-            self._marker = (marker, batch[-1].seq)
+            self._ambiguous_upto = last_seq
         results = await pipe.execute(raise_on_error=False)
-        self._marker = None
+        self._ambiguous_upto = None
         self._stats.batches += 1
         rejected = {
             entry.seq: result
             for entry, result in zip(batch, results, strict=False)
             if isinstance(result, Exception)
         }
-        self._ack(batch[-1].seq, rejected)
+        self._ack(last_seq, rejected)
 
     def _ack(self, last_seq: int, rejected: Mapping[int, Exception]) -> None:
         now = time.monotonic()

@@ -15,9 +15,10 @@ from ray_worker.publisher import PublisherClient
 Batch = list[tuple[str, dict[str, str]]]
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
+async def wait_for(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll ``condition`` until true (fails the test after ``within_s``)."""
+    async with asyncio.timeout(within_s):
+        while not condition():  # noqa: ASYNC110 - polling a plain predicate
             await asyncio.sleep(0.001)
 
 
@@ -154,9 +155,7 @@ async def test_transient_send_failures_are_retried_in_order() -> None:
 
 async def test_persistent_send_failure_is_surfaced_to_completion_and_flush() -> None:
     send = FakeSend(always_fail=True)
-    client = PublisherClient(
-        send, send_timeout_s=0.05, backoff_initial_s=0.005, backoff_max_s=0.01
-    )
+    client = PublisherClient(send, send_timeout_s=0.05, backoff_initial_s=0.005, backoff_max_s=0.01)
     await client.progress("inst", "task-1", "0", "message", "hello")
     with pytest.raises(EventBusUnavailableError, match="replica unavailable"):
         await client.completion("inst", "task-1", {"status_code": 200})

@@ -1,0 +1,396 @@
+"""EventPublisher against a real redis-server: wire fields, order, trimming, outages, drain.
+
+The module starts its own redis-server because several tests kill and restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ray_worker.errors import EventBusUnavailableError
+from ray_worker.protocol import (
+    COMPLETION_EVENT,
+    PROGRESS_EVENT,
+    CompletionEvent,
+    ProgressEvent,
+    completion_fields,
+    decode_event,
+    now_ms,
+    progress_fields,
+    stream_key,
+)
+from ray_worker.publisher import MARKER_PREFIX, EventPublisher, PublisherOptions
+from ray_worker.testing.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "redis-mesh:private-stream:test:"
+FAST = PublisherOptions(backoff_initial_s=0.01, backoff_max_s=0.1, connect_timeout_s=0.5)
+
+
+async def wait_for(condition: Callable[[], bool], within_s: float = 20.0) -> None:
+    """Poll ``condition`` until true (fails the test after ``within_s``)."""
+    async with asyncio.timeout(within_s):
+        while not condition():  # noqa: ASYNC110 - polling a plain predicate
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def redis(server: RedisServer) -> AsyncIterator[Redis]:
+    server.start()  # a previous test may have left it down
+    client = Redis.from_url(server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+    server.start()
+
+
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+async def xrange(client: Redis, key: str) -> StreamEntries:
+    """XRANGE typed for tests (redis-py's stubs cover every response mode)."""
+    return cast(StreamEntries, await client.xrange(key))
+
+
+async def read_stream(server: RedisServer, key: str) -> StreamEntries:
+    """XRANGE through a fresh connection (a pooled one may be stale after a restart)."""
+    async with Redis.from_url(server.url) as client:
+        return await xrange(client, key)
+
+
+def progress(instance: str, task: str, i: int, data: Any = None) -> tuple[str, dict[str, str]]:
+    return (
+        stream_key(TOPIC, instance),
+        progress_fields(task, str(i), "message", {"i": i} if data is None else data),
+    )
+
+
+def completion(instance: str, task: str) -> tuple[str, dict[str, str]]:
+    return (
+        stream_key(TOPIC, instance),
+        completion_fields(task, {"status_code": 200, "request_id": task, "body": {}}),
+    )
+
+
+def labels(entries: StreamEntries) -> dict[str, list[str]]:
+    """Per task: the event ids in stream order, ``done`` for the completion."""
+    out: dict[str, list[str]] = {}
+    for _, fields in entries:
+        event = decode_event(fields)
+        assert event is not None
+        label = event.event_id if isinstance(event, ProgressEvent) else "done"
+        out.setdefault(event.task_id, []).append(label or "")
+    return out
+
+
+async def test_exact_fields_on_the_wire(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+    before = now_ms()
+    await pub.publish([progress("10.0.0.5:8080", "TASK-1", 0, {"choices": [{"delta": "hé"}]})])
+    await pub.publish([completion("10.0.0.5:8080", "TASK-1")])
+    assert await pub.flush(5)
+    entries = await xrange(redis, TOPIC + "10.0.0.5:8080")
+    assert len(entries) == 2
+    for _, fields in entries:
+        assert list(fields) == [b"name", b"from", b"payload", b"context", b"timestamp"]
+        assert fields[b"from"] == b""
+        assert fields[b"context"] == b""
+        assert before <= int(fields[b"timestamp"]) <= now_ms()
+    assert entries[0][1][b"name"] == PROGRESS_EVENT.encode()
+    assert entries[1][1][b"name"] == COMPLETION_EVENT.encode()
+    first, second = (decode_event(fields) for _, fields in entries)
+    assert isinstance(first, ProgressEvent)
+    assert (first.task_id, first.event_id, first.event_name) == ("TASK-1", "0", "message")
+    assert first.event_data == {"choices": [{"delta": "hé"}]}
+    assert isinstance(second, CompletionEvent)
+    assert second.result == {"status_code": 200, "request_id": "TASK-1", "body": {}}
+    stats = pub.stats()
+    assert stats["published"] == 2
+    assert stats["buffered"] == 0
+    assert stats["latency"]["count"] == 2
+    await pub.aclose()
+    assert not pub.healthy()
+
+
+async def test_per_task_order_under_concurrency(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+    tasks, events, instances = 60, 40, 3
+
+    async def stream(t: int) -> None:
+        instance = f"10.0.0.{t % instances}:8080"
+        for i in range(events):
+            await pub.publish([progress(instance, f"task-{t}", i)])
+            if random.random() < 0.2:
+                await asyncio.sleep(0)
+        await pub.publish([completion(instance, f"task-{t}")])
+
+    await asyncio.gather(*(stream(t) for t in range(tasks)))
+    assert await pub.flush(10)
+    seen: dict[str, list[str]] = {}
+    for n in range(instances):
+        seen.update(labels(await xrange(redis, f"{TOPIC}10.0.0.{n}:8080")))
+    expected = [str(i) for i in range(events)] + ["done"]
+    assert seen == {f"task-{t}": expected for t in range(tasks)}
+    stats = pub.stats()
+    assert stats["published"] == tasks * (events + 1)
+    assert stats["batches"] < tasks * (events + 1), "writes were coalesced into batches"
+    await pub.aclose()
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+async def test_minid_trims_entries_older_than_30_minutes(
+    server: RedisServer, redis: Redis, approximate: bool
+) -> None:
+    key = TOPIC + "trim"
+    old_ms = now_ms() - 40 * 60 * 1000
+    recent_ms = now_ms() - 10 * 60 * 1000
+    for i in range(250):
+        await redis.xadd(key, {"n": str(i)}, id=f"{old_ms + i}-0")
+    await redis.xadd(key, {"n": "recent"}, id=f"{recent_ms}-0")
+    pub = EventPublisher(server.url, PublisherOptions(approximate_trim=approximate))
+    await pub.publish([progress("trim", "TASK-1", 0)])
+    assert await pub.flush(5)
+    entries = await xrange(redis, key)
+    old_left = [e for e in entries if int(e[0].split(b"-")[0]) < recent_ms]
+    if approximate:
+        # Whole radix nodes (100 entries each by default) go; the last partial one may stay.
+        assert len(old_left) <= 100
+    else:
+        assert old_left == []
+    assert entries[-2][1] == {b"n": b"recent"}
+    assert isinstance(decode_event(entries[-1][1]), ProgressEvent)
+    await pub.aclose()
+
+
+async def consume(url: str, keys: list[str], sink: StreamEntries, stop: asyncio.Event) -> None:
+    """Read streams like the server does (XREAD from the last id), riding out outages."""
+    client = Redis.from_url(url, socket_connect_timeout=0.5)
+    last: dict[Any, Any] = dict.fromkeys(keys, "0-0")
+    try:
+        while not stop.is_set():
+            try:
+                reply = cast(
+                    "list[tuple[bytes, StreamEntries]]",
+                    await client.xread(last, block=50),
+                )
+            except (RedisError, OSError):
+                await asyncio.sleep(0.02)
+                continue
+            for name, entries in reply or []:
+                for entry_id, fields in entries:
+                    last[name.decode()] = entry_id.decode()
+                    sink.append((entry_id, fields))
+    finally:
+        await client.aclose()
+
+
+async def test_redis_restart_mid_stream_keeps_every_completion_in_order(
+    server: RedisServer, redis: Redis
+) -> None:
+    pub = EventPublisher(server.url, FAST)
+    tasks, events = 20, 40
+    keys = [TOPIC + f"inst-{n}" for n in range(2)]
+    received: StreamEntries = []
+    stop = asyncio.Event()
+    consumer = asyncio.create_task(consume(server.url, keys, received, stop))
+    killed = asyncio.Event()
+    first_after_kill: dict[str, int] = {}
+
+    async def stream(t: int) -> None:
+        task = f"task-{t}"
+        for i in range(events):
+            if killed.is_set():
+                first_after_kill.setdefault(task, i)
+            await pub.publish([progress(f"inst-{t % 2}", task, i)])
+            await asyncio.sleep(0.003)
+        await killed.wait()  # the completion goes out while Redis is down or just back
+        await pub.publish([completion(f"inst-{t % 2}", task)])
+
+    streams = asyncio.gather(*(stream(t) for t in range(tasks)))
+    await wait_for(lambda: len(received) >= tasks * events // 3)
+    server.kill()  # synchronous inside the loop: nothing is acknowledged after this point
+    killed.set()
+    await wait_for(lambda: pub.counters.retries >= 3)
+    await asyncio.to_thread(server.start)
+    await streams
+    assert await pub.flush(20)
+    await wait_for(
+        lambda: sum(f[b"name"] == COMPLETION_EVENT.encode() for _, f in received) >= tasks
+    )
+    stop.set()
+    await consumer
+
+    seen = labels(received)
+    assert set(seen) == {f"task-{t}" for t in range(tasks)}
+    for task, got in seen.items():
+        assert got[-1] == "done", task
+        assert got.count("done") == 1, task
+        ids = [int(x) for x in got[:-1]]
+        assert ids == sorted(set(ids)), f"{task}: order kept, no duplicates"
+        # Everything enqueued after the kill was buffered and must all have arrived.
+        tail_from = first_after_kill.get(task, events)
+        assert set(range(tail_from, events)) <= set(ids), task
+    stats = pub.stats()
+    assert stats["dropped_completions"] == 0
+    assert stats["dropped_progress"] == 0
+    assert stats["reconnects"] >= 1
+    assert any(first_after_kill.get(f"task-{t}", events) < events for t in range(tasks)), (
+        "the outage happened mid-stream"
+    )
+    await pub.aclose()
+
+
+async def test_buffer_backpressure_while_down(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST.model_copy(update={"max_buffered": 20}))
+    await pub.publish([progress("bp", "TASK-1", 0)])
+    assert await pub.flush(5)
+    server.kill()
+    await pub.publish([progress("bp", "TASK-1", i) for i in range(1, 21)])  # fills the buffer
+    await wait_for(lambda: pub.counters.retries >= 2)
+    blocked = asyncio.create_task(pub.publish([completion("bp", "TASK-1")]))
+    await wait_for(lambda: pub.counters.retries >= 4)
+    assert not blocked.done(), "publish waits while the buffer is full"
+    assert pub.counters.buffered == 20
+    await asyncio.to_thread(server.start)
+    await asyncio.wait_for(blocked, 10)
+    assert await pub.flush(10)
+    # Redis restarted empty: the first (acknowledged) entry is gone; everything after it came.
+    assert labels(await read_stream(server, TOPIC + "bp")) == {
+        "TASK-1": [str(i) for i in range(1, 21)] + ["done"]
+    }
+    assert pub.stats()["dropped_progress"] == 0
+    await pub.aclose()
+
+
+async def test_give_up_after_outage_counts_dropped_completions(
+    server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    server.kill()
+    caplog.set_level(logging.WARNING, logger="ray_worker.publisher")
+    await pub.publish([progress("gu", "TASK-P", i) for i in range(5)])
+    await pub.publish([completion("gu", f"TASK-C{n}") for n in range(3)])
+    await wait_for(lambda: pub.counters.dropped_completions == 3)
+    stats = pub.stats()
+    assert stats["dropped_progress"] == 5
+    assert stats["buffered"] == 0
+    assert stats["last_error"]
+    assert await pub.flush(1), "given-up entries count as done for flush"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    for n in range(3):
+        assert any(f"TASK-C{n}" in message for message in errors)
+    # Still healthy: once Redis is back, new events flow.
+    assert pub.healthy()
+    await asyncio.to_thread(server.start)
+    await pub.publish([completion("gu", "TASK-LATE")])
+    assert await pub.flush(10)
+    assert labels(await read_stream(server, TOPIC + "gu")) == {"TASK-LATE": ["done"]}
+    await pub.aclose()
+
+
+async def test_rejected_entry_is_counted_and_the_rest_applied(
+    server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    await redis.set(TOPIC + "not-a-stream", "x")
+    pub = EventPublisher(server.url, FAST)
+    caplog.set_level(logging.WARNING, logger="ray_worker.publisher")
+    await pub.publish(
+        [
+            progress("ok", "TASK-1", 0),
+            completion("not-a-stream", "TASK-2"),
+            completion("ok", "TASK-1"),
+        ]
+    )
+    assert await pub.flush(5)
+    assert labels(await xrange(redis, TOPIC + "ok")) == {"TASK-1": ["0", "done"]}
+    stats = pub.stats()
+    assert (stats["published"], stats["rejected"], stats["dropped_completions"]) == (2, 1, 1)
+    assert "WRONGTYPE" in (stats["last_error"] or "")
+    assert any("TASK-2" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    await pub.aclose()
+
+
+async def test_lost_reply_after_exec_does_not_duplicate(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+    real_pipeline = pub._redis.pipeline
+    lost = {"left": 1}
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def execute_then_lose_reply(*a: Any, **kw: Any) -> Any:
+            result = await execute(*a, **kw)
+            if lost["left"]:
+                lost["left"] -= 1
+                raise ConnectionError("reply lost after EXEC")
+            return result
+
+        pipe.execute = execute_then_lose_reply  # type: ignore[method-assign]
+        return pipe
+
+    pub._redis.pipeline = pipeline  # type: ignore[method-assign]
+    await pub.publish([progress("dup", "TASK-1", i) for i in range(10)])
+    assert await pub.flush(5)
+    assert labels(await xrange(redis, TOPIC + "dup")) == {"TASK-1": [str(i) for i in range(10)]}
+    assert pub.counters.retries == 1
+    assert pub.counters.published == 10
+    # One marker key per publisher, holding the last applied sequence number, with a TTL.
+    (marker,) = await redis.keys(MARKER_PREFIX + "*")
+    assert await redis.get(marker) == b"10"
+    assert await redis.ttl(marker) > 0
+    await pub.aclose()
+
+
+async def test_dead_writer_fails_publish_and_health(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+
+    async def broken() -> None:
+        raise RuntimeError("bug in the writer")
+
+    pub._write_round = broken  # type: ignore[method-assign]
+    await pub.publish([progress("dead", "TASK-1", 0)])
+    await wait_for(lambda: not pub.healthy())
+    with pytest.raises(EventBusUnavailableError, match="bug in the writer"):
+        await pub.publish([progress("dead", "TASK-1", 1)])
+    with pytest.raises(EventBusUnavailableError):
+        await pub.flush(1)
+    with pytest.raises(EventBusUnavailableError):
+        pub.check_health()
+    await pub.aclose(drain_timeout_s=0.1)
+    assert pub.stats()["dropped_progress"] == 1
+
+
+async def test_aclose_drains_then_refuses(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+    for t in range(50):
+        await pub.publish([progress("drain", f"TASK-{t}", i) for i in range(20)])
+        await pub.publish([completion("drain", f"TASK-{t}")])
+    await pub.aclose(drain_timeout_s=10)
+    assert await redis.xlen(TOPIC + "drain") == 50 * 21
+    assert pub.stats()["published"] == 50 * 21
+    with pytest.raises(EventBusUnavailableError, match="closed"):
+        await pub.publish([progress("drain", "TASK-X", 0)])
+
+
+async def test_malformed_entry_is_refused_whole(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+    with pytest.raises(TypeError):
+        await pub.publish([progress("bad", "TASK-1", 0), ("k", cast(Any, {"n": 1}))])
+    assert pub.counters.buffered == 0
+    await pub.aclose()
