@@ -579,7 +579,12 @@ class Batch(InboundModel):
     created_at: int = 0
     in_progress_at: int | None = None
     expires_at: int | None = None
+    finalizing_at: int | None = None
     completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
     request_counts: BatchRequestCounts = Field(default_factory=BatchRequestCounts)
     metadata: dict[str, Any] | None = None
 

@@ -80,6 +80,7 @@ ROUND_TRIPS: list[tuple[str, type[protocol.WireModel]]] = [
     ("openai_error.json", OpenAIErrorBody),
     ("batch_request.json", BatchRequest),
     ("batch.json", Batch),
+    ("batch_cancelled.json", Batch),
     ("batch_input_line.json", BatchInputLine),
     ("batch_output_line.json", BatchOutputLine),
 ]
