@@ -1,0 +1,65 @@
+"""Fixtures shared by every test tier.
+
+- ``redis_server``: one real ``redis-server`` on a free loopback port for the whole session.
+- ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, with
+  the API key ``"test-key"``, short callback retry delays and a fast redelivery timer.
+- ``unique_queue``: a fresh, valid queue name per test (registering it is up to the test).
+
+The session fixtures are lazy: a test that does not ask for them (every unit test) starts
+nothing. Tests sharing the session Redis must not FLUSHALL it; use ``unique_queue`` instead.
+Polling helpers live in ``ray_worker.testing.waiting`` (``wait_for``, ``wait_for_sync``).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from ray_worker.testing.emulator import EmulatorServer
+    from ray_worker.testing.redis_server import RedisServer
+
+EMULATOR_APIKEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A started ``RedisServer`` shared by the session; closed at the end."""
+    from ray_worker.testing.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def emulator(redis_server: RedisServer) -> Iterator[EmulatorServer]:
+    """A started ``EmulatorServer`` on ``redis_server`` accepting the key ``"test-key"``."""
+    from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
+
+    config = EmulatorConfig(
+        redis_url=redis_server.url,
+        apikeys=(EMULATOR_APIKEY,),
+        port=0,
+        profile="test",
+        callback_retry_delays_s=(0.05, 0.1, 0.2),
+        redelivery_check_interval_s=0.05,
+    )
+    server = EmulatorServer(config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def unique_queue(request: pytest.FixtureRequest) -> str:
+    """A queue name no other test uses: ``q-<test name>-<random>``, at most 64 characters."""
+    stem = re.sub(r"[^a-zA-Z0-9_-]", "-", request.node.name)[:40]
+    return f"q-{stem}-{uuid.uuid4().hex[:12]}"
