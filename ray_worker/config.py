@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ray_worker.errors import ConfigError
@@ -262,11 +270,14 @@ class WorkerAppArgs(_Frozen):
             update["eventbus_url"] = env.eventbus_url
         if env.queue_queues:
             defaults = {q.name: q.model for q in self.queues}
-            update["queues"] = [
-                QueueSpec(name=n.strip(), model=defaults.get(n.strip()))
-                for n in env.queue_queues.split(",")
-                if n.strip()
-            ]
+            names = [n.strip() for n in env.queue_queues.split(",") if n.strip()]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"BELLA_QUEUE_QUEUES: queues are listed twice: {names}")
+            try:
+                update["queues"] = [QueueSpec(name=n, model=defaults.get(n)) for n in names]
+            except ValidationError as err:
+                reasons = "; ".join(str(e["msg"]) for e in err.errors())
+                raise ConfigError(f"BELLA_QUEUE_QUEUES: {reasons}") from None
         args = self.model_copy(update=update)
         if not args.queue_url:
             raise ConfigError("set BELLA_QUEUE_URL or queue_url: the Bella-Queue base URL")
