@@ -1,0 +1,287 @@
+"""CapacityTracker: remaining capacity from replica load reports and in-flight counts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from fakes import settle, until
+
+from ray_worker.capacity import CapacityTracker, ReplicaLoad
+from ray_worker.config import CapacityConfig
+from ray_worker.protocol import Level
+
+ONLINE, OFFLINE = Level.ONLINE, Level.OFFLINE
+
+
+class Clock:
+    """A hand-moved monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def load(
+    replica: str = "r1",
+    *,
+    model: str = "m",
+    max_num_seqs: int = 8,
+    running: int = 0,
+    waiting: int = 0,
+    kv: float = 0.0,
+) -> dict[str, Any]:
+    return {
+        "replica_id": replica,
+        "model_id": model,
+        "running": running,
+        "waiting": waiting,
+        "kv_cache_usage": kv,
+        "max_num_seqs": max_num_seqs,
+    }
+
+
+def tracker(
+    models: tuple[str, ...] = ("m",), clock: Clock | None = None, **config: Any
+) -> CapacityTracker:
+    settings = {"target_ratio": 1.0, "online_reserve_ratio": 0.25, **config}
+    return CapacityTracker(CapacityConfig(**settings), list(models), clock=clock or Clock())
+
+
+def test_no_reports_no_capacity() -> None:
+    cap = tracker()
+    assert cap.replicas("m") == 0
+    assert cap.target("m") == 0
+    assert cap.remaining("m", ONLINE) == 0
+    assert cap.remaining("m", OFFLINE) == 0
+
+
+def test_remaining_is_slots_times_replicas_minus_in_flight() -> None:
+    cap = tracker()
+    cap.report(load("r1"))
+    cap.report(load("r2"))
+    assert cap.replicas("m") == 2
+    assert cap.target("m") == 16
+    assert cap.max_num_seqs("m") == 16
+    assert cap.remaining("m", ONLINE) == 16
+    cap.acquire("m", ONLINE, 5)
+    cap.acquire("m", OFFLINE, 3)
+    assert cap.remaining("m", ONLINE) == 8
+
+
+def test_target_ratio_scales_slots_and_rounds_up() -> None:
+    cap = tracker(target_ratio=1.25)
+    cap.report(load(max_num_seqs=8))
+    assert cap.target("m") == 10
+    cap.report(load("r2", max_num_seqs=3))
+    assert cap.target("m") == 10 + 4  # ceil(3 * 1.25)
+
+
+def test_online_reserve_offline_stops_short_online_gets_the_rest() -> None:
+    cap = tracker(online_reserve_ratio=0.25)
+    cap.report(load(max_num_seqs=8))  # target 8, reserve ceil(2) for level 0
+    assert cap.remaining("m", OFFLINE) == 6
+    assert cap.remaining("m", ONLINE) == 8
+    cap.acquire("m", OFFLINE, 6)
+    assert cap.remaining("m", OFFLINE) == 0
+    assert cap.remaining("m", ONLINE) == 2
+    cap.acquire("m", ONLINE, 2)
+    assert cap.remaining("m", ONLINE) == 0
+    assert cap.remaining("m", OFFLINE) == 0
+
+
+def test_zero_reserve_gives_offline_everything() -> None:
+    cap = tracker(online_reserve_ratio=0.0)
+    cap.report(load(max_num_seqs=4))
+    assert cap.remaining("m", OFFLINE) == cap.remaining("m", ONLINE) == 4
+
+
+def test_remaining_never_negative() -> None:
+    cap = tracker()
+    cap.report(load(max_num_seqs=2))
+    cap.acquire("m", ONLINE, 5)
+    assert cap.remaining("m", ONLINE) == 0
+    assert cap.remaining("m", OFFLINE) == 0
+
+
+def test_kv_cache_watermark_caps_slots_at_current_load() -> None:
+    cap = tracker(kv_cache_high_watermark=0.9)
+    cap.report(load(max_num_seqs=8, running=3, waiting=1, kv=0.89))
+    assert cap.target("m") == 8
+    cap.report(load(max_num_seqs=8, running=3, waiting=1, kv=0.9))
+    assert cap.target("m") == 4  # no room beyond what it already holds
+    cap.acquire("m", ONLINE, 4)
+    assert cap.remaining("m", ONLINE) == 0
+    cap.report(load(max_num_seqs=8, running=0, waiting=0, kv=0.97))
+    assert cap.target("m") == 0
+
+
+def test_stale_reports_stop_counting_a_replica() -> None:
+    clock = Clock()
+    cap = tracker(clock=clock, load_stale_after_s=5.0)
+    cap.report(load("r1"))
+    clock.now += 3
+    cap.report(load("r2"))
+    assert cap.replicas("m") == 2
+    clock.now += 2.5  # r1 is 5.5 s old, r2 2.5 s
+    assert cap.replicas("m") == 1
+    assert cap.target("m") == 8
+    clock.now += 3
+    assert cap.replicas("m") == 0
+    assert cap.remaining("m", ONLINE) == 0
+    cap.report(load("r1"))
+    assert cap.replicas("m") == 1
+
+
+def test_a_newer_report_replaces_the_older_one() -> None:
+    cap = tracker()
+    cap.report(load(max_num_seqs=8))
+    cap.report(load(max_num_seqs=2))
+    assert cap.replicas("m") == 1
+    assert cap.target("m") == 2
+
+
+def test_unknown_model_reports_are_ignored() -> None:
+    cap = tracker()
+    cap.report(load(model="other"))
+    assert cap.model_ids == ["m"]
+    assert cap.replicas("m") == 0
+    assert "other" not in cap.snapshot()
+
+
+def test_models_are_independent() -> None:
+    cap = tracker(models=("a", "b"))
+    cap.report(load("ra", model="a", max_num_seqs=4))
+    cap.report(load("rb", model="b", max_num_seqs=2))
+    cap.acquire("a", ONLINE, 4)
+    assert cap.remaining("a", ONLINE) == 0
+    assert cap.remaining("b", ONLINE) == 2
+
+
+def test_report_fields_default_and_max_num_seqs_floor() -> None:
+    parsed = ReplicaLoad.from_report({"replica_id": 1, "model_id": "m", "max_num_seqs": 0}, 7.0)
+    assert parsed == ReplicaLoad("1", "m", 0, 0, 0.0, 1, 7.0)
+
+
+def test_acquire_release_and_release_floor() -> None:
+    cap = tracker()
+    cap.acquire("m", ONLINE)
+    cap.acquire("m", OFFLINE, 2)
+    assert cap.model("m").in_flight == {ONLINE: 1, OFFLINE: 2}
+    assert cap.model("m").total_in_flight == 3
+    cap.release("m", OFFLINE)
+    cap.release("m", ONLINE, 5)  # more than held: clamps at zero
+    assert cap.model("m").in_flight == {ONLINE: 0, OFFLINE: 1}
+
+
+def test_unknown_model_in_acquire_is_a_key_error() -> None:
+    cap = tracker()
+    with pytest.raises(KeyError):
+        cap.acquire("nope", ONLINE)
+    with pytest.raises(KeyError):
+        cap.model("nope")
+
+
+def test_decline_counts_a_backlog_hint() -> None:
+    cap = tracker()
+    cap.decline("m", 3)
+    cap.decline("m")
+    assert cap.snapshot()["m"]["declined"] == 4
+
+
+def test_snapshot_shape() -> None:
+    cap = tracker()
+    cap.report(load("r1", running=2, waiting=1, kv=0.5))
+    cap.report(load("r2", running=1, kv=0.25))
+    cap.acquire("m", ONLINE)
+    cap.acquire("m", OFFLINE, 2)
+    assert cap.snapshot() == {
+        "m": {
+            "replicas": 2,
+            "target": 16,
+            "max_num_seqs": 16,
+            "in_flight_online": 1,
+            "in_flight_offline": 2,
+            "remaining_online": 13,
+            "remaining_offline": 16 - 4 - 3,
+            "engine_running": 3,
+            "engine_waiting": 1,
+            "kv_cache_usage_max": 0.5,
+            "declined": 0,
+        }
+    }
+
+
+# -- wait_changed ------------------------------------------------------------------------
+
+
+async def _waiter(cap: CapacityTracker, timeout_s: float = 30.0) -> asyncio.Task[None]:
+    task = asyncio.create_task(cap.wait_changed(timeout_s))
+    await settle()
+    assert not task.done()
+    return task
+
+
+async def test_wait_changed_wakes_on_release() -> None:
+    cap = tracker()
+    cap.acquire("m", ONLINE)
+    task = await _waiter(cap)
+    cap.release("m", ONLINE)
+    await until(task.done)
+
+
+async def test_wait_changed_wakes_on_a_new_replica() -> None:
+    cap = tracker()
+    task = await _waiter(cap)
+    cap.report(load("r1"))
+    await until(task.done)
+
+
+async def test_wait_changed_wakes_when_slots_change() -> None:
+    cap = tracker()
+    cap.report(load(max_num_seqs=4))
+    task = await _waiter(cap)
+    cap.report(load(max_num_seqs=6))
+    await until(task.done)
+
+
+async def test_wait_changed_ignores_reports_that_change_nothing() -> None:
+    cap = tracker()
+    cap.report(load(max_num_seqs=4, running=1))
+    task = await _waiter(cap)
+    cap.report(load(max_num_seqs=4, running=2))  # same slots: capacity did not grow
+    await settle()
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_wait_changed_wakes_when_a_stale_replica_reports_again() -> None:
+    clock = Clock()
+    cap = tracker(clock=clock, load_stale_after_s=5.0)
+    cap.report(load("r1"))
+    clock.now += 10  # r1 went silent
+    assert cap.remaining("m", ONLINE) == 0  # the poller sees no room (and r1 is dropped)
+    task = await _waiter(cap)
+    cap.report(load("r1"))  # same slots as its last report, but it is back
+    await until(task.done)
+    assert cap.remaining("m", ONLINE) == 8
+
+
+async def test_wait_changed_times_out_quietly() -> None:
+    cap = tracker()
+    await cap.wait_changed(0.005)  # returns, does not raise
+    assert not cap._waiters
+
+
+async def test_wait_changed_wakes_every_waiter() -> None:
+    cap = tracker()
+    cap.acquire("m", ONLINE)
+    tasks = [await _waiter(cap) for _ in range(3)]
+    cap.release("m", ONLINE)
+    await until(lambda: all(t.done() for t in tasks))
+    assert not cap._waiters

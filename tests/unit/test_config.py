@@ -1,0 +1,454 @@
+"""Config: WorkerAppArgs defaults and validation, QueueSpec, env overrides, load_app_args."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+
+from ray_worker.config import (
+    CapacityConfig,
+    DispatcherConfig,
+    EnvSettings,
+    PollerConfig,
+    PublisherConfig,
+    QueueSpec,
+    WorkerAppArgs,
+    load_app_args,
+)
+from ray_worker.errors import ConfigError
+from ray_worker.protocol import Level, TakeStrategy
+
+ENV_VARS = ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES", "BELLA_EVENTBUS_URL")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No BELLA_* variable of the developer's shell leaks into a test."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def llm(model_id: str) -> dict[str, Any]:
+    return {"model_loading_config": {"model_id": model_id}}
+
+
+def app_args(**overrides: Any) -> WorkerAppArgs:
+    values: dict[str, Any] = {
+        "queue_url": "http://127.0.0.1:8080",
+        "queues": ["q:0", "q:1"],
+        "llm_configs": [llm("m")],
+        **overrides,
+    }
+    return WorkerAppArgs.model_validate(values)
+
+
+# -- defaults --------------------------------------------------------------------------------
+
+
+def test_poller_defaults() -> None:
+    assert PollerConfig().model_dump() == {
+        "strategy": TakeStrategy.ACTIVE_PASSIVE,
+        "max_take_size": 32,
+        "process_timeout_s": 900,
+        "process_max_retries": 2,
+        "min_age_seconds": 0,
+        "idle_backoff_initial_s": 0.005,
+        "idle_backoff_max_s": 0.05,
+        "error_backoff_initial_s": 0.2,
+        "error_backoff_max_s": 10.0,
+        "take_timeout_s": 10.0,
+        "drain_timeout_s": 30.0,
+    }
+
+
+def test_capacity_defaults() -> None:
+    assert CapacityConfig().model_dump() == {
+        "target_ratio": 1.25,
+        "online_reserve_ratio": 0.1,
+        "kv_cache_high_watermark": 0.95,
+        "load_stale_after_s": 5.0,
+        "load_report_interval_s": 0.5,
+    }
+
+
+def test_dispatcher_defaults() -> None:
+    assert DispatcherConfig().model_dump() == {
+        "max_replica_retries": 2,
+        "overload_retry_initial_s": 0.1,
+        "overload_retry_max_s": 2.0,
+        "max_task_time_s": 600.0,
+        "complete_attempts": 6,
+        "complete_backoff_max_s": 10.0,
+        "remember_completed": 4096,
+    }
+
+
+def test_publisher_defaults() -> None:
+    assert PublisherConfig().model_dump() == {"max_buffered": 100_000, "outage_timeout_s": 60.0}
+
+
+def test_app_args_defaults() -> None:
+    args = WorkerAppArgs()
+    assert args.queue_url is None
+    assert args.queues == []
+    assert args.eventbus_url is None
+    assert args.register_queues is False
+    assert args.llm_configs == []
+    assert args.engine == "vllm"
+    assert args.poller == PollerConfig()
+    assert args.capacity == CapacityConfig()
+    assert args.dispatcher == DispatcherConfig()
+    assert args.publisher == PublisherConfig()
+    assert set(WorkerAppArgs.model_fields) == {
+        "queue_url",
+        "queues",
+        "eventbus_url",
+        "register_queues",
+        "llm_configs",
+        "engine",
+        "poller",
+        "capacity",
+        "dispatcher",
+        "publisher",
+    }
+
+
+@pytest.mark.parametrize(
+    "model",
+    [WorkerAppArgs, PollerConfig, CapacityConfig, DispatcherConfig, PublisherConfig, QueueSpec],
+)
+def test_every_field_is_described(model: type[pydantic.BaseModel]) -> None:
+    undocumented = [name for name, f in model.model_fields.items() if not f.description]
+    assert undocumented == []
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "values"),
+    [
+        (WorkerAppArgs, {"queue": "q:0"}),
+        (PollerConfig, {"size": 3}),
+        (CapacityConfig, {"target": 2}),
+        (DispatcherConfig, {"retries": 1}),
+        (PublisherConfig, {"buffer": 1}),
+        (QueueSpec, {"name": "q:0", "level": 0}),
+    ],
+)
+def test_extra_fields_are_forbidden(
+    model: type[pydantic.BaseModel], values: dict[str, Any]
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match="Extra inputs are not permitted"):
+        model.model_validate(values)
+
+
+def test_nested_extra_fields_are_forbidden() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        WorkerAppArgs.model_validate({"poller": {"max_take_size": 4, "sise": 2}})
+
+
+def test_models_are_frozen() -> None:
+    args = app_args()
+    with pytest.raises(pydantic.ValidationError):
+        args.queue_url = "http://elsewhere"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        args.poller.max_take_size = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"max_take_size": 0},
+        {"max_take_size": 1001},
+        {"process_timeout_s": -1},
+        {"process_max_retries": -2},
+        {"idle_backoff_initial_s": 0},
+        {"strategy": "lifo"},
+    ],
+)
+def test_poller_ranges(values: dict[str, Any]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        PollerConfig.model_validate(values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"target_ratio": 0},
+        {"online_reserve_ratio": 1.0},
+        {"online_reserve_ratio": -0.1},
+        {"kv_cache_high_watermark": 1.5},
+    ],
+)
+def test_capacity_ranges(values: dict[str, Any]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        CapacityConfig.model_validate(values)
+
+
+def test_engine_choices() -> None:
+    assert WorkerAppArgs(engine="simulated").engine == "simulated"
+    with pytest.raises(pydantic.ValidationError):
+        WorkerAppArgs.model_validate({"engine": "tgi"})
+
+
+# -- queues ----------------------------------------------------------------------------------
+
+
+def test_queue_spec_parts() -> None:
+    spec = QueueSpec(name="chat-q_1:1", model="m")
+    assert spec.base == "chat-q_1"
+    assert spec.level is Level.OFFLINE
+    assert QueueSpec(name="x:0").level is Level.ONLINE
+    assert QueueSpec(name="x:0").model is None
+
+
+@pytest.mark.parametrize("name", ["q", "q:2", "q:x", "a:b:0", "bad.name:0", ":0", "q" * 65 + ":0"])
+def test_bad_queue_names_are_rejected(name: str) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        QueueSpec(name=name)
+
+
+def test_queues_from_strings_and_dicts() -> None:
+    args = WorkerAppArgs.model_validate(
+        {"queues": ["a:0", {"name": "b:1", "model": "m2"}, {"name": "c:1"}]}
+    )
+    assert args.queues == [
+        QueueSpec(name="a:0"),
+        QueueSpec(name="b:1", model="m2"),
+        QueueSpec(name="c:1"),
+    ]
+
+
+def test_queues_from_a_comma_string() -> None:
+    args = WorkerAppArgs.model_validate({"queues": " a:0 , b:1,, "})
+    assert [q.name for q in args.queues] == ["a:0", "b:1"]
+
+
+def test_queues_listed_twice_are_rejected() -> None:
+    with pytest.raises(pydantic.ValidationError, match="listed twice"):
+        WorkerAppArgs.model_validate({"queues": ["a:0", {"name": "a:0", "model": "m"}]})
+
+
+def test_model_ids_and_queue_model() -> None:
+    args = app_args(
+        queues=["a:0", {"name": "b:1", "model": "m2"}], llm_configs=[llm("m1"), llm("m2")]
+    )
+    assert args.model_ids() == ["m1", "m2"]
+    assert args.queue_model(args.queues[0]) == "m1"
+    assert args.queue_model(args.queues[1]) == "m2"
+
+
+@pytest.mark.parametrize("entry", [{}, {"model_loading_config": {}}, {"model_loading_config": 3}])
+def test_model_id_is_required(entry: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="model_id"):
+        app_args(llm_configs=[entry]).model_ids()
+
+
+# -- resolved(): env overrides and required settings -------------------------------------------
+
+
+def test_resolved_without_env_keeps_the_file_values() -> None:
+    args = app_args(eventbus_url="redis://file:6379/0")
+    assert args.resolved(EnvSettings()) == args
+
+
+def test_env_overrides_url_queues_and_eventbus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", "http://env:9000")
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", "redis://:pw@env:6379/0")
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "b:1, a:0 ,")
+    args = app_args(queues=[{"name": "a:0", "model": "m"}, "z:0"])
+    resolved = args.resolved()  # reads the environment itself
+    assert resolved.queue_url == "http://env:9000"
+    assert resolved.eventbus_url == "redis://:pw@env:6379/0"
+    assert [q.name for q in resolved.queues] == ["b:1", "a:0"]
+    assert resolved.queues[1].model == "m"  # the file's model for a queue it also lists
+    assert resolved.queues[0].model is None
+    assert args.queue_url == "http://127.0.0.1:8080"  # the original is untouched
+
+
+def test_env_queues_need_a_model_when_several_are_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "b:1")
+    with pytest.raises(ConfigError, match=r"b:1 must name its model"):
+        app_args(llm_configs=[llm("m"), llm("m2")]).resolved()
+
+
+def test_env_queues_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "a:0,bad.name:3")
+    with pytest.raises(ConfigError, match="BELLA_QUEUE_QUEUES"):
+        app_args().resolved()
+
+
+def test_env_queues_listed_twice_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "a:0,a:0")
+    with pytest.raises(ConfigError, match="listed twice"):
+        app_args().resolved()
+
+
+def test_empty_env_values_do_not_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", "")
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "")
+    args = app_args()
+    assert args.resolved() == args
+
+
+def test_missing_url_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="BELLA_QUEUE_URL"):
+        app_args(queue_url=None).resolved()
+
+
+def test_url_from_env_alone_is_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", "http://env:9000")
+    assert app_args(queue_url=None).resolved().queue_url == "http://env:9000"
+
+
+def test_missing_queues_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="BELLA_QUEUE_QUEUES"):
+        app_args(queues=[]).resolved()
+
+
+def test_missing_models_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="llm_configs is empty"):
+        app_args(llm_configs=[]).resolved()
+
+
+def test_duplicate_models_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="listed twice"):
+        app_args(llm_configs=[llm("m"), llm("m")]).resolved()
+
+
+def test_queue_model_must_be_served() -> None:
+    with pytest.raises(ConfigError, match="'nope' not in"):
+        app_args(queues=[{"name": "q:0", "model": "nope"}]).resolved()
+
+
+def test_several_models_need_a_model_per_queue() -> None:
+    with pytest.raises(ConfigError, match="q:1 must name its model"):
+        app_args(
+            queues=[{"name": "q:0", "model": "m"}, "q:1"], llm_configs=[llm("m"), llm("m2")]
+        ).resolved()
+    ok = app_args(
+        queues=[{"name": "q:0", "model": "m"}, {"name": "q:1", "model": "m2"}],
+        llm_configs=[llm("m"), llm("m2")],
+    )
+    assert ok.resolved() == ok
+
+
+def test_explicit_env_settings_object_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", "http://from-os:1")
+    env = EnvSettings(queue_url="http://given:2")
+    assert app_args().resolved(env).queue_url == "http://given:2"
+
+
+# -- the API key ----------------------------------------------------------------------------
+
+
+def test_apikey_missing_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="BELLA_QUEUE_APIKEY"):
+        EnvSettings().require_apikey()
+
+
+def test_apikey_empty_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", "")
+    with pytest.raises(ConfigError, match="BELLA_QUEUE_APIKEY"):
+        EnvSettings().require_apikey()
+
+
+def test_apikey_from_env_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", "sk-very-secret")
+    env = EnvSettings()
+    assert env.require_apikey().get_secret_value() == "sk-very-secret"
+    assert "sk-very-secret" not in repr(env)
+    assert "sk-very-secret" not in str(env.model_dump())
+
+
+def test_env_settings_read_every_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", "http://u")
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "a:0")
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", "redis://e")
+    monkeypatch.setenv("BELLA_UNRELATED", "ignored")
+    env = EnvSettings()
+    assert (env.queue_url, env.queue_queues, env.eventbus_url) == ("http://u", "a:0", "redis://e")
+
+
+# -- load_app_args --------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, document: Any) -> Path:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_load_app_args_reads_our_application(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        {
+            "applications": [
+                {"name": "other", "import_path": "somewhere:app", "args": {"x": 1}},
+                {
+                    "name": "bella",
+                    "import_path": "ray_worker.app:build_app",
+                    "args": {"queues": ["q:0"], "poller": {"max_take_size": 4}},
+                },
+            ]
+        },
+    )
+    args = load_app_args(path)
+    assert [q.name for q in args.queues] == ["q:0"]
+    assert args.poller.max_take_size == 4
+
+
+def test_load_app_args_by_name(tmp_path: Path) -> None:
+    apps = [
+        {"name": "one", "import_path": "ray_worker.app:build_app", "args": {"queues": "a:0"}},
+        {"name": "two", "import_path": "ray_worker.app:build_app", "args": {"queues": "b:0"}},
+    ]
+    path = write(tmp_path, {"applications": apps})
+    assert load_app_args(path).queues[0].name == "a:0"
+    assert load_app_args(str(path), app_name="two").queues[0].name == "b:0"
+    with pytest.raises(ConfigError, match="no application"):
+        load_app_args(path, app_name="three")
+
+
+def test_load_app_args_without_args_gives_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, {"applications": [{"import_path": "ray_worker.app:build_app"}]})
+    assert load_app_args(path) == WorkerAppArgs()
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (["not", "a", "mapping"], "not a YAML mapping"),
+        ({"proxy_location": "EveryNode"}, "no 'applications' list"),
+        ({"applications": [{"import_path": "elsewhere:app"}, "junk"]}, "no application"),
+    ],
+)
+def test_load_app_args_errors(tmp_path: Path, document: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_app_args(write(tmp_path, document))
+
+
+def test_load_app_args_rejects_unknown_args(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        {"applications": [{"import_path": "ray_worker.app:build_app", "args": {"queus": []}}]},
+    )
+    with pytest.raises(pydantic.ValidationError):
+        load_app_args(path)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_resolve(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", "http://127.0.0.1:8080")
+    args = load_app_args(path)
+    resolved = args.resolved()
+    assert resolved.queues
+    assert resolved.model_ids()
