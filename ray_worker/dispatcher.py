@@ -331,11 +331,15 @@ class Dispatcher:
 
     def _deadline_ms(self, task: Task) -> int:
         start = task.start_time or now_ms()
-        cap_s = ONLINE_MAX_WAIT_S if task.is_online else self.config.max_task_time_s
-        fallback = start + int(cap_s * 1000)
         if task.expire_time > 0:
-            return min(task.expire_time, fallback) if task.is_online else task.expire_time
-        return fallback
+            if task.is_online:
+                # The producer waits at most ONLINE_MAX_WAIT_S after its put (§1.3).
+                return min(task.expire_time, start + ONLINE_MAX_WAIT_S * 1000)
+            return task.expire_time
+        cap_s = self.config.max_task_time_s
+        if task.is_online:
+            cap_s = min(cap_s, ONLINE_MAX_WAIT_S)
+        return start + int(cap_s * 1000)
 
     def _resolve_model(self, task: Task) -> str:
         requested = task.data.get("model")
