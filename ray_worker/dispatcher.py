@@ -204,6 +204,21 @@ class Dispatcher:
         except TaskError as err:
             await self._answer_error(task, err, state, taken_at)
             return
+        except Exception as err:
+            # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
+            logger.error(
+                "task failed outside the engine call: %s",
+                err,
+                exc_info=not isinstance(err, WorkerError),
+                extra=_ctx(task),
+            )
+            await self._answer_error(
+                task,
+                EngineError(f"the worker failed: {type(err).__name__}: {err}"),
+                state,
+                taken_at,
+            )
+            return
         await self._answer(task, result, taken_at)
 
     async def _execute(
