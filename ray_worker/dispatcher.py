@@ -57,6 +57,7 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embedding
 STREAM_EVENT_NAME = "message"
 PRIORITY_ONLINE = 0
 PRIORITY_OFFLINE = 1
+_SHUTTING_DOWN = "the worker is shutting down; retry the request"
 
 
 class Engines(Protocol):
@@ -138,7 +139,8 @@ class Dispatcher:
 
         Returns False, and starts nothing, for a task already in flight or recently answered
         (a redelivery): an offline one that was answered gets its answer sent again instead,
-        since complete is idempotent and the first one may not have arrived.
+        since complete is idempotent and the first one may not have arrived. Once ``drain``
+        has begun, a new task is not run but answered 503 at once (the producer may retry).
         """
         if task.task_id in self._running:
             self.metrics.inc("duplicates")
@@ -152,6 +154,9 @@ class Dispatcher:
                 self._spawn(task, self._answer_again(task, result), pool_model)
                 return True
             return False
+        if not self._accepting:
+            self._spawn(task, self._refuse(task), pool_model)
+            return True
         self._spawn(task, self._run(task), pool_model)
         return True
 
@@ -196,7 +201,7 @@ class Dispatcher:
             # Shutdown cut the task short: answer it so nobody waits for nothing, then re-raise.
             await self._answer_error(
                 task,
-                EngineOverloadedAnswer("the worker is shutting down; retry the request"),
+                EngineOverloadedAnswer(_SHUTTING_DOWN),
                 state,
                 taken_at,
             )
@@ -220,6 +225,11 @@ class Dispatcher:
             )
             return
         await self._answer(task, result, taken_at)
+
+    async def _refuse(self, task: Task) -> None:
+        await self._answer_error(
+            task, EngineOverloadedAnswer(_SHUTTING_DOWN), _StreamState(), time.monotonic()
+        )
 
     async def _execute(
         self, task: Task, streaming: bool, state: _StreamState, taken_at: float
