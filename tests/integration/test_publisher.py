@@ -325,35 +325,64 @@ async def test_rejected_entry_is_counted_and_the_rest_applied(
     await pub.aclose()
 
 
-async def test_lost_reply_after_exec_does_not_duplicate(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
-    real_pipeline = pub._redis.pipeline
-    lost = {"left": 1}
+@pytest.mark.parametrize("mark", [True, False])
+async def test_lost_reply_is_retried_without_duplicates(
+    server: RedisServer, redis: Redis, mark: bool
+) -> None:
+    options = FAST if mark else FAST.model_copy(update={"idempotency_ttl_s": 0})
+    pub = EventPublisher(server.url, options)
+    real_script = pub._script
+    gate = asyncio.Event()
+    calls = {"n": 0}
 
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = real_pipeline(*args, **kwargs)
-        execute = pipe.execute
+    async def apply_then_lose_reply(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        result = await real_script(*args, **kwargs)
+        if calls["n"] == 1:
+            await gate.wait()  # more entries are published meanwhile
+            raise ConnectionError("reply lost after the batch was applied")
+        return result
 
-        async def execute_then_lose_reply(*a: Any, **kw: Any) -> Any:
-            result = await execute(*a, **kw)
-            if lost["left"]:
-                lost["left"] -= 1
-                raise ConnectionError("reply lost after EXEC")
-            return result
-
-        pipe.execute = execute_then_lose_reply  # type: ignore[method-assign]
-        return pipe
-
-    pub._redis.pipeline = pipeline  # type: ignore[method-assign]
+    pub._script = apply_then_lose_reply  # type: ignore[assignment]
     await pub.publish([progress("dup", "TASK-1", i) for i in range(10)])
+    await wait_for(lambda: calls["n"] == 1)
+    await pub.publish([progress("dup", "TASK-1", i) for i in range(10, 15)])
+    gate.set()
     assert await pub.flush(5)
-    assert labels(await xrange(redis, TOPIC + "dup")) == {"TASK-1": [str(i) for i in range(10)]}
+    got = labels(await xrange(redis, TOPIC + "dup"))["TASK-1"]
     assert pub.counters.retries == 1
-    assert pub.counters.published == 10
-    # One marker key per publisher, holding the last applied sequence number, with a TTL.
-    (marker,) = await redis.keys(MARKER_PREFIX + "*")
-    assert await redis.get(marker) == b"10"
-    assert await redis.ttl(marker) > 0
+    if mark:
+        # The retried batch (entries 0-14) skipped the 10 already applied.
+        assert got == [str(i) for i in range(15)]
+        assert pub.counters.published == 15
+        (marker,) = await redis.keys(MARKER_PREFIX + "*")
+        assert await redis.get(marker) == b"15"
+        assert await redis.ttl(marker) > 0
+    else:
+        # Without the mark, delivery is at-least-once: the lost batch is written again.
+        assert got == [str(i) for i in range(10)] + [str(i) for i in range(15)]
+        assert await redis.keys(MARKER_PREFIX + "*") == []
+    await pub.aclose()
+
+
+async def test_transient_refusal_is_retried_not_dropped(server: RedisServer, redis: Redis) -> None:
+    pub = EventPublisher(server.url, FAST)
+    await pub.publish([progress("oom", "TASK-1", 0)])
+    assert await pub.flush(5)
+    await redis.config_set("maxmemory", "1")  # every write now fails with OOM
+    try:
+        await pub.publish([progress("oom", "TASK-1", i) for i in range(1, 6)])
+        await pub.publish([completion("oom", "TASK-1")])
+        await wait_for(lambda: pub.counters.retries >= 2)
+        assert "OOM" in (pub.counters.last_error or "")
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert await pub.flush(10)
+    assert labels(await xrange(redis, TOPIC + "oom")) == {
+        "TASK-1": [str(i) for i in range(6)] + ["done"]
+    }
+    stats = pub.stats()
+    assert (stats["dropped_progress"], stats["dropped_completions"], stats["rejected"]) == (0, 0, 0)
     await pub.aclose()
 
 
