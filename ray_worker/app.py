@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from typing import Any
+from typing import Any, cast
 
 from pydantic import SecretStr
 from ray import serve
@@ -223,10 +223,14 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
     }
-    publisher = RedisPublisher.bind(
+    # Serve's decorator hides .bind from the type checker; the bound graph is an Application.
+    publisher = cast(Any, RedisPublisher).bind(
         url=None, topic="", options=PublisherOptions.model_validate(app_args.publisher.model_dump())
     )
-    return QueuePoller.bind(app_args.model_dump(mode="json"), apikey, llm_apps, publisher)
+    poller = cast(Any, QueuePoller).bind(
+        app_args.model_dump(mode="json"), apikey, llm_apps, publisher
+    )
+    return cast(Application, poller)
 
 
 def _local_model_source(llm_config: dict[str, Any]) -> dict[str, Any]:
