@@ -24,12 +24,13 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email import policy
 from email.parser import BytesParser
@@ -877,6 +878,22 @@ class EmulatorServer:
         self.stop()
 
 
+class _ForegroundServer(uvicorn.Server):
+    """uvicorn, but SIGINT/SIGTERM end ``serve()`` gracefully instead of being re-raised."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ray_worker.testing.emulator",
@@ -950,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         config.resolved_instance_id,
         config.topic,
     )
-    server = uvicorn.Server(
+    server = _ForegroundServer(
         uvicorn.Config(
             create_app(config),
             log_level=args.log_level.lower(),

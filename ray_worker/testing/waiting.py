@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = ["wait_for", "wait_for_sync"]
 
@@ -26,14 +26,36 @@ def _describe(predicate: object, message: str | None) -> str:
     return message or getattr(predicate, "__qualname__", None) or repr(predicate)
 
 
+@overload
 async def wait_for(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T | None]],
+    timeout: float = ...,  # noqa: ASYNC109
+    *,
+    interval: float = ...,
+    message: str | None = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+) -> T: ...
+
+
+@overload
+async def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float = ...,  # noqa: ASYNC109
+    *,
+    interval: float = ...,
+    message: str | None = ...,
+    ignore: tuple[type[BaseException], ...] = ...,
+) -> T: ...
+
+
+async def wait_for(
+    predicate: Callable[[], Any],
     timeout: float = DEFAULT_TIMEOUT_S,  # noqa: ASYNC109 - the shared helper's documented API
     *,
     interval: float = DEFAULT_INTERVAL_S,
     message: str | None = None,
     ignore: tuple[type[BaseException], ...] = (),
-) -> T:
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy; return that.
 
     Exceptions of the types in ``ignore`` count as "not yet" (handy while a server restarts);
@@ -61,7 +83,7 @@ async def wait_for(
 
 
 def wait_for_sync(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = DEFAULT_TIMEOUT_S,
     *,
     interval: float = DEFAULT_INTERVAL_S,
