@@ -116,6 +116,8 @@ class Poller:
         self.metrics = metrics or dispatcher.metrics
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._taking: set[int] = set()
+        """``id()`` of the pools whose take request is on the wire."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -140,8 +142,17 @@ class Poller:
         return None
 
     async def stop(self) -> None:
-        """Stop taking; in-flight tasks keep running (drain them with the dispatcher)."""
+        """Stop taking; in-flight tasks keep running (drain them with the dispatcher).
+
+        A take already sent may finish (within ``take_timeout_s``): the tasks the server
+        popped for it are handed to the dispatcher instead of being lost.
+        """
         self._stop.set()
+        for task, pool in zip(self._loops, self.pools, strict=True):
+            if id(pool) not in self._taking:
+                task.cancel()
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=self.config.take_timeout_s)
         for task in self._loops:
             task.cancel()
         for task in self._loops:
@@ -172,8 +183,12 @@ class Poller:
             started = time.monotonic()
             pool.takes += 1
             pool.last_take_size = request.size
+            self._taking.add(id(pool))
             try:
-                response = await self.taker.take(request)
+                try:
+                    response = await self.taker.take(request)
+                finally:
+                    self._taking.discard(id(pool))
             except WorkerError as err:
                 pool.failed_takes += 1
                 pool.errors_in_a_row += 1
