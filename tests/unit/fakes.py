@@ -2,7 +2,8 @@
 
 This module owns the fakes of the small protocols the worker's core logic talks through:
 ``Engines`` (``FakeEngines``), ``EventSink`` (``FakeEventSink``), ``Completer``
-(``FakeCompleter``) and ``Taker`` (``FakeTaker``), plus ``make_task`` and ``wait_for``.
+(``FakeCompleter``) and ``Taker`` (``FakeTaker``), plus ``make_task`` and ``until`` (the
+shared ``wait_for`` with a polling interval fit for in-memory fakes).
 It must not touch the network, Ray or the wall clock beyond ``asyncio.sleep``: scripted
 delays are given by the test and kept tiny.
 
@@ -33,30 +34,7 @@ from ray_worker.protocol import (
     make_task_id,
     now_ms,
 )
-
-try:
-    from ray_worker.testing.waiting import wait_for
-except ImportError:  # pragma: no cover - the shared helper is being added by another engineer
-
-    async def wait_for(  # type: ignore[misc]
-        predicate: Callable[[], Any],
-        timeout: float = 10.0,  # noqa: ASYNC109 - the shared helper's signature
-        *,
-        interval: float = 0.001,
-        message: str | None = None,
-        ignore: tuple[type[BaseException], ...] = (),
-    ) -> Any:
-        """Poll ``predicate`` until it is truthy; ``TimeoutError`` after ``timeout``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    value = predicate()
-                    if value:
-                        return value
-                except ignore:
-                    pass
-                await asyncio.sleep(interval)
-
+from ray_worker.testing.waiting import wait_for
 
 __all__ = [
     "Delay",

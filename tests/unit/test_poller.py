@@ -1,0 +1,449 @@
+"""Poller: capacity-sized takes, online before offline, backoff, duplicates, stop and status.
+
+Assertions are on the recorded sequence of take requests and on the backoff values the pool
+reports, never on elapsed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fakes import (
+    FakeCompleter,
+    FakeEngines,
+    FakeEventSink,
+    FakeTaker,
+    by_queue,
+    make_task,
+    settle,
+    until,
+)
+
+from ray_worker.capacity import CapacityTracker
+from ray_worker.config import CapacityConfig, DispatcherConfig, PollerConfig, QueueSpec
+from ray_worker.dispatcher import Dispatcher
+from ray_worker.errors import AuthenticationError, QueueUnavailableError
+from ray_worker.poller import Poller, Pool, make_pools
+from ray_worker.protocol import Level, TakeRequest, TakeStrategy, Task
+
+IDLE_0, IDLE_MAX = 0.001, 0.004
+ERR_0, ERR_MAX = 0.001, 0.004
+
+
+class PollRig:
+    """A poller over a fake taker, a real dispatcher on fake engines, and a capacity tracker."""
+
+    def __init__(
+        self,
+        queues: list[str | QueueSpec] | None = None,
+        *,
+        models: tuple[str, ...] = ("m",),
+        max_num_seqs: int | None = 8,
+        engine_default: list[Any] | None = None,
+        **config: Any,
+    ) -> None:
+        specs = [
+            q if isinstance(q, QueueSpec) else QueueSpec(name=q) for q in (queues or ["q:0", "q:1"])
+        ]
+        settings: dict[str, Any] = {
+            "idle_backoff_initial_s": IDLE_0,
+            "idle_backoff_max_s": IDLE_MAX,
+            "error_backoff_initial_s": ERR_0,
+            "error_backoff_max_s": ERR_MAX,
+            **config,
+        }
+        self.capacity = CapacityTracker(
+            CapacityConfig(target_ratio=1.0, online_reserve_ratio=0.25), list(models)
+        )
+        if max_num_seqs is not None:
+            for model in models:
+                self.report(model, max_num_seqs)
+        self.engines = FakeEngines(default=engine_default)
+        self.events = FakeEventSink()
+        self.completer = FakeCompleter()
+        self.dispatcher = Dispatcher(
+            engines=self.engines,
+            events=self.events,
+            completer=self.completer,
+            capacity=self.capacity,
+            queues=specs,
+            served_models=list(models),
+            config=DispatcherConfig(),
+        )
+        self.taker = FakeTaker()
+        self.pools = make_pools(specs, {q.name: q.model or models[0] for q in specs})
+        self.poller = Poller(
+            taker=self.taker,
+            dispatcher=self.dispatcher,
+            capacity=self.capacity,
+            pools=self.pools,
+            config=PollerConfig(**settings),
+        )
+        self.backoffs: list[float] = []
+        """``pool.backoff_s`` as each take began: the wait that preceded it."""
+        self.states: list[str] = []
+        """``pool.state`` as each take began."""
+        self.taker.on_take = lambda _: self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.backoffs.append(self.pools[0].backoff_s)
+        self.states.append(self.pools[0].state)
+
+    def report(self, model: str = "m", max_num_seqs: int = 8) -> None:
+        self.capacity.report(
+            {"replica_id": f"r-{model}", "model_id": model, "max_num_seqs": max_num_seqs}
+        )
+
+    @property
+    def pool(self) -> Pool:
+        return self.pools[0]
+
+    @property
+    def requests(self) -> list[TakeRequest]:
+        return self.taker.requests
+
+    async def takes(self, n: int) -> None:
+        """Wait until ``n`` takes were made."""
+        await until(lambda: len(self.taker.requests) >= n)
+
+    async def close(self) -> None:
+        await self.poller.stop()
+        await self.dispatcher.drain(0)
+
+
+@pytest.fixture
+async def rigs() -> AsyncIterator[list[PollRig]]:
+    """Collects the rigs a test builds and stops them afterwards."""
+    made: list[PollRig] = []
+    yield made
+    for rig in made:
+        await rig.close()
+
+
+@pytest.fixture
+def make(rigs: list[PollRig]) -> Any:
+    def build(*args: Any, **kwargs: Any) -> PollRig:
+        rig = PollRig(*args, **kwargs)
+        rigs.append(rig)
+        return rig
+
+    return build
+
+
+def tasks_of(n: int, queue: str = "q", level: int = 1) -> dict[str, list[Task]]:
+    return by_queue(*(make_task("callback", queue=queue, level=level) for _ in range(n)))
+
+
+# -- pools -----------------------------------------------------------------------------------
+
+
+def test_make_pools_groups_by_model_online_first() -> None:
+    queues = [
+        QueueSpec(name="a:1"),
+        QueueSpec(name="b:0"),
+        QueueSpec(name="c:1", model="x"),
+        QueueSpec(name="a:0"),
+        QueueSpec(name="d:0", model="x"),
+    ]
+    pools = make_pools(queues, {"a:1": "m", "b:0": "m", "c:1": "x", "a:0": "m", "d:0": "x"})
+    assert [(p.model_id, p.online, p.offline) for p in pools] == [
+        ("m", ["b:0", "a:0"], ["a:1"]),
+        ("x", ["d:0"], ["c:1"]),
+    ]
+    assert all(p.state == "starting" for p in pools)
+
+
+# -- what a take asks for ---------------------------------------------------------------------
+
+
+async def test_first_take_lists_online_first_and_is_sized_by_offline_room(make: Any) -> None:
+    rig = make(["q:1", "p:0"], max_take_size=32, process_timeout_s=60, min_age_seconds=2)
+    rig.poller.start()
+    await rig.takes(1)
+    first = rig.requests[0]
+    assert first.queues == ["p:0", "q:1"]
+    assert first.size == 6  # target 8, reserve ceil(8 * 0.25) = 2 kept for level 0
+    assert first.strategy is TakeStrategy.ACTIVE_PASSIVE
+    assert first.process_timeout == 60
+    assert first.process_max_retries == 2
+    assert first.min_age_seconds == 2
+
+
+async def test_size_is_capped_by_max_take_size(make: Any) -> None:
+    rig = make(max_take_size=3)
+    rig.poller.start()
+    await rig.takes(1)
+    assert rig.requests[0].size == 3
+
+
+async def test_fifo_is_capped_at_ten(make: Any) -> None:
+    rig = make(max_num_seqs=64, strategy="fifo", max_take_size=100)
+    rig.poller.start()
+    await rig.takes(1)
+    assert rig.requests[0].size == 10
+    assert rig.requests[0].strategy is TakeStrategy.FIFO
+
+
+async def test_only_the_online_reserve_left_drops_offline_queues(make: Any) -> None:
+    rig = make(["q:0", "q:1"], process_timeout_s=60)
+    rig.capacity.acquire("m", Level.OFFLINE, 6)  # offline room used up; 2 kept for level 0
+    rig.poller.start()
+    await rig.takes(1)
+    request = rig.requests[0]
+    assert request.queues == ["q:0"]
+    assert request.size == 2
+    assert request.process_timeout == 0
+    assert request.process_max_retries == 0
+
+
+async def test_online_only_pool_sends_no_process_timeout(make: Any) -> None:
+    rig = make(["q:0"], process_timeout_s=60)
+    rig.poller.start()
+    await rig.takes(1)
+    assert rig.requests[0].queues == ["q:0"]
+    assert rig.requests[0].size == 8
+    assert rig.requests[0].process_timeout == 0
+
+
+async def test_offline_only_pool_stops_at_the_reserve(make: Any) -> None:
+    rig = make(["q:1"])
+    rig.capacity.acquire("m", Level.OFFLINE, 6)
+    rig.poller.start()
+    await until(lambda: rig.pool.state == "at capacity")
+    assert rig.requests == []
+
+
+# -- capacity gates the take -------------------------------------------------------------------
+
+
+async def test_no_take_without_replicas_then_a_report_starts_taking(make: Any) -> None:
+    rig = make(max_num_seqs=None)
+    rig.poller.start()
+    await until(lambda: rig.pool.state == "waiting for replicas")
+    assert rig.requests == []
+    rig.report(max_num_seqs=4)
+    await rig.takes(1)
+    assert rig.requests[0].size == 3  # 4 - ceil(4 * 0.25)
+
+
+async def test_no_take_at_capacity_until_a_task_is_released(make: Any) -> None:
+    rig = make()
+    rig.capacity.acquire("m", Level.ONLINE, 8)
+    rig.poller.start()
+    await until(lambda: rig.pool.state == "at capacity")
+    assert rig.requests == []
+    rig.capacity.release("m", Level.ONLINE)
+    await rig.takes(1)
+    assert rig.requests[0].queues == ["q:0"]
+    assert rig.requests[0].size == 1
+
+
+async def test_taken_tasks_hold_capacity_until_answered(make: Any) -> None:
+    gate = asyncio.Event()
+    rig = make(engine_default=[gate, {"id": "r"}])
+    rig.taker.add(tasks_of(4))
+    rig.poller.start()
+    await until(lambda: rig.engines.active == 4)
+    await rig.takes(2)
+    assert rig.capacity.model("m").in_flight[Level.OFFLINE] == 4
+    assert rig.requests[1].size == 2  # offline room left: 6 - 4
+    gate.set()
+    await until(lambda: len(rig.completer.completes) == 4)
+    await until(lambda: rig.capacity.model("m").total_in_flight == 0)
+
+
+# -- pacing ----------------------------------------------------------------------------------
+
+
+async def test_repolls_at_once_while_tasks_flow_then_backs_off(make: Any) -> None:
+    rig = make(["q:1"])
+    rig.taker.add(tasks_of(2), tasks_of(1), {}, {}, {}, {})
+    rig.poller.start()
+    await rig.takes(7)
+    assert rig.taker.served[:6] == ["tasks:2", "tasks:1", "empty", "empty", "empty", "empty"]
+    # The wait before each take: none while tasks flow, then doubling up to the cap (jittered).
+    b = rig.backoffs
+    assert b[0] == b[1] == b[2] == 0.0
+    for i, upper in enumerate([IDLE_0, 2 * IDLE_0, IDLE_MAX, IDLE_MAX], start=3):
+        assert upper * 0.5 <= b[i] <= upper
+    assert rig.pool.tasks_taken == 3
+    assert rig.pool.empty_takes >= 4
+
+
+async def test_idle_backoff_resets_when_tasks_come(make: Any) -> None:
+    rig = make(["q:1"])
+    rig.taker.add({}, {}, {}, tasks_of(1), {})
+    rig.poller.start()
+    await rig.takes(6)
+    b = rig.backoffs
+    assert b[3] >= IDLE_MAX * 0.5  # after three empty takes
+    assert b[4] == 0.0  # tasks came: re-poll at once
+    assert IDLE_0 * 0.5 <= b[5] <= IDLE_0  # and the idle wait starts over
+
+
+async def test_failed_takes_back_off_exponentially_then_recover(make: Any) -> None:
+    rig = make(["q:1"])
+    down = QueueUnavailableError("Bella-Queue is down", 503)
+    rig.taker.add(down, down, down, down, tasks_of(1), {})
+    rig.poller.start()
+    await rig.takes(7)
+    assert rig.states[1:5] == ["failing"] * 4
+    assert rig.states[5] == "taking"
+    assert rig.pool.last_error == "QueueUnavailableError: Bella-Queue is down"  # kept for status
+    b = rig.backoffs
+    for i, base in enumerate([ERR_0, 2 * ERR_0, ERR_MAX, ERR_MAX], start=1):
+        assert base * 0.75 <= b[i] <= base * 1.25
+    assert b[5] == 0.0  # the take after the failures brought tasks
+    assert IDLE_0 * 0.5 <= b[6] <= IDLE_0
+    assert rig.pool.failed_takes == 4
+    assert rig.pool.errors_in_a_row == 0
+    assert rig.dispatcher.metrics.total("take_failures", model="m") == 4
+
+
+async def test_authentication_failures_keep_the_loop_alive(make: Any) -> None:
+    rig = make()
+    rig.taker.add(AuthenticationError("401"), AuthenticationError("401"))
+    rig.poller.start()
+    await rig.takes(3)
+    assert rig.poller.alive
+    assert rig.pool.failed_takes == 2
+
+
+async def test_an_unexpected_error_kills_the_loop_visibly(make: Any) -> None:
+    rig = make()
+    rig.taker.add(RuntimeError("bug"))
+    rig.poller.start()
+    await until(lambda: not rig.poller.alive)
+    failure = rig.poller.failure()
+    assert isinstance(failure, RuntimeError)
+    assert str(failure) == "bug"
+
+
+# -- duplicates ------------------------------------------------------------------------------
+
+
+async def test_duplicates_are_released(make: Any) -> None:
+    gate = asyncio.Event()
+    rig = make(["q:1"], engine_default=[gate, {"id": "r"}])
+    task = make_task("callback", queue="q", level=1)
+    rig.taker.add(by_queue(task), by_queue(task))
+    rig.poller.start()
+    await rig.takes(3)
+    assert rig.taker.served[:2] == ["tasks:1", "tasks:1"]
+    assert rig.capacity.model("m").in_flight[Level.OFFLINE] == 1
+    assert rig.dispatcher.metrics.total("duplicates") == 1
+    gate.set()
+    await until(lambda: rig.capacity.model("m").total_in_flight == 0)
+    assert len(rig.engines.calls) == 1
+    assert len(rig.completer.completes) == 1
+
+
+# -- several pools ---------------------------------------------------------------------------
+
+
+async def test_each_model_has_its_own_loop_and_capacity(make: Any) -> None:
+    rig = make(
+        [QueueSpec(name="a:0", model="x"), QueueSpec(name="b:0", model="y")],
+        models=("x", "y"),
+        max_num_seqs=None,
+    )
+    rig.report("x", 4)
+    rig.poller.start()
+    await rig.takes(1)
+    assert {tuple(r.queues) for r in rig.requests} == {("a:0",)}
+    assert rig.pools[1].state == "waiting for replicas"
+    rig.report("y", 2)
+    await until(lambda: any(r.queues == ["b:0"] for r in rig.requests))
+    assert next(r for r in rig.requests if r.queues == ["b:0"]).size == 2
+
+
+# -- lifecycle and status --------------------------------------------------------------------
+
+
+async def test_stop_ends_the_loops(make: Any) -> None:
+    rig = make()
+    rig.poller.start()
+    rig.poller.start()  # idempotent
+    await rig.takes(2)
+    await rig.poller.stop()
+    assert all(loop.done() for loop in rig.poller._loops)
+    assert rig.pool.state == "stopped"
+    assert rig.poller.alive
+
+
+async def test_stop_while_waiting_for_capacity(make: Any) -> None:
+    rig = make(max_num_seqs=None)
+    rig.poller.start()
+    await until(lambda: rig.pool.state == "waiting for replicas")
+    await rig.poller.stop()
+    assert rig.pool.state == "stopped"
+
+
+async def test_stop_during_a_take_dispatches_what_it_took(make: Any) -> None:
+    gate = asyncio.Event()
+    rig = make(["q:1"])
+    rig.taker.add(gate, tasks_of(2))
+    rig.poller.start()
+    await rig.takes(1)
+    stopping = asyncio.create_task(rig.poller.stop())
+    await settle()
+    assert not stopping.done()  # stop() waits for the take in flight
+    gate.set()  # the server answers the in-flight take after stop() began
+    await stopping
+    await until(lambda: len(rig.completer.completes) == 2)
+    assert len(rig.requests) == 1
+
+
+async def test_stop_gives_up_on_a_take_that_never_returns(make: Any) -> None:
+    rig = make(["q:1"], take_timeout_s=0.05)
+    rig.taker.add(asyncio.Event())  # never answered
+    rig.poller.start()
+    await rig.takes(1)
+    await rig.poller.stop()
+    assert all(loop.done() for loop in rig.poller._loops)
+    assert rig.poller.alive
+    assert rig.pool.state == "stopped"
+
+
+async def test_status_shape(make: Any) -> None:
+    rig = make(["q:0", "q:1"])
+    rig.taker.add(tasks_of(1))
+    rig.poller.start()
+    await until(lambda: rig.pool.tasks_taken == 1 and rig.pool.empty_takes >= 1)
+    status = rig.poller.status()
+    assert set(status) == {"in_flight", "pools"}
+    assert isinstance(status["in_flight"], int)
+    (pool,) = status["pools"]
+    assert set(pool) == {
+        "model",
+        "queues",
+        "state",
+        "takes",
+        "tasks_taken",
+        "full_takes",
+        "empty_takes",
+        "failed_takes",
+        "last_take_age_s",
+        "last_take_size",
+        "last_take_count",
+        "backoff_s",
+        "last_error",
+        "capacity",
+    }
+    assert pool["model"] == "m"
+    assert pool["queues"] == ["q:0", "q:1"]
+    assert pool["tasks_taken"] == 1
+    assert pool["last_take_age_s"] >= 0
+    assert pool["last_error"] is None
+    assert pool["capacity"] == rig.capacity.snapshot()["m"]
+
+
+def test_status_before_start() -> None:
+    rig = PollRig()
+    (pool,) = rig.poller.status()["pools"]
+    assert pool["state"] == "starting"
+    assert pool["last_take_age_s"] is None
+    assert pool["takes"] == 0
