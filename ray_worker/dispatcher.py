@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, Protocol
 
 from ray_worker.capacity import CapacityTracker
@@ -207,8 +207,7 @@ class Dispatcher:
             )
             raise
         except TaskError as err:
-            await self._answer_error(task, err, state, taken_at)
-            return
+            answering = self._answer_error(task, err, state, taken_at)
         except Exception as err:
             # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
             logger.error(
@@ -217,14 +216,16 @@ class Dispatcher:
                 exc_info=not isinstance(err, WorkerError),
                 extra=_ctx(task),
             )
-            await self._answer_error(
+            answering = self._answer_error(
                 task,
                 EngineError(f"the worker failed: {type(err).__name__}: {err}"),
                 state,
                 taken_at,
             )
-            return
-        await self._answer(task, result, taken_at)
+        else:
+            answering = self._answer(task, result, taken_at)
+        # The answer is the task's only one: shutdown must not cut it off half sent.
+        await _to_the_end(answering)
 
     async def _refuse(self, task: Task) -> None:
         await self._answer_error(
@@ -463,6 +464,16 @@ class _StreamState:
     def __init__(self) -> None:
         self.sent = 0
         self.overloaded = False
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile (then re-raise)."""
+    job = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await job
+        raise
 
 
 def _ctx(task: Task) -> dict[str, Any]:
