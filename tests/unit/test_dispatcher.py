@@ -719,3 +719,32 @@ async def test_submit_after_drain_is_answered_503_without_running(rig: Rig) -> N
     assert rig.engines.calls == []
     assert rig.only_answer(task)["status_code"] == 503
     assert rig.in_flight() == 0
+
+
+@pytest.mark.parametrize("mode", [BLOCKING, CALLBACK])
+async def test_drain_lets_an_answer_being_sent_finish(mode: ResponseMode) -> None:
+    rig = Rig()
+    gate = asyncio.Event()
+    rig.events.completion_delay_s = 0.0
+    sent: list[str] = []
+
+    async def slow_completion(instance_id: str, task_id: str, result: Any) -> None:
+        await gate.wait()
+        sent.append(task_id)
+
+    async def slow_complete(task_id: str, result: Any) -> None:
+        await gate.wait()
+        sent.append(task_id)
+
+    rig.events.completion = slow_completion  # type: ignore[method-assign]
+    rig.completer.complete = slow_complete  # type: ignore[method-assign]
+    task = make_task(mode)
+    assert rig.submit(task)
+    await until(lambda: rig.engines.calls and rig.engines.active == 0)
+    await settle()
+    draining = asyncio.create_task(rig.dispatcher.drain(0))
+    await settle()
+    gate.set()
+    assert await draining == 1
+    assert sent == [task.task_id]  # the task's one answer went out, not a second 503
+    assert rig.in_flight() == 0
