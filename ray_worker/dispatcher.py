@@ -262,9 +262,9 @@ class Dispatcher:
             self.metrics.observe(
                 "put_to_start_s", max(0.0, (now_ms() - task.start_time) / 1000), queue=task.queue
             )
-        timeout_s = (deadline_ms - now_ms()) / 1000
+        deadline = asyncio.timeout((deadline_ms - now_ms()) / 1000)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with deadline:
                 response: dict[str, Any] | None = None
                 async for item in self._attempts(task, model_id, endpoint, data, priority, state):
                     if streaming:
@@ -280,7 +280,11 @@ class Dispatcher:
                         state.sent += 1
                     else:
                         response = item
-        except TimeoutError:
+        except TimeoutError as err:
+            if not deadline.expired():
+                # The engine's own timeout, not the task's deadline.
+                logger.warning("engine call timed out: %s", err, extra=_ctx(task))
+                raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
             with contextlib.suppress(Exception):
                 await self.engines.abort(model_id, task.task_id)
             if state.overloaded:
