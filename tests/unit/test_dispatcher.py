@@ -445,6 +445,16 @@ async def test_online_task_without_expire_time_gets_max_task_time() -> None:
     assert rig.only_answer(task)["status_code"] == 408
 
 
+async def test_a_timeout_raised_by_the_engine_is_not_the_deadline(rig: Rig) -> None:
+    rig.engines.script(TimeoutError("upstream read timed out"))
+    task = make_task(CALLBACK)
+    await rig.run(task)
+    answer = rig.only_answer(task)
+    assert answer["status_code"] == 500
+    assert error_code(answer) == "engine_error"
+    assert rig.engines.aborts == []
+
+
 # -- retries ---------------------------------------------------------------------------------
 
 
@@ -725,7 +735,6 @@ async def test_submit_after_drain_is_answered_503_without_running(rig: Rig) -> N
 async def test_drain_lets_an_answer_being_sent_finish(mode: ResponseMode) -> None:
     rig = Rig()
     gate = asyncio.Event()
-    rig.events.completion_delay_s = 0.0
     sent: list[str] = []
 
     async def slow_completion(instance_id: str, task_id: str, result: Any) -> None:
