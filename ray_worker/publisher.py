@@ -14,31 +14,32 @@ Three layers:
     keepalive, idle health checks, and redis-py's own retry turned off (this class retries,
     so it knows what may have been applied). ``publish(entries)`` appends to one FIFO buffer
     and returns; ONE writer loop drains everything pending (up to ``max_batch``) into one
-    pipeline per round, coalescing entries across tasks. One writer + FIFO ⇒ per-task order.
+    Redis call per round, coalescing entries across tasks. One writer + FIFO ⇒ per-task order.
 
     Atomicity: each round is ONE call of a Lua script (``EVALSHA``; redis-py reloads it on
     ``NOSCRIPT`` after a restart) that XADDs the batch's entries in order. A script runs
-    atomically and arrives whole or not at all, so a connection drop mid-batch applies all
-    of it or none, like MULTI/EXEC. We use a script rather than a MULTI/EXEC pipeline
-    because (1) it makes retries exactly-once without an extra round trip: the script keeps
-    this publisher's high-water mark (``bella-ray-worker:evbatch:<publisher uuid>`` = the
-    sequence number of the last entry applied, TTL ``idempotency_ttl_s``, one key per
-    publisher) and skips entries at or below it, so re-sending a batch whose reply was lost
-    never duplicates events; (2) redis-py reads one reply per batch instead of a QUEUED
-    reply plus a result per entry, which measured ~1.5-2x cheaper on the client (see
-    ``bench/bench_publisher.py``). Bella-Queue itself runs Lua scripts on this Redis, so
-    scripting is available. Per-entry outcomes: ``WRONGTYPE`` (the key is not a stream)
-    rejects that entry only; any other error stops the script at that entry (earlier
+    atomically and Redis runs a command only once it has arrived whole, so a connection drop
+    mid-batch applies all of it or none, like MULTI/EXEC. We use a script rather than a
+    MULTI/EXEC pipeline because (1) it makes retries exactly-once without an extra round
+    trip: the script keeps this publisher's high-water mark
+    (``bella-ray-worker:evbatch:<publisher uuid>`` = the sequence number of the last entry
+    applied, TTL ``idempotency_ttl_s``, one key per publisher) and skips entries at or below
+    it, so re-sending a batch whose reply was lost never duplicates events; (2) redis-py
+    reads one reply per batch instead of a QUEUED reply plus a result per entry: measured
+    here ~1.5-2x cheaper on the client than a MULTI/EXEC pipeline, and faster than a plain
+    pipeline (``bench/bench_publisher.py``). Bella-Queue itself runs Lua scripts on this
+    Redis, so scripting is available. Per-entry outcomes: ``WRONGTYPE`` (the key is not a
+    stream) rejects that entry only; any other error stops the script at that entry (earlier
     entries stay applied and are acknowledged; the rest is retried). The mark and the
-    entries live and die together, so a Redis restart that loses entries also loses the
-    mark and the batch is re-sent. With ``idempotency_ttl_s=0`` no mark is kept
-    (at-least-once: a batch whose reply was lost may be duplicated).
+    entries live and die together, so a Redis restart that loses entries also loses the mark
+    and the batch is re-sent. With ``idempotency_ttl_s=0`` no mark is kept (at-least-once: a
+    batch whose reply was lost may be duplicated).
 
     Trimming: every XADD carries ``MINID ~ now-30min`` (``event_minid()``). The Java SDK
     trims exactly; we trim approximately (``approximate_trim=True``): Redis then frees whole
     radix-tree nodes only, which is cheaper per XADD and bounds the work of one write. The
-    stream may briefly keep a few dozen entries older than 30 min, which nobody reads: the
-    server reads from "now" and trims consumed entries itself (``XTRIM MINID ~``, §4.3).
+    stream may keep up to one node (100 entries by default) older than 30 min; nobody reads
+    them: the server reads from "now" and trims consumed entries itself (§4.3).
 
     Outages: on a Redis error the writer backs off (exponential, jittered) and retries the
     same entries in order; the buffer keeps filling up to ``max_buffered`` entries, then
@@ -46,7 +47,7 @@ Three layers:
     continuously for ``outage_timeout_s``, entries older than ``outage_timeout_s`` are given
     up from the front of the buffer: progress entries are counted (``dropped_progress``) and
     logged as a summary; every completion entry is logged at ERROR with its task id and
-    counted (``dropped_completions``). A per-entry rejection inside an applied transaction
+    counted (``dropped_completions``). A per-entry rejection inside an applied batch
     (e.g. ``WRONGTYPE``) is handled the same way. If the writer loop itself dies (a bug),
     ``publish``/``flush`` raise ``EventBusUnavailableError`` and ``healthy()`` is False.
 
@@ -325,8 +326,8 @@ class EventPublisher:
             socket_connect_timeout=opts.connect_timeout_s,
             socket_keepalive=True,
             health_check_interval=opts.health_check_interval_s,
-            # Our loop retries; redis-py retrying a transaction behind our back would hide
-            # which attempt was applied.
+            # One retry policy, ours: it keeps the outage clock, the counters and the
+            # backoff honest. redis-py retrying inside a round would hide failures.
             retry=Retry(NoBackoff(), 0),
             client_name="bella-ray-worker-publisher",
             # RESP2: what every Redis speaks, and redis-py parses it measurably faster.
