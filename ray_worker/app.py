@@ -174,6 +174,11 @@ class QueuePoller:
             "queues": [q.name for q in self.args.queues],
             "strategy": self.args.poller.strategy.value,
             **self.poller.status(),
+            "answered": {
+                cls: int(self.metrics.total("tasks_completed", status=cls))
+                for cls in ("2xx", "4xx", "5xx")
+            },
+            "duplicates": int(self.metrics.total("duplicates")),
             "complete_retries": self.client.counters.complete_retries,
             "events": self.events.stats(),
         }

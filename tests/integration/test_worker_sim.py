@@ -1,0 +1,367 @@
+"""The whole worker under local Ray Serve with the simulated engine, against the real emulator.
+
+Every response mode at both levels, bad input (the next task is still served), a deadline
+passing mid-generation, a redelivered duplicate, and a Redis restart in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from ray_worker.protocol import BatchRequest, PutRequest, ResponseMode
+from ray_worker.queue_client import QueueClient
+from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
+from ray_worker.testing.redis_server import RedisServer
+from ray_worker.testing.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+APIKEY = "test-key"
+MODEL = "sim-model"
+
+
+def _app_args(queue_url: str, queue: str, **poller: Any) -> dict[str, Any]:
+    return {
+        "queue_url": queue_url,
+        "queues": [f"{queue}:0", f"{queue}:1"],
+        "register_queues": True,
+        "engine": "simulated",
+        "poller": {"process_timeout_s": 3, "process_max_retries": 1, **poller},
+        "llm_configs": [
+            {
+                "model_loading_config": {"model_id": MODEL, "model_source": MODEL},
+                "accelerator_config": {"kind": "cpu"},
+                "experimental_configs": {
+                    "bella_sim_engine": {
+                        "max_num_seqs": 8,
+                        "ttft_s": 0.02,
+                        "tokens_per_s": 200,
+                        "max_model_len": 8192,
+                    }
+                },
+                "deployment_config": {
+                    "num_replicas": 1,
+                    "ray_actor_options": {"num_cpus": 0.1},
+                },
+            }
+        ],
+    }
+
+
+@contextlib.contextmanager
+def _deployed(args: dict[str, Any], name: str) -> Iterator[Any]:
+    from ray import serve
+
+    from ray_worker.app import build_app
+
+    os.environ["BELLA_QUEUE_APIKEY"] = APIKEY
+    try:
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+        handle = serve.get_app_handle(name)
+        yield handle
+    finally:
+        os.environ.pop("BELLA_QUEUE_APIKEY", None)
+        with contextlib.suppress(Exception):
+            serve.delete(name)
+
+
+async def _ready(handle: Any) -> dict[str, Any]:
+    async def ready() -> dict[str, Any] | None:
+        status: dict[str, Any] = await handle.status.remote()
+        pool = status["pools"][0]
+        if status["state"] == "running" and pool["capacity"]["replicas"] > 0:
+            return status
+        return None
+
+    return await wait_for(ready, timeout=180, interval=0.25, message="worker running")
+
+
+@pytest.fixture(scope="module")
+def queue() -> str:
+    return f"sim-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
+    with _deployed(_app_args(emulator.url, queue), "worker-sim") as handle:
+        yield handle
+
+
+@pytest.fixture
+async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
+    async with QueueClient(emulator.url, APIKEY) as c:
+        yield c
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    with CallbackReceiver() as r:
+        yield r
+
+
+def _answers(receiver: CallbackReceiver, task_id: str) -> list[dict[str, Any]]:
+    return [b for b in receiver.bodies() if isinstance(b, dict) and b.get("request_id") == task_id]
+
+
+async def _callback_answer(receiver: CallbackReceiver, task_id: str) -> dict[str, Any]:
+    answers = await wait_for(lambda: _answers(receiver, task_id), timeout=60, interval=0.05)
+    return answers[0]
+
+
+def _chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def _put(queue: str, mode: ResponseMode, data: dict[str, Any], **kw: Any) -> PutRequest:
+    return PutRequest(
+        endpoint="/v1/chat/completions", queue=queue, response_mode=mode, data=data, **kw
+    )
+
+
+async def _stream_events(client: QueueClient, request: PutRequest) -> list[Any]:
+    return [event async for event in client.put_streaming(request)]
+
+
+async def test_streaming_task_streams_chunks_then_done(
+    worker: Any, client: QueueClient, queue: str
+) -> None:
+    await _ready(worker)
+    events = await _stream_events(
+        client, _put(queue, ResponseMode.STREAMING, _chat(max_tokens=6), timeout=60)
+    )
+    assert [e.id for e in events] == [str(i) for i in range(len(events))]
+    assert {e.event for e in events} == {"message"}
+    assert events[-1].data == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e.data)) for e in events[:-1]]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+
+
+async def test_blocking_task_gets_openai_response(
+    worker: Any, client: QueueClient, queue: str
+) -> None:
+    await _ready(worker)
+    result = await client.put_blocking(
+        _put(queue, ResponseMode.BLOCKING, _chat(max_tokens=5, stream=True), timeout=60)
+    )
+    assert result.status_code == 200
+    completion = ChatCompletion.model_validate(result.body)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("level", [0, 1])
+async def test_callback_task_is_completed_over_http(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver, level: int
+) -> None:
+    await _ready(worker)
+    task_id = await client.put(
+        _put(
+            queue,
+            ResponseMode.CALLBACK,
+            _chat(max_tokens=3),
+            level=level,
+            callback_url=receiver.url,
+            timeout=60,
+        )
+    )
+    payload = await _callback_answer(receiver, task_id)
+    assert payload["status_code"] == 200
+    assert payload["request_id"] == task_id
+    ChatCompletion.model_validate(payload["body"])
+
+
+async def test_batch_lines_are_answered(worker: Any, client: QueueClient, queue: str) -> None:
+    await _ready(worker)
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": _chat(f"line {i}", max_tokens=2),
+        }
+        for i in range(3)
+    ]
+    lines.append(
+        {
+            "custom_id": "bad",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": []},
+        }
+    )
+    uploaded = await client.upload_file("\n".join(json.dumps(x) for x in lines).encode(), "b.jsonl")
+    batch = await client.create_batch(
+        BatchRequest(input_file_id=uploaded["id"], endpoint="/v1/chat/completions"), queue=queue
+    )
+
+    async def finished() -> Any:
+        current = await client.get_batch(batch.id)
+        return current if current.status == "completed" else None
+
+    done = await wait_for(finished, timeout=60, interval=0.2)
+    assert done.output_file_id
+    output = [json.loads(x) for x in (await client.file_content(done.output_file_id)).splitlines()]
+    by_id = {line["custom_id"]: line["response"] for line in output}
+    assert set(by_id) == {"c0", "c1", "c2", "bad"}
+    for custom_id in ("c0", "c1", "c2"):
+        assert by_id[custom_id]["status_code"] == 200
+        ChatCompletion.model_validate(by_id[custom_id]["body"])
+    assert by_id["bad"]["status_code"] == 400
+    assert by_id["bad"]["body"]["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        ({"model": MODEL, "messages": []}, 400, None),
+        ({"model": MODEL, "messages": "not a list"}, 400, None),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
+            400,
+            None,
+        ),
+        (
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model_not_found",
+        ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400, None),
+    ],
+    ids=["no-messages", "wrong-type", "bad-max-tokens", "unknown-model", "oversized-prompt"],
+)
+async def test_bad_input_is_answered_and_next_task_served(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    data: dict[str, Any],
+    status: int,
+    code: str | None,
+) -> None:
+    await _ready(worker)
+    bad = await client.put_blocking(_put(queue, ResponseMode.BLOCKING, data, timeout=60))
+    assert bad.status_code == status
+    error = bad.body["error"]
+    assert error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if code:
+        assert error["code"] == code
+    good = await client.put_blocking(
+        _put(queue, ResponseMode.BLOCKING, _chat(max_tokens=2), timeout=60)
+    )
+    assert good.status_code == 200
+
+
+async def test_streaming_error_is_sent_as_chunk(
+    worker: Any, client: QueueClient, queue: str
+) -> None:
+    await _ready(worker)
+    events = await _stream_events(
+        client, _put(queue, ResponseMode.STREAMING, {"model": "nope", "messages": []}, timeout=60)
+    )
+    assert len(events) == 1
+    assert json.loads(events[0].data)["error"]["code"] == "model_not_found"
+
+
+async def test_deadline_mid_generation_aborts_and_answers(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> None:
+    await _ready(worker)
+    # 5000 tokens at 200 tokens/s outlive the 2 s lifetime: the worker must abort the
+    # engine request at expire_time, free the slot and answer 408.
+    task_id = await client.put(
+        _put(
+            queue,
+            ResponseMode.CALLBACK,
+            _chat(max_tokens=5000),
+            level=1,
+            callback_url=receiver.url,
+            timeout=2,
+        )
+    )
+
+    async def generating() -> bool:
+        status = await worker.status.remote()
+        return bool(status["pools"][0]["capacity"]["engine_running"] >= 1)
+
+    await wait_for(generating, timeout=30, interval=0.1)
+
+    async def answered_408() -> bool:
+        status = await worker.status.remote()
+        return bool(status["answered"].get("4xx", 0) >= 1 and status["in_flight"] == 0)
+
+    await wait_for(answered_408, timeout=30, interval=0.2)
+
+    async def engine_idle() -> bool:
+        status = await worker.status.remote()
+        cap = status["pools"][0]["capacity"]
+        return bool(cap["engine_running"] == 0 and cap["engine_waiting"] == 0)
+
+    await wait_for(engine_idle, timeout=15, interval=0.2)
+    assert _answers(receiver, task_id) == []  # the server drops late completes of expired tasks
+
+
+async def test_redelivered_duplicate_runs_once(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> None:
+    await _ready(worker)
+    before = (await worker.status.remote())["duplicates"]
+    # ~5 s of generation against process_timeout 3 s: the emulator redelivers the task while
+    # the worker still runs it; the worker must not run it twice.
+    task_id = await client.put(
+        _put(
+            queue,
+            ResponseMode.CALLBACK,
+            _chat(max_tokens=1000),
+            level=1,
+            callback_url=receiver.url,
+            timeout=120,
+        )
+    )
+    payload = await _callback_answer(receiver, task_id)
+    assert payload["status_code"] == 200
+    status = await worker.status.remote()
+    assert status["duplicates"] >= before + 1
+    assert len(_answers(receiver, task_id)) == 1
+
+
+async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -> None:
+    redis = RedisServer().start()
+    emulator = EmulatorServer(
+        EmulatorConfig(redis_url=redis.url, apikeys=(APIKEY,), port=0, profile="restart")
+    ).start()
+    queue = f"rs-{uuid.uuid4().hex[:6]}"
+    try:
+        with _deployed(_app_args(emulator.url, queue), "worker-restart") as handle:
+            await _ready(handle)
+            async with QueueClient(emulator.url, APIKEY) as client:
+                requests = [
+                    _put(queue, ResponseMode.STREAMING, _chat(max_tokens=400), timeout=120)
+                    for _ in range(3)
+                ]
+                streams = [asyncio.create_task(_stream_events(client, r)) for r in requests]
+
+                async def streaming() -> bool:
+                    status = await handle.status.remote()
+                    return bool(status["pools"][0]["capacity"]["engine_running"] >= 3)
+
+                await wait_for(streaming, timeout=30, interval=0.05)
+                await asyncio.to_thread(redis.restart, 1.0)
+                results = await asyncio.wait_for(asyncio.gather(*streams), 120)
+        for events in results:
+            assert events[-1].data == "[DONE]"
+            ids = [int(e.id) for e in events]
+            assert ids == list(range(len(ids)))
+    finally:
+        emulator.stop()
+        redis.close()
