@@ -13,23 +13,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ray_worker.protocol import BatchRequest, PutRequest, ResponseMode
 from ray_worker.queue_client import QueueClient
+from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
-from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
-from ray_worker.testing.redis_server import RedisServer, free_port
+from ray_worker.testing.redis_server import RedisServer
+from ray_worker.testing.serve_run import ServeRun
+from ray_worker.testing.waiting import wait_for
 from ray_worker.tiny_model import DEFAULT_MODEL_DIR, ensure_tiny_model
 
 __all__ = ["main"]
@@ -37,53 +32,10 @@ __all__ = ["main"]
 APIKEY = "demo-key"
 QUEUE = "demo"
 MODEL = "tiny-llama"
-STATUS_URL = "http://127.0.0.1:8000/bella"
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
-
-
-class _CallbackReceiver:
-    """A loopback HTTP server that records the callback POSTs Bella-Queue sends."""
-
-    def __init__(self) -> None:
-        self.received: dict[str, dict[str, Any]] = {}
-        self.arrived = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                with receiver.arrived:
-                    receiver.received[str(body.get("request_id"))] = body
-                    receiver.arrived.notify_all()
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/callback"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def start(self) -> _CallbackReceiver:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    async def wait(self, task_id: str, timeout_s: float) -> dict[str, Any]:
-        def _wait() -> dict[str, Any]:
-            with self.arrived:
-                self.arrived.wait_for(lambda: task_id in self.received, timeout_s)
-                return self.received[task_id]
-
-        return await asyncio.to_thread(_wait)
 
 
 def _chat(prompt: str, max_tokens: int = 32) -> dict[str, Any]:
@@ -150,18 +102,24 @@ async def _bad_request(client: QueueClient) -> None:
     _say(f"[blocking, unknown model] HTTP {result.status_code}: {message}")
 
 
-async def _callback(client: QueueClient, receiver: _CallbackReceiver, level: int) -> None:
+async def _callback(client: QueueClient, receiver: CallbackReceiver, level: int) -> None:
     request = PutRequest(
         endpoint="/v1/chat/completions",
         queue=QUEUE,
         level=level,
         response_mode=ResponseMode.CALLBACK,
-        callback_url=receiver.url,
+        callback_url=receiver.url + "/callback",
         data=_chat(f"Say something for a level-{level} callback."),
         timeout=300,
     )
     task_id = await client.put(request)
-    result = await receiver.wait(task_id, 240)
+
+    def answered() -> list[Any]:
+        return [
+            b for b in receiver.bodies() if isinstance(b, dict) and b.get("request_id") == task_id
+        ]
+
+    result = (await wait_for(answered, timeout=240, interval=0.1))[0]
     _say(
         f"[callback, level {level}] {task_id}: status {result.get('status_code')}: "
         f"{_content(result.get('body'))!r}"
@@ -203,7 +161,7 @@ async def _batch(client: QueueClient) -> None:
 
 
 async def _run_tasks(queue_url: str) -> None:
-    receiver = _CallbackReceiver().start()
+    receiver = CallbackReceiver().start()
     try:
         async with QueueClient(queue_url, APIKEY) as client:
             await asyncio.gather(
@@ -219,43 +177,6 @@ async def _run_tasks(queue_url: str) -> None:
         receiver.stop()
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    started = time.monotonic()
-    last = ""
-    with httpx.Client(timeout=2.0) as http:
-        while time.monotonic() - started < timeout_s:
-            if proc.poll() is not None:
-                raise RuntimeError(f"`serve run` exited with {proc.returncode}; see {log}")
-            state = "starting Ray Serve"
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
-                status = http.get(STATUS_URL).json()
-                pool = status["pools"][0]
-                replicas = pool["capacity"].get("replicas", 0)
-                state = f"worker {status['state']}, pool {pool['state']}, {replicas} replica(s)"
-                if status["state"] == "running" and replicas > 0:
-                    _say(f"      ready after {time.monotonic() - started:.0f} s: {state}")
-                    return
-            if state != last:
-                _say(f"      {time.monotonic() - started:5.0f} s  {state}")
-                last = state
-            time.sleep(1.0)
-    raise RuntimeError(f"the worker was not ready within {timeout_s:.0f} s; see {log}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)  # serve run shuts the app and the Ray it started down
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     parser = argparse.ArgumentParser(prog="ray-worker demo", description=__doc__)
@@ -266,14 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config.exists():
         parser.error(f"{args.config} not found: run the demo from the repository root")
 
-    run_dir = Path(".run")
-    run_dir.mkdir(exist_ok=True)
-    log_path = run_dir / "demo-serve.log"
     _say(f"1/5  tiny model in {args.model_dir}")
     ensure_tiny_model(args.model_dir)
     redis = RedisServer()
     emulator: EmulatorServer | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    worker: ServeRun | None = None
     try:
         redis.start()
         _say(f"2/5  redis-server on {redis.url}")
@@ -281,24 +199,17 @@ def main(argv: list[str] | None = None) -> int:
             EmulatorConfig(redis_url=redis.url, apikeys=(APIKEY,), port=0, profile="demo")
         ).start()
         _say(f"3/5  Bella-Queue emulator on {emulator.url}")
-        env = {
-            **DEFAULT_RAY_ENV,
-            **os.environ,
-            "BELLA_QUEUE_URL": emulator.url,
-            "BELLA_QUEUE_APIKEY": APIKEY,
-            "BELLA_QUEUE_QUEUES": f"{QUEUE}:0,{QUEUE}:1",
-        }
-        serve = Path(sys.executable).with_name("serve")
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [str(serve), "run", str(args.config)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        _say(f"4/5  serve run {args.config} (log: {log_path}); waiting for the worker")
-        _wait_ready(proc, log_path, args.ready_timeout_s)
+        worker = ServeRun(
+            args.config,
+            env={
+                "BELLA_QUEUE_URL": emulator.url,
+                "BELLA_QUEUE_APIKEY": APIKEY,
+                "BELLA_QUEUE_QUEUES": f"{QUEUE}:0,{QUEUE}:1",
+            },
+            log_path=".run/demo-serve.log",
+        ).start()
+        _say(f"4/5  serve run {args.config} (log: {worker.log_path}); waiting for the worker")
+        worker.wait_ready(args.ready_timeout_s, progress=lambda line: _say("      " + line))
         _say("5/5  putting tasks of every mode\n")
         asyncio.run(_run_tasks(emulator.url))
         _say("\nall tasks answered; shutting down")
@@ -308,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         _say(f"\ndemo failed: {err}")
+        if worker is not None:
+            _say(worker.log_tail(30))
         return 1
     finally:
-        if proc is not None:
-            _stop(proc)
+        if worker is not None:
+            worker.stop()
         if emulator is not None:
             emulator.stop()
         redis.close()
