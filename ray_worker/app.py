@@ -49,7 +49,8 @@ _STATUS_GAUGE_PERIOD_S = 1.0
     health_check_period_s=5,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=90,
-    ray_actor_options={"num_cpus": 0.5},
+    # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
+    ray_actor_options={"num_cpus": 0},
 )
 class QueuePoller:
     """Takes tasks, runs them on the LLM deployments and answers them. One replica only."""

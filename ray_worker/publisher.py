@@ -837,7 +837,8 @@ class PublisherClient:
     max_ongoing_requests=1000,
     health_check_period_s=10,
     graceful_shutdown_timeout_s=30,
-    ray_actor_options={"num_cpus": 0.5},
+    # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
+    ray_actor_options={"num_cpus": 0},
 )
 class RedisPublisher:
     """Serve wrapper of one ``EventPublisher``. Keep ``num_replicas=1`` (per-task order).
