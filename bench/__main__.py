@@ -1,0 +1,39 @@
+"""``python -m bench [--quick]``: the publisher benchmark, then the worker benchmark.
+
+Each prints its JSON object; the publisher's goes to ``bench/results/publisher.json`` and the
+worker's to ``bench/results/worker.json``. ``--quick`` is passed on to the worker benchmark
+(it then skips the tiny-model part). This module only sequences the two; it measures nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import bench_worker
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    # A child process: bench_publisher prints rather than returns, and runs its own loop.
+    publisher = subprocess.run(
+        [sys.executable, "-m", "bench.bench_publisher"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    sys.stderr.write(publisher.stderr)
+    if publisher.returncode != 0:
+        return publisher.returncode
+    (results / "publisher.json").write_text(publisher.stdout)
+    print(publisher.stdout, flush=True)
+    bench_worker.main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
