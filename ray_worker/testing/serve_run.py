@@ -63,7 +63,7 @@ class ServeRun:
     def status(self) -> dict[str, Any] | None:
         """The poller's status, or None while it does not answer."""
         with contextlib.suppress(httpx.HTTPError, ValueError):
-            response = httpx.get(self.status_url, timeout=2.0)
+            response = httpx.get(self.status_url, timeout=10.0)
             if response.is_success:
                 body = response.json()
                 return body if isinstance(body, dict) else None
@@ -80,7 +80,7 @@ class ServeRun:
                 code = None if self.proc is None else self.proc.returncode
                 raise RuntimeError(f"`serve run` exited with {code}; see {self.log_path}")
             status = self.status()
-            state = "starting Ray Serve"
+            state = last or "starting Ray Serve"
             if status is not None:
                 pools = status.get("pools") or []
                 replicas = [p.get("capacity", {}).get("replicas", 0) for p in pools]
