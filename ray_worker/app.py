@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ray_worker.autoscaling import POLICY_PATH
 from ray_worker.capacity import CapacityTracker
 from ray_worker.config import EnvSettings, WorkerAppArgs
 from ray_worker.dispatcher import Dispatcher
@@ -163,9 +165,15 @@ class QueuePoller:
 
     # -- methods called through handles and HTTP -----------------------------------------
 
-    async def report_load(self, load: dict[str, Any]) -> None:
-        """An LLM replica's load report (pushed every ``load_report_interval_s``)."""
+    async def report_load(self, load: dict[str, Any]) -> dict[str, Any]:
+        """An LLM replica's load report (pushed every ``load_report_interval_s``).
+
+        The answer carries the backlog of the replica's model, which the replica reports to
+        the autoscaling policy (``ray_worker.autoscaling``).
+        """
         self.capacity.report(load)
+        model_id = str(load.get("model_id", ""))
+        return {"backlog": self.poller.backlog(model_id) if model_id else 0}
 
     async def status(self) -> dict[str, Any]:
         """The worker's state: per pool take state and capacity."""
@@ -217,10 +225,12 @@ def build_app(args: dict[str, Any]) -> Application:
 
     app_args = WorkerAppArgs.model_validate(args).resolved()
     apikey = EnvSettings().require_apikey()
+    configs = [
+        with_backlog_autoscaling(c, app_args.capacity.target_ratio) for c in app_args.llm_configs
+    ]
     if app_args.engine == "vllm":
-        app_args = app_args.model_copy(
-            update={"llm_configs": [_local_model_source(c) for c in app_args.llm_configs]}
-        )
+        configs = [_local_model_source(c) for c in configs]
+    app_args = app_args.model_copy(update={"llm_configs": configs})
     llm_apps = {
         model_id: build_llm_deployment(
             cfg,
@@ -265,3 +275,32 @@ def _local_model_source(llm_config: dict[str, Any]) -> dict[str, Any]:
             )
     loading["model_source"] = str(path)
     return {**llm_config, "model_loading_config": loading}
+
+
+def with_backlog_autoscaling(llm_config: dict[str, Any], target_ratio: float) -> dict[str, Any]:
+    """Default an autoscaled LLM deployment to the backlog policy and the worker's target.
+
+    Only where the operator chose neither: an explicit ``policy`` or
+    ``target_ongoing_requests`` in ``autoscaling_config`` is kept as written.
+    """
+    deployment = dict(llm_config.get("deployment_config") or {})
+    autoscaling = deployment.get("autoscaling_config")
+    if not isinstance(autoscaling, dict):
+        return llm_config
+    autoscaling = dict(autoscaling)
+    autoscaling.setdefault("policy", {"policy_function": POLICY_PATH})
+    if "target_ongoing_requests" not in autoscaling:
+        autoscaling["target_ongoing_requests"] = max(
+            1, math.ceil(_max_num_seqs(llm_config) * target_ratio)
+        )
+    deployment["autoscaling_config"] = autoscaling
+    return {**llm_config, "deployment_config": deployment}
+
+
+def _max_num_seqs(llm_config: dict[str, Any]) -> int:
+    experimental = llm_config.get("experimental_configs") or {}
+    sim = experimental.get("bella_sim_engine") if isinstance(experimental, dict) else None
+    if isinstance(sim, dict) and "max_num_seqs" in sim:
+        return int(sim["max_num_seqs"])
+    engine_kwargs = llm_config.get("engine_kwargs") or {}
+    return int(engine_kwargs.get("max_num_seqs", 256))  # vLLM's default

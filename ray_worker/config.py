@@ -114,6 +114,11 @@ class PollerConfig(_Frozen):
         default=10.0, gt=0, description="Longest wait after repeated take failures."
     )
     take_timeout_s: float = Field(default=10.0, gt=0, description="HTTP timeout of one take.")
+    stats_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="While at capacity after full takes, how often queue stats are read.",
+    )
     drain_timeout_s: float = Field(
         default=30.0,
         ge=0,
@@ -294,6 +299,18 @@ class WorkerAppArgs(_Frozen):
             if queue.model is None and len(models) > 1:
                 raise ConfigError(f"queue {queue.name} must name its model: several are served")
         return args
+
+    def scale_to_zero_models(self) -> list[str]:
+        """Models whose deployment may scale to zero (``autoscaling_config.min_replicas: 0``)."""
+        out = []
+        for model_id, cfg in zip(self.model_ids(), self.llm_configs, strict=True):
+            deployment = cfg.get("deployment_config") or {}
+            autoscaling = (
+                deployment.get("autoscaling_config") if isinstance(deployment, dict) else None
+            )
+            if isinstance(autoscaling, dict) and autoscaling.get("min_replicas", 1) == 0:
+                out.append(model_id)
+        return out
 
     def queue_model(self, queue: QueueSpec) -> str:
         """The deployment a queue draws on: its own model, or the only one served."""

@@ -342,6 +342,16 @@ class _TaskServingMixin:
                 await reporter.stop()
         await super().__del__()  # type: ignore[misc]
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve custom autoscaling metrics: the backlog the poller sees for this model.
+
+        Read by ``ray_worker.autoscaling.backlog_policy``; 0 until the poller answers a report.
+        """
+        from ray_worker.autoscaling import BACKLOG_METRIC
+
+        reporter = getattr(self, "_load_reporter", None)
+        return {BACKLOG_METRIC: float(reporter.backlog) if reporter is not None else 0.0}
+
     # -- entry points -----------------------------------------------------------------------
 
     async def run_task(

@@ -63,6 +63,13 @@ class Pool:
     backoff_s: float = 0.0
     last_error: str | None = None
     errors_in_a_row: int = 0
+    probe_at_zero: bool = False
+    """Take one task while no replica runs, so the deployment can scale up from zero."""
+    saturated: bool = False
+    """The last non-empty take came back full: the queue likely holds more."""
+    backlog: int = 0
+    """Estimated tasks waiting in Bella-Queue that current replicas cannot absorb."""
+    stats_checked_at: float = 0.0
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -82,6 +89,7 @@ class Pool:
             "last_take_count": self.last_take_count,
             "backoff_s": round(self.backoff_s, 4),
             "last_error": self.last_error,
+            "backlog": self.backlog,
         }
 
 
@@ -178,6 +186,7 @@ class Poller:
         while not self._stop.is_set():
             request = self._next_request(pool)
             if request is None:
+                await self._estimate_backlog(pool)
                 await self.capacity.wait_changed(1.0)
                 continue
             started = time.monotonic()
@@ -215,6 +224,8 @@ class Poller:
             if not tasks:
                 pool.empty_takes += 1
                 pool.state = "idle"
+                pool.saturated = False
+                pool.backlog = 0
                 pool.backoff_s = idle * random.uniform(0.5, 1.0)
                 await self._sleep(pool.backoff_s)
                 idle = min(idle * 2, cfg.idle_backoff_max_s)
@@ -223,8 +234,11 @@ class Poller:
             pool.backoff_s = 0.0
             pool.state = "taking"
             pool.tasks_taken += len(tasks)
-            if len(tasks) >= request.size:
+            pool.saturated = len(tasks) >= request.size
+            if pool.saturated:
                 pool.full_takes += 1
+            else:
+                pool.backlog = 0  # the queue gave less than asked: nothing left waiting
             for task in tasks:
                 level = Level(task.level)
                 self.metrics.inc("tasks_taken", queue=task.full_queue)
@@ -241,6 +255,13 @@ class Poller:
             queues, size = pool.online + pool.offline, remaining_offline
         elif pool.online and remaining_online > 0:
             queues, size = pool.online, remaining_online
+        elif (
+            pool.probe_at_zero
+            and self.capacity.replicas(pool.model_id) == 0
+            and self.capacity.model(pool.model_id).total_in_flight == 0
+        ):
+            # Scaled to zero: one task, dispatched, waits at the handle and wakes the deployment.
+            queues, size = pool.online + pool.offline, 1
         else:
             replicas = self.capacity.replicas(pool.model_id)
             pool.state = "waiting for replicas" if replicas == 0 else "at capacity"
@@ -257,6 +278,44 @@ class Poller:
             process_max_retries=cfg.process_max_retries if with_offline else 0,
             min_age_seconds=cfg.min_age_seconds,
         )
+
+    def backlog(self, model_id: str) -> int:
+        """The backlog estimate of a model's pool (reported to its autoscaling policy)."""
+        return sum(p.backlog for p in self.pools if p.model_id == model_id)
+
+    async def _estimate_backlog(self, pool: Pool) -> None:
+        """While at capacity after full takes, estimate what still waits in the queues.
+
+        Uses the queues' stats endpoint when the server reports ``pending`` (the emulator
+        does); otherwise assumes one more replica's worth, which scales up one step at a time
+        while takes keep coming back full.
+        """
+        if not pool.saturated:
+            pool.backlog = 0
+            return
+        now = time.monotonic()
+        if now - pool.stats_checked_at < self.config.stats_interval_s:
+            return
+        pool.stats_checked_at = now
+        replicas = max(1, self.capacity.replicas(pool.model_id))
+        fallback = max(1, self.capacity.target(pool.model_id) // replicas)
+        stats = getattr(self.taker, "stats", None)
+        if stats is None:
+            pool.backlog = fallback
+            return
+        pending = 0
+        known = False
+        for queue in pool.online + pool.offline:
+            try:
+                body = await stats(queue)
+            except WorkerError:
+                continue
+            if isinstance(body, dict) and isinstance(body.get("pending"), int):
+                pending += body["pending"]
+                known = True
+        pool.backlog = pending if known else fallback
+        if pool.backlog == 0:
+            pool.saturated = False
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

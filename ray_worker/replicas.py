@@ -124,6 +124,8 @@ class LoadReporter:
         self._task: asyncio.Task[None] | None = None
         self.reports_sent = 0
         self.last_error: str | None = None
+        self.backlog = 0.0
+        """The backlog of this replica's model, as the poller last answered."""
 
     def start(self) -> None:
         """Start reporting from the running event loop (idempotent)."""
@@ -150,7 +152,9 @@ class LoadReporter:
                         self._deployment_name, app_name, _record_telemetry=False
                     )
                 load = await self._get_load()
-                await handle.report_load.remote(load)
+                answer = await handle.report_load.remote(dict(load))
+                if isinstance(answer, dict):
+                    self.backlog = float(answer.get("backlog", 0) or 0)
                 self.reports_sent += 1
                 self.last_error = None
             except asyncio.CancelledError:

@@ -431,6 +431,7 @@ async def test_status_shape(make: Any) -> None:
         "last_take_count",
         "backoff_s",
         "last_error",
+        "backlog",
         "capacity",
     }
     assert pool["model"] == "m"
