@@ -42,7 +42,8 @@ from urllib.parse import parse_qs
 import httpx
 import uvicorn
 from pydantic import ValidationError
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -102,8 +103,8 @@ class EmulatorConfig:
     profile: str = "local"
     """The Spring profile in the event-bus topic ``redis-mesh:private-stream:<profile>:``."""
     host: str = "127.0.0.1"
-    port: int = 8080
-    """0 picks a free port (EmulatorServer and the CLI bind it themselves)."""
+    port: int = 0
+    """0 picks a free port when EmulatorServer binds; ``create_app`` needs the real port."""
     instance_id: str | None = None
     """The ``instance_id`` of online tasks and the event stream suffix; ``"<host>:<port>"``."""
     data_dir: Path | None = None
@@ -180,6 +181,9 @@ def _guarded(handler: Handler) -> Handler:
                 trace = "".join(traceback.format_exception(exc))
                 return _error(500, exc.message, trace)
             return _error(exc.status, exc.message)
+        except RedisError as exc:
+            logger.warning("%s %s failed: Redis: %s", request.method, request.url.path, exc)
+            return _error(500, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         except Exception as exc:
             logger.exception("%s %s failed", request.method, request.url.path)
             return _error(500, f"{type(exc).__name__}: {exc}", traceback.format_exc())
@@ -350,13 +354,16 @@ class _Emulator:
     # ---------------------------------------------------------------- lifecycle
 
     async def startup(self) -> None:
-        self._redis = Redis.from_url(
+        # A blocking pool: a burst of requests waits for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(
             self.config.redis_url,
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=10,
-            retry_on_timeout=False,
+            max_connections=32,
+            timeout=10,
         )
+        self._redis = Redis(connection_pool=pool)
         self._store = QueueStore(
             self._redis,
             instance_id=self.instance_id,
@@ -752,7 +759,9 @@ def create_app(config: EmulatorConfig) -> Starlette:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto
+    # says TCP, and without it every keep-alive response waits ~40 ms on delayed ACKs.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

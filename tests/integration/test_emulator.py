@@ -932,6 +932,33 @@ async def test_batch_cancel_drops_tasks_and_output(client: httpx.AsyncClient, qu
     assert (await client.get("/v1/batches/BATCH-0-1-x")).status_code == 404
 
 
+async def test_batch_expiry_finalizes_with_partial_output(
+    client: httpx.AsyncClient, queue: str, redis: Redis
+) -> None:
+    lines = [{"custom_id": str(i), "body": {"model": "m"}} for i in range(2)]
+    file_id = await upload(client, batch_input(lines))
+    batch = (
+        await client.post(
+            "/v1/batches",
+            json={"input_file_id": file_id, "endpoint": CHAT, "completion_window": "1h"},
+            headers={"X-BELLA-QUEUE-NAME": queue},
+        )
+    ).json()
+    task_id = ids(await take(client, [f"{queue}:1"], size=1))[0]
+    await complete(client, task_id, {"status_code": 200, "request_id": task_id})
+    # Pretend the completion window has passed; the emulator's timer finalizes the batch.
+    await redis.zadd("bella-emu:batch-expiry", {batch["id"]: 0})
+
+    async def expired() -> dict[str, Any] | None:
+        current: dict[str, Any] = (await client.get(f"/v1/batches/{batch['id']}")).json()
+        return current if current["status"] == "expired" else None
+
+    final = await wait_for(expired, timeout=10)
+    assert final["expired_at"] >= final["created_at"]
+    output = (await client.get(f"/v1/files/{final['output_file_id']}/content")).text
+    assert [json.loads(line)["id"] for line in output.splitlines()] == [task_id]
+
+
 # ------------------------------------------------------------------ robustness
 
 
