@@ -53,6 +53,8 @@ _STATUS_GAUGE_PERIOD_S = 1.0
     graceful_shutdown_timeout_s=90,
     # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
     ray_actor_options={"num_cpus": 0},
+    # Replicas report load every 0.5 s and publishes are per batch: no access log per call.
+    logging_config={"enable_access_log": False},
 )
 class QueuePoller:
     """Takes tasks, runs them on the LLM deployments and answers them. One replica only."""
