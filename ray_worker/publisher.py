@@ -64,6 +64,9 @@ Three layers:
     are buffered, so two replicas could reorder one task's consecutive batches. Its Redis
     URL and topic come from the constructor (what the app builder uses); ``configure(url,
     topic)`` may set or replace them later (an existing publisher is drained first).
+
+``ping(url)`` (one-shot check)
+    One PING with its own short-lived connection, for ``ray-worker check``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ __all__ = [
     "PublisherStats",
     "RedisPublisher",
     "SendFn",
+    "ping",
 ]
 
 Entry = tuple[str, Mapping[str, str]]
@@ -839,6 +843,8 @@ class PublisherClient:
     graceful_shutdown_timeout_s=30,
     # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
     ray_actor_options={"num_cpus": 0},
+    # Replicas report load every 0.5 s and publishes are per batch: no access log per call.
+    logging_config={"enable_access_log": False},
 )
 class RedisPublisher:
     """Serve wrapper of one ``EventPublisher``. Keep ``num_replicas=1`` (per-task order).
@@ -907,3 +913,32 @@ class RedisPublisher:
         if self._publisher is None:
             raise EventBusUnavailableError("event-bus publisher is not configured yet")
         return self._publisher
+
+
+async def ping(url: str, timeout_s: float = 5.0) -> None:
+    """PING the Redis at ``url`` once (a reachability check, e.g. ``ray-worker check``).
+
+    Raises ``EventBusUnavailableError`` when the URL is malformed, Redis cannot be reached,
+    refuses the password, or does not answer within ``timeout_s``. Messages show the URL
+    with its password hidden (``protocol.redact_url``).
+    """
+    shown = redact_url(url)
+    try:
+        client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            client_name="bella-ray-worker-check",
+            protocol=2,
+        )
+    except ValueError as exc:
+        raise EventBusUnavailableError(f"invalid event-bus URL {shown}: {exc}") from None
+    try:
+        await client.ping()
+    except (*_FAILURES, TimeoutError) as exc:
+        raise EventBusUnavailableError(
+            f"event-bus Redis at {shown} did not answer PING: {_describe(exc)}"
+        ) from None
+    finally:
+        await client.aclose()

@@ -1,0 +1,355 @@
+"""``ray-worker``: check, register and status against the real emulator, Redis and HTTP.
+
+``main([...])`` runs in-process (in a helper thread, so its ``asyncio.run`` never touches the
+session's event loop) and its output is captured with ``capsys``. Each test sets the
+``BELLA_*`` environment itself, so the config's own values are overridden as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ray_worker.cli import format_status, main
+from ray_worker.testing.emulator import EmulatorServer
+from ray_worker.testing.redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "local.yaml"
+APIKEY = "test-key"  # the emulator fixture's key (tests/conftest.py)
+
+SAMPLE_STATUS: dict[str, Any] = {
+    "state": "running",
+    "startup_error": None,
+    "queues": ["demo:0", "demo:1"],
+    "strategy": "active_passive",
+    "in_flight": 4,
+    "pools": [
+        {
+            "model": "tiny-llama",
+            "queues": ["demo:0", "demo:1"],
+            "state": "failing",
+            "takes": 12,
+            "tasks_taken": 30,
+            "full_takes": 1,
+            "empty_takes": 5,
+            "failed_takes": 2,
+            "last_take_age_s": 0.012,
+            "last_take_size": 16,
+            "last_take_count": 0,
+            "backoff_s": 0.4,
+            "last_error": "QueueUnavailableError: HTTP 502 from POST /v1/queue/take",
+            "capacity": {
+                "replicas": 2,
+                "target": 20,
+                "max_num_seqs": 16,
+                "in_flight_online": 3,
+                "in_flight_offline": 1,
+                "remaining_online": 16,
+                "remaining_offline": 14,
+            },
+        }
+    ],
+    "answered": {"2xx": 25, "4xx": 1, "5xx": 0},
+    "duplicates": 0,
+    "complete_retries": 2,
+}
+
+
+def run_cli(argv: list[str]) -> int:
+    """``main(argv)`` in a fresh thread (its own event loop); returns the exit status."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(main, argv).result(timeout=60)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, emulator: EmulatorServer, unique_queue: str) -> str:
+    """The environment of a worker pointed at the emulator, taking ``unique_queue``."""
+    for name in ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("BELLA_EVENTBUS_URL", raising=False)
+    monkeypatch.setenv("BELLA_QUEUE_URL", emulator.url)
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", APIKEY)
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", f"{unique_queue}:0,{unique_queue}:1")
+    return unique_queue
+
+
+def lines_of(text: str) -> dict[str, str]:
+    """``{check name: its whole line}`` of a check/register report."""
+    out = {}
+    for line in text.splitlines():
+        outcome, _, rest = line.partition(" ")
+        if outcome in ("ok", "FAIL", "skip"):
+            name = rest.strip().split("  ")[0]
+            out[name] = line
+    return out
+
+
+# ---------------------------------------------------------------------------------- check
+
+
+def test_check_passes_for_registered_queue(
+    env: str, capsys: pytest.CaptureFixture[str], redis_server: RedisServer
+) -> None:
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    capsys.readouterr()
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 0
+
+    out = capsys.readouterr().out
+    lines = lines_of(out)
+    assert set(lines) == {"config", "api key", "bella-queue", f"queue {env}", "event bus"}
+    assert all(line.startswith("ok ") for line in lines.values()), out
+    assert f"{env}:0, {env}:1" in lines[f"queue {env}"]
+    assert "/v1/chat/completions" in lines[f"queue {env}"]
+    assert "reported by GET /v1/queue/eventbus" in lines["event bus"]
+    assert "all 5 checks passed" in out
+    assert APIKEY not in out
+
+
+def test_check_wrong_key(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", "wrong-s3cr3t-key")
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    captured = capsys.readouterr()
+    lines = lines_of(captured.out)
+    assert lines["bella-queue"].startswith("FAIL")
+    assert "401: check BELLA_QUEUE_APIKEY" in lines["bella-queue"]
+    assert lines[f"queue {env}"].startswith("skip")
+    assert "wrong-s3cr3t-key" not in captured.out + captured.err
+
+
+def test_check_unreachable_queue_url(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("BELLA_QUEUE_URL", dead)
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    out = capsys.readouterr().out
+    lines = lines_of(out)
+    assert lines["bella-queue"].startswith("FAIL")
+    assert "unreachable" in lines["bella-queue"]
+    assert dead in lines["bella-queue"]
+    assert lines["event bus"].startswith("skip")
+    assert "failed" in out.splitlines()[-1]
+
+
+def test_check_unregistered_queue(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    lines = lines_of(capsys.readouterr().out)
+    assert lines["bella-queue"].startswith("ok")
+    assert lines[f"queue {env}"].startswith("FAIL")
+    assert "not registered" in lines[f"queue {env}"]
+    assert "ray-worker register" in lines[f"queue {env}"]
+    assert lines["event bus"].startswith("ok")
+
+
+def test_check_unreachable_redis_hides_password(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", f"redis://:hunter2pw@127.0.0.1:{free_port()}/0")
+    capsys.readouterr()
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    captured = capsys.readouterr()
+    lines = lines_of(captured.out)
+    assert lines[f"queue {env}"].startswith("ok")
+    assert lines["event bus"].startswith("FAIL")
+    assert "BELLA_EVENTBUS_URL" in lines["event bus"]
+    assert "***" in lines["event bus"]
+    assert "hunter2pw" not in captured.out + captured.err
+
+
+def test_check_eventbus_override_reachable(
+    env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_server: RedisServer,
+) -> None:
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", redis_server.url)
+    capsys.readouterr()
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 0
+
+    assert "(BELLA_EVENTBUS_URL)" in lines_of(capsys.readouterr().out)["event bus"]
+
+
+def test_check_missing_key_and_bad_config(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.delenv("BELLA_QUEUE_APIKEY")
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+    lines = lines_of(capsys.readouterr().out)
+    assert lines["api key"].startswith("FAIL")
+    assert "BELLA_QUEUE_APIKEY" in lines["api key"]
+
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", APIKEY)
+    missing = tmp_path / "nope.yaml"
+    assert run_cli(["check", "--config", str(missing)]) == 1
+    assert lines_of(capsys.readouterr().out)["config"].startswith("FAIL")
+
+
+# ------------------------------------------------------------------------------- register
+
+
+def test_register_then_again(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    first = lines_of(capsys.readouterr().out)[f"queue {env}"]
+    assert first.startswith("ok")
+    assert "registered, endpoint /v1/chat/completions" in first
+
+    args = ["register", "--config", str(CONFIG), "--endpoint", "/v1/embeddings"]
+    assert run_cli(args) == 0
+    again = lines_of(capsys.readouterr().out)[f"queue {env}"]
+    assert again.startswith("ok")
+    assert "already registered, endpoint /v1/chat/completions" in again
+    assert "not /v1/embeddings" in again
+
+
+def test_register_bad_key_fails(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", "nope-key")
+    assert run_cli(["register", "--config", str(CONFIG)]) == 1
+    line = lines_of(capsys.readouterr().out)[f"queue {env}"]
+    assert line.startswith("FAIL")
+    assert "401: check BELLA_QUEUE_APIKEY" in line
+
+
+# --------------------------------------------------------------------------------- status
+
+
+class _StatusHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/bella":
+            body = json.dumps(SAMPLE_STATUS).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+        else:
+            body = b"not found"
+            self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server() -> Iterator[str]:
+    """A stub of the worker's status endpoint; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StatusHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_format_status_summary() -> None:
+    text = format_status(SAMPLE_STATUS)
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[0].split() == [
+        "worker",
+        "running",
+        "strategy",
+        "active_passive",
+        "in",
+        "flight",
+        "4",
+    ]
+    assert "pool tiny-llama (demo:0, demo:1)" in lines
+    assert "state        failing" in lines
+    assert "replicas     2" in lines
+    assert "in flight    3 online, 1 offline" in lines
+    assert "remaining    16 online, 14 offline" in lines
+    assert "target       20" in lines
+    assert "last take    0.012 s ago (asked 16, got 0)" in lines
+    assert "backoff      0.4 s" in lines
+    assert "last error   QueueUnavailableError: HTTP 502 from POST /v1/queue/take" in lines
+    assert any(line.startswith("answered   2xx 25, 4xx 1, 5xx 0") for line in lines)
+
+
+def test_format_status_tolerates_a_starting_worker() -> None:
+    text = format_status(
+        {"state": "waiting for Bella-Queue", "startup_error": "GET /v1/queue/eventbus failed"}
+    )
+    assert "waiting for Bella-Queue" in text
+    assert "start-up   GET /v1/queue/eventbus failed" in text
+    assert "no pools yet" in text
+
+    never = {**SAMPLE_STATUS["pools"][0], "last_take_age_s": None, "capacity": {}}
+    text = format_status({"state": "running", "pools": [never]})
+    assert "last take    never" in text
+    assert "replicas     -" in text
+
+
+def test_status_over_http(status_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["status", "--url", f"{status_server}/bella"]) == 0
+    assert capsys.readouterr().out.strip() == format_status(SAMPLE_STATUS)
+
+    assert run_cli(["status", "--url", f"{status_server}/bella", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == SAMPLE_STATUS
+
+
+def test_status_errors(status_server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["status", "--url", f"{status_server}/other"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+
+    assert run_cli(["status", "--url", f"http://127.0.0.1:{free_port()}/bella"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- plumbing, help
+
+
+def test_delegates_hand_over_their_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["emulator", "--help"])
+    assert exit_info.value.code == 0
+    assert "--redis-url" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny-model", "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "check" in capsys.readouterr().out
+
+
+def test_console_script_help() -> None:
+    script = Path(sys.executable).parent / "ray-worker"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ray_worker.cli"]
+    proc = subprocess.run(
+        [*command, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("check", "register", "status", "emulator", "demo", "tiny-model"):
+        assert name in proc.stdout
