@@ -392,6 +392,7 @@ async def direct_vllm(model_dir: str, n: int, max_tokens: int) -> dict[str, Any]
         "seconds": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1),
         "ttft_ms": summary_ms([r[0] for r in results]),
+        "first_token_to_last_ms": summary_ms([r[1] - r[0] for r in results]),
     }
 
 
@@ -478,6 +479,11 @@ async def through_worker(
         "content_chunks_per_s": round(chunks / elapsed, 1),
         "ttft_ms": summary_ms(ttft) if ttft else None,
         "ttft_first_sse_ms": summary_ms([t.first_s or 0.0 for t in timings]),
+        "put_to_last_sse_ms": summary_ms([t.end_s for t in timings]),
+        # Small next to the direct run's decode time means chunks reached the client in a burst.
+        "first_content_to_last_sse_ms": summary_ms(
+            [t.end_s - (t.first_content_s or 0.0) for t in timings]
+        ),
     }
 
 
