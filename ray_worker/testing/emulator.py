@@ -821,6 +821,8 @@ class EmulatorServer:
         sock = _bind(self._requested.host, self._requested.port)
         port = int(sock.getsockname()[1])
         self.config = replace(self._requested, port=port)
+        # A later start (see restart) comes back on the same port and instance id.
+        self._requested = self.config
         uv_config = uvicorn.Config(
             create_app(self.config),
             log_level=self.log_level,
@@ -874,6 +876,17 @@ class EmulatorServer:
             thread.join(timeout_s)
         self._server = None
         self._thread = None
+
+    def restart(self, down_s: float = 0.0) -> EmulatorServer:
+        """Stop, stay down ``down_s`` seconds, start again on the same port.
+
+        Queue state lives in Redis and survives; waiting online puts do not (as with a real
+        server restart).
+        """
+        self.stop()
+        if down_s > 0:
+            time.sleep(down_s)
+        return self.start()
 
     def __enter__(self) -> EmulatorServer:
         return self.start()

@@ -1021,3 +1021,20 @@ async def test_event_reader_survives_a_redis_restart(unique_queue: str) -> None:
                     await r.aclose()
                 resp = await pending
                 assert (resp.status_code, resp.json()) == (200, {"after": "restart"})
+
+
+async def test_restart_keeps_port_and_queue_state(
+    redis_server: RedisServer, unique_queue: str
+) -> None:
+    from ray_worker.testing.emulator import EmulatorConfig
+
+    with EmulatorServer(EmulatorConfig(redis_url=redis_server.url)) as emu:
+        url, instance_id = emu.url, emu.instance_id
+        headers = {"Authorization": f"Bearer {emu.apikey}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers) as http:
+            queue = await register(http, unique_queue)
+            task_id = await put(http, queue)
+        await asyncio.to_thread(emu.restart)
+        assert (emu.url, emu.instance_id) == (url, instance_id)
+        async with httpx.AsyncClient(base_url=url, headers=headers) as http:
+            assert ids(await take(http, [f"{queue}:1"])) == [task_id]
