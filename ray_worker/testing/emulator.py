@@ -58,7 +58,6 @@ from ray_worker.protocol import (
     PutRequest,
     ResponseMode,
     TakeStrategy,
-    TaskResult,
     dumps,
     now_ms,
     parse_full_queue_name,
@@ -306,6 +305,16 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | No
 # --------------------------------------------------------------------------------------
 
 
+def _result_status(result: Mapping[str, Any]) -> int:
+    """``MapUtils.getInteger(result, "status_code", 200)``: an int or numeric string (§4.4)."""
+    raw = result.get("status_code")
+    status = 200
+    if isinstance(raw, int | str) and not isinstance(raw, bool):
+        with contextlib.suppress(ValueError):
+            status = int(raw)
+    return status if 100 <= status <= 599 else 200
+
+
 async def _next_completion(waiter: asyncio.Queue[StreamEvent]) -> CompletionEvent:
     """Skip progress events (a blocking put ignores them) until the completion."""
     while True:
@@ -536,8 +545,7 @@ class _Emulator:
         finally:
             self.events.unregister(task_id)
         await self._count_completion(full_queue)
-        result = TaskResult.model_validate(event.result)
-        status = result.status if 100 <= result.status <= 599 else 200
+        status = _result_status(event.result)
         body = event.result.get("body")
         return _json({} if body is None else body, status)
 

@@ -8,7 +8,12 @@ import re
 import pytest
 
 from ray_worker.protocol import TASK_ID_RE, Level, ResponseMode, make_task_id, sse_data
-from ray_worker.testing.emulator import EmulatorConfig, _parse_multipart, format_sse
+from ray_worker.testing.emulator import (
+    EmulatorConfig,
+    _parse_multipart,
+    _result_status,
+    format_sse,
+)
 from ray_worker.testing.emulator_batches import parse_completion_window
 from ray_worker.testing.emulator_store import ApiError, parse_task_id
 from ray_worker.testing.waiting import wait_for, wait_for_sync
@@ -129,3 +134,21 @@ def test_wait_for_sync() -> None:
     assert wait_for_sync(lambda: next(values), timeout=5, interval=0) == "done"
     with pytest.raises(TimeoutError):
         wait_for_sync(lambda: False, timeout=0.05)
+
+
+@pytest.mark.parametrize(
+    ("result", "status"),
+    [
+        ({}, 200),
+        ({"status_code": 201}, 201),
+        ({"status_code": "408"}, 408),
+        ({"status_code": "abc"}, 200),
+        ({"status_code": [500]}, 200),
+        ({"status_code": True}, 200),
+        ({"status_code": 1000}, 200),
+    ],
+)
+def test_blocking_status_is_read_like_map_utils_get_integer(
+    result: dict[str, object], status: int
+) -> None:
+    assert _result_status(result) == status
