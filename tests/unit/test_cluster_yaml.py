@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -99,7 +98,8 @@ def test_validation_is_real(cluster: dict[str, Any]) -> None:
     """A typo in a node type is rejected: the schema forbids unknown keys there."""
     broken = copy.deepcopy(cluster)
     broken["available_node_types"]["gpu_h100"]["min_worker"] = 1
-    with pytest.raises(jsonschema.ValidationError):
+    # jsonschema.ValidationError (jsonschema ships no type stubs, so it is not named here).
+    with pytest.raises(Exception, match="'min_worker' was unexpected"):
         validate_config(prepare_config(broken))
 
     no_head = copy.deepcopy(cluster)
