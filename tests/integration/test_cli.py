@@ -353,3 +353,15 @@ def test_console_script_help() -> None:
     assert proc.returncode == 0, proc.stderr
     for name in ("check", "register", "status", "emulator", "demo", "tiny-model"):
         assert name in proc.stdout
+
+
+def test_check_malformed_eventbus_url(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", "http://127.0.0.1:6379/0")
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    line = lines_of(capsys.readouterr().out)["event bus"]
+    assert line.startswith("FAIL")
+    assert "invalid event-bus URL" in line
