@@ -152,6 +152,9 @@ def _queue_error(err: WorkerError, base_url: str) -> str:
             f"{base_url} answered HTTP {err.status_code}: {err.message} "
             "(is BELLA_QUEUE_URL the Bella-Queue base URL?)"
         )
+    status = getattr(err, "status_code", None)
+    if isinstance(status, int):
+        return f"{base_url} answered HTTP {status}: {err}"
     message = str(err)
     if base_url not in message:
         message = f"{base_url}: {message}"
@@ -248,7 +251,7 @@ async def _check_eventbus(
         hint = ""
         if args.eventbus_url is None:
             hint = " (set BELLA_EVENTBUS_URL when the reported URL is not reachable from here)"
-        return Check(name, "FAIL", f"unreachable ({source}): {err}{hint}")
+        return Check(name, "FAIL", f"{err} ({source}){hint}")
     return Check(name, "ok", f"{shown} answered PING ({source})")
 
 

@@ -365,3 +365,19 @@ def test_check_malformed_eventbus_url(
     line = lines_of(capsys.readouterr().out)["event bus"]
     assert line.startswith("FAIL")
     assert "invalid event-bus URL" in line
+
+
+def test_check_url_that_is_not_bella_queue(
+    env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    status_server: str,
+) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", status_server)  # answers 404 to /v1/queue/eventbus
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    line = lines_of(capsys.readouterr().out)["bella-queue"]
+    assert line.startswith("FAIL")
+    assert "HTTP 404" in line
+    assert "BELLA_QUEUE_URL" in line
