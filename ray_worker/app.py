@@ -96,6 +96,9 @@ class QueuePoller:
         pools = make_pools(
             self.args.queues, {q.name: self.args.queue_model(q) for q in self.args.queues}
         )
+        scale_to_zero = set(self.args.scale_to_zero_models())
+        for pool in pools:
+            pool.probe_at_zero = pool.model_id in scale_to_zero
         self.poller = Poller(
             taker=self.client,
             dispatcher=self.dispatcher,
@@ -190,6 +193,10 @@ class QueuePoller:
                 for cls in ("2xx", "4xx", "5xx")
             },
             "duplicates": int(self.metrics.total("duplicates")),
+            "latency_mean_s": {
+                name: self.metrics.mean(name)
+                for name in ("take_latency_s", "put_to_start_s", "time_to_first_event_s")
+            },
             "complete_retries": self.client.counters.complete_retries,
             "events": self.events.stats(),
         }

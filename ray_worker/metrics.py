@@ -137,6 +137,11 @@ class WorkerMetrics:
         if metric is not None:
             metric.observe(value, tags=tags or None)
 
+    def mean(self, name: str, **tags: str) -> float | None:
+        """Mean of a histogram's observations so far (None before the first)."""
+        count = self.total(name + ":count", **tags)
+        return round(self.total(name + ":sum", **tags) / count, 6) if count else None
+
     def total(self, name: str, **tags: str) -> float:
         """Sum of a counter over every tag set that includes ``tags``."""
         wanted = set(tags.items())
