@@ -160,13 +160,19 @@ def _summarize_validation_error(err: ValidationError) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts), first_loc
 
 
-def _map_exception(err: BaseException) -> BaseException:
-    """The ``ray_worker.errors`` exception for anything an engine raised."""
+def _map_exception(err: BaseException, *, parsing: bool = False) -> BaseException:
+    """The ``ray_worker.errors`` exception for anything an engine raised.
+
+    A pydantic ``ValidationError`` is the task's fault while its request is parsed
+    (``parsing``), and the server's own afterwards (e.g. re-validating a response).
+    """
     if isinstance(err, WorkerError):
         return err
     if isinstance(err, ValidationError):
         message, param = _summarize_validation_error(err)
-        return InvalidTaskError(message, param)
+        if parsing:
+            return InvalidTaskError(message, param)
+        return EngineError(f"engine output failed validation: {message}")
     names = {cls.__name__ for cls in type(err).__mro__}
     status = getattr(err, "http_status", None) or getattr(err, "status_code", None)
     message = str(err) or type(err).__name__
@@ -396,7 +402,7 @@ class _TaskServingMixin:
                 endpoint, body, request_id=request_id, priority=effective_priority
             )
         except Exception as err:
-            raise _map_exception(err) from None
+            raise _map_exception(err, parsing=True) from None
 
         entry = _Inflight()
         self._inflight[request_id] = entry
@@ -755,10 +761,8 @@ def cpu_llm_config(
         "dtype": "float32",
         "max_model_len": max_model_len,
         "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": max(max_model_len, 2048),
         "enforce_eager": True,
         "scheduling_policy": "priority",
-        "enable_prefix_caching": False,
     }
     kwargs.update(engine_kwargs or {})
     deployment: dict[str, Any] = dict(deployment_config or {})
