@@ -66,7 +66,9 @@ class Pool:
     probe_at_zero: bool = False
     """Take one task while no replica runs, so the deployment can scale up from zero."""
     saturated: bool = False
-    """The last non-empty take came back full: the queue likely holds more."""
+    """A take came back full, and no take of all the pool's queues came back short since:
+    the queues likely hold more. (An empty take of the online queues alone, made while
+    offline is at capacity, says nothing of the offline queues.)"""
     backlog: int = 0
     """Estimated tasks waiting in Bella-Queue that current replicas cannot absorb."""
     stats_checked_at: float = 0.0
@@ -189,6 +191,11 @@ class Poller:
                 await self._estimate_backlog(pool)
                 await self.capacity.wait_changed(1.0)
                 continue
+            covers_all = len(request.queues) == len(pool.online) + len(pool.offline)
+            if not covers_all:
+                # Offline is at capacity while the online reserve is open: the offline queues
+                # may still hold a backlog the takes of online queues alone cannot see.
+                await self._estimate_backlog(pool)
             started = time.monotonic()
             pool.takes += 1
             pool.last_take_size = request.size
@@ -223,9 +230,12 @@ class Poller:
             pool.last_take_count = len(tasks)
             if not tasks:
                 pool.empty_takes += 1
-                pool.state = "idle"
-                pool.saturated = False
-                pool.backlog = 0
+                if covers_all:
+                    pool.state = "idle"
+                    pool.saturated = False
+                    pool.backlog = 0
+                else:  # only the online queues are empty; offline ones were not asked
+                    pool.state = "at offline capacity"
                 pool.backoff_s = idle * random.uniform(0.5, 1.0)
                 await self._sleep(pool.backoff_s)
                 idle = min(idle * 2, cfg.idle_backoff_max_s)
@@ -234,11 +244,12 @@ class Poller:
             pool.backoff_s = 0.0
             pool.state = "taking"
             pool.tasks_taken += len(tasks)
-            pool.saturated = len(tasks) >= request.size
-            if pool.saturated:
+            if len(tasks) >= request.size:
+                pool.saturated = True
                 pool.full_takes += 1
-            else:
-                pool.backlog = 0  # the queue gave less than asked: nothing left waiting
+            elif covers_all:
+                pool.saturated = False
+                pool.backlog = 0  # the queues gave less than asked: nothing left waiting
             for task in tasks:
                 level = Level(task.level)
                 self.metrics.inc("tasks_taken", queue=task.full_queue)

@@ -123,6 +123,22 @@ async def test_backlog_falls_back_to_one_replica_without_pending(make: Any) -> N
     await until(lambda: rig.pool.backlog == 4)  # one replica's target
 
 
+async def test_backlog_survives_empty_takes_of_the_online_reserve(make: Any) -> None:
+    # Offline at capacity, the reserve slot keeps the loop taking the online queue alone; its
+    # empty answers say nothing of the offline queue, whose backlog must still be reported.
+    rig = make(["q:0", "q:1"], max_num_seqs=4, stats_interval_s=0.001)
+    rig.engines.default = [Delay(30)]
+    taker = _StatsTaker(rig.taker, {"q:0": 0, "q:1": 37})
+    rig.poller.taker = taker
+    rig.taker.add(tasks_of(3))  # the offline share of 4 slots
+    rig.poller.start()
+    await until(lambda: rig.pool.empty_takes >= 3 and rig.pool.backlog == 37)
+    assert rig.requests[0].queues == ["q:0", "q:1"]
+    assert {tuple(r.queues) for r in rig.requests[1:]} == {("q:0",)}
+    assert rig.pool.saturated
+    assert rig.pool.state == "at offline capacity"
+
+
 async def test_no_backlog_after_a_partial_take(make: Any) -> None:
     rig = make(["q:1"], max_num_seqs=4, stats_interval_s=0.001)
     rig.engines.default = [Delay(30)]
