@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_BATCH_INTERVAL_MS",
     "ENDPOINTS",
     "PRIORITY_OFFLINE",
     "PRIORITY_ONLINE",
@@ -91,6 +92,9 @@ ENDPOINTS: dict[str, str] = {
     "/v1/embeddings": "embeddings",
 }
 """Task endpoints served, and the engine method each runs."""
+
+DEFAULT_BATCH_INTERVAL_MS = 20.0
+"""``run_task_batched``: how long later outputs are gathered before they leave together."""
 
 _VLLM_DEFAULT_MAX_NUM_SEQS = 128  # vLLM's SchedulerConfig default, used before the engine runs
 _ABORTED_STATUS = 499  # client closed request: the caller aborted it
@@ -223,6 +227,50 @@ def _decode_item(item: Any) -> Iterator[dict[str, Any]]:
         yield dumped
     else:
         raise EngineError(f"unexpected engine output of type {type(item).__name__}")
+
+
+async def _coalesce(
+    source: AsyncGenerator[dict[str, Any], None], interval_s: float
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Batches of ``source``'s items: the first alone at once, then at most every ``interval_s``.
+
+    Closing this generator closes ``source`` (which aborts its request).
+    """
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    buffer: list[dict[str, Any]] = []
+    sent_first = False
+    last_sent = loop.time()
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            timeout = None if not buffer else max(0.0, last_sent + interval_s - loop.time())
+            done, _ = await asyncio.wait({pending}, timeout=timeout)
+            if pending in done:
+                fut, pending = pending, None
+                try:
+                    buffer.append(fut.result())
+                except StopAsyncIteration:
+                    break
+                except Exception:
+                    if buffer:  # what came before the error still goes out, in order
+                        yield buffer
+                    raise
+                if sent_first and loop.time() - last_sent < interval_s:
+                    continue
+            sent_first = True
+            out, buffer = buffer, []
+            last_sent = loop.time()
+            yield out
+        if buffer:
+            yield buffer
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await source.aclose()
 
 
 def _check_body(endpoint: str, data: Mapping[str, Any]) -> None:
@@ -436,6 +484,33 @@ class _TaskServingMixin:
                 await self._abort_quietly(request_id)
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+    async def run_task_batched(
+        self,
+        endpoint: str,
+        data: dict[str, Any],
+        *,
+        request_id: str,
+        priority: int = PRIORITY_ONLINE,
+        interval_ms: float = DEFAULT_BATCH_INTERVAL_MS,
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """``run_task`` with its outputs coalesced: yields lists of what it yields.
+
+        The first output leaves alone and at once (time to first token is not delayed); later
+        ones are gathered for up to ``interval_ms`` after the previous batch left. Each item a
+        Serve streaming call yields costs a Ray object and a report to the caller (about a
+        quarter of a millisecond of CPU here), so long or many streams are cheaper this way.
+        Same errors, abort and cancellation behaviour as ``run_task``.
+        """
+        inner = self.run_task(endpoint, data, request_id=request_id, priority=priority)
+        batches = _coalesce(inner, interval_ms / 1000.0)
+        try:
+            async for batch in batches:
+                yield batch
+        finally:
+            # ``async for`` leaves an unfinished generator to the garbage collector; close it
+            # now so that the request is aborted at once.
+            await batches.aclose()
 
     async def abort(self, request_id: str) -> bool:
         """Abort ``request_id`` if it runs on this replica (frees its engine slot).
