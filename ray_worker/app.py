@@ -33,7 +33,7 @@ from ray_worker.dispatcher import Dispatcher
 from ray_worker.errors import BadRequestError, ConfigError, WorkerError
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.poller import Poller, make_pools
-from ray_worker.publisher import PublisherClient, PublisherOptions, RedisPublisher
+from ray_worker.publisher import PublisherClient, RedisPublisher
 from ray_worker.queue_client import QueueClient, RetryPolicy
 from ray_worker.replicas import POLLER_DEPLOYMENT, ServeEngines
 
@@ -249,9 +249,7 @@ def build_app(args: dict[str, Any]) -> Application:
         for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
     }
     # Serve's decorator hides .bind from the type checker; the bound graph is an Application.
-    publisher = cast(Any, RedisPublisher).bind(
-        url=None, topic="", options=PublisherOptions.model_validate(app_args.publisher.model_dump())
-    )
+    publisher = cast(Any, RedisPublisher).bind(url=None, topic="", options=app_args.publisher)
     poller = cast(Any, QueuePoller).bind(
         app_args.model_dump(mode="json"), apikey, llm_apps, publisher
     )

@@ -34,7 +34,7 @@ __all__ = [
     "DispatcherConfig",
     "EnvSettings",
     "PollerConfig",
-    "PublisherConfig",
+    "PublisherOptions",
     "QueueSpec",
     "WorkerAppArgs",
     "load_app_args",
@@ -189,17 +189,47 @@ class DispatcherConfig(_Frozen):
     )
 
 
-class PublisherConfig(_Frozen):
-    """The event-bus publisher (Redis stream writer)."""
+class PublisherOptions(_Frozen):
+    """The event-bus publisher (``RedisPublisher``): buffering, retries, trimming."""
 
     max_buffered: int = Field(
-        default=100_000, ge=1, description="Entries held while Redis is down, then backpressure."
+        default=10_000,
+        ge=1,
+        description="Entries held while Redis is slow or down; then publish() waits.",
     )
+    max_batch: int = Field(default=1000, ge=1, description="Most entries in one transaction.")
     outage_timeout_s: float = Field(
         default=60.0,
         gt=0,
-        description="Continuous Redis failure after which buffered entries are given up (counted).",
+        description="After this long of continuous Redis failure, older entries are given up.",
     )
+    socket_timeout_s: float = Field(default=5.0, gt=0, description="Redis read/write timeout.")
+    connect_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect timeout.")
+    health_check_interval_s: int = Field(
+        default=15, ge=0, description="PING a pooled connection idle this long before use."
+    )
+    backoff_initial_s: float = Field(default=0.05, gt=0, description="First retry delay.")
+    backoff_max_s: float = Field(default=1.0, gt=0, description="Largest retry delay.")
+    approximate_trim: bool = Field(
+        default=True, description="MINID ~ (whole nodes) rather than exact trimming."
+    )
+    idempotency_ttl_s: int = Field(
+        default=3600,
+        ge=0,
+        description="TTL of this publisher's batch marker key (refreshed per batch); 0 disables "
+        "it. Keep it above outage_timeout_s.",
+    )
+    latency_window: int = Field(
+        default=4096, ge=1, description="Recent entries kept for the latency percentiles."
+    )
+
+    @model_validator(mode="after")
+    def _marker_outlives_outage(self) -> PublisherOptions:
+        if self.idempotency_ttl_s and self.idempotency_ttl_s <= self.outage_timeout_s:
+            raise ValueError("idempotency_ttl_s must exceed outage_timeout_s (or be 0)")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be at least backoff_initial_s")
+        return self
 
 
 class WorkerAppArgs(_Frozen):
@@ -236,7 +266,7 @@ class WorkerAppArgs(_Frozen):
     dispatcher: DispatcherConfig = Field(
         default_factory=DispatcherConfig, description="Task execution."
     )
-    publisher: PublisherConfig = Field(default_factory=PublisherConfig, description="Event bus.")
+    publisher: PublisherOptions = Field(default_factory=PublisherOptions, description="Event bus.")
 
     @field_validator("queues", mode="before")
     @classmethod

@@ -28,7 +28,7 @@ from ray_worker.config import (
     DispatcherConfig,
     EnvSettings,
     PollerConfig,
-    PublisherConfig,
+    PublisherOptions,
     QueueSpec,
     WorkerAppArgs,
 )
@@ -43,7 +43,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     PollerConfig,
     CapacityConfig,
     DispatcherConfig,
-    PublisherConfig,
+    PublisherOptions,
     EnvSettings,
 )
 """The models documented, in the order they appear in the reference."""
@@ -53,7 +53,7 @@ _SECTION_NOTES: dict[type[BaseModel], str] = {
     PollerConfig: "`args.poller`.",
     CapacityConfig: "`args.capacity`.",
     DispatcherConfig: "`args.dispatcher`.",
-    PublisherConfig: "`args.publisher`.",
+    PublisherOptions: "`args.publisher`.",
     QueueSpec: 'An entry of `args.queues`; a plain `"name:level"` string is accepted too.',
     EnvSettings: "Environment variables (prefix `BELLA_`, any case); each overrides the "
     "`args` field of the same meaning. See the README's environment contract.",

@@ -14,7 +14,7 @@ from ray_worker.config import (
     DispatcherConfig,
     EnvSettings,
     PollerConfig,
-    PublisherConfig,
+    PublisherOptions,
     QueueSpec,
     WorkerAppArgs,
     load_app_args,
@@ -90,7 +90,19 @@ def test_dispatcher_defaults() -> None:
 
 
 def test_publisher_defaults() -> None:
-    assert PublisherConfig().model_dump() == {"max_buffered": 100_000, "outage_timeout_s": 60.0}
+    assert PublisherOptions().model_dump() == {
+        "max_buffered": 10_000,
+        "max_batch": 1000,
+        "outage_timeout_s": 60.0,
+        "socket_timeout_s": 5.0,
+        "connect_timeout_s": 2.0,
+        "health_check_interval_s": 15,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 1.0,
+        "approximate_trim": True,
+        "idempotency_ttl_s": 3600,
+        "latency_window": 4096,
+    }
 
 
 def test_app_args_defaults() -> None:
@@ -104,7 +116,7 @@ def test_app_args_defaults() -> None:
     assert args.poller == PollerConfig()
     assert args.capacity == CapacityConfig()
     assert args.dispatcher == DispatcherConfig()
-    assert args.publisher == PublisherConfig()
+    assert args.publisher == PublisherOptions()
     assert set(WorkerAppArgs.model_fields) == {
         "queue_url",
         "queues",
@@ -121,7 +133,7 @@ def test_app_args_defaults() -> None:
 
 @pytest.mark.parametrize(
     "model",
-    [WorkerAppArgs, PollerConfig, CapacityConfig, DispatcherConfig, PublisherConfig, QueueSpec],
+    [WorkerAppArgs, PollerConfig, CapacityConfig, DispatcherConfig, PublisherOptions, QueueSpec],
 )
 def test_every_field_is_described(model: type[pydantic.BaseModel]) -> None:
     undocumented = [name for name, f in model.model_fields.items() if not f.description]
@@ -138,7 +150,7 @@ def test_every_field_is_described(model: type[pydantic.BaseModel]) -> None:
         (PollerConfig, {"size": 3}),
         (CapacityConfig, {"target": 2}),
         (DispatcherConfig, {"retries": 1}),
-        (PublisherConfig, {"buffer": 1}),
+        (PublisherOptions, {"buffer": 1}),
         (QueueSpec, {"name": "q:0", "level": 0}),
     ],
 )
