@@ -38,8 +38,9 @@ typecheck: install
 
 check: lint typecheck
 
+# Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start.
 test: install tiny-model
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests/unit tests/integration tests/e2e
 
 test-unit: install
 	$(PY) -m pytest tests/unit
