@@ -105,6 +105,7 @@ class LocalRayCluster:
             "--dashboard-agent-grpc-port": free_port(),
             "--runtime-env-agent-port": free_port(),
             "--metrics-export-port": free_port(),
+            "--dashboard-port": free_port(),
         }
         args = [
             self.ray_executable,
@@ -121,13 +122,16 @@ class LocalRayCluster:
             f"--temp-dir={self._temp_dir}",
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
+        env = self.process_env()
+        # The dashboard process binds a Prometheus port (44227) even when headless.
+        env.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
         assert self.log_path is not None
         self._log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
             args,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=self.process_env(),
+            env=env,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
