@@ -3,9 +3,11 @@
 Run ``python -m bench.bench_capacity [--quick]``. It starts a throwaway redis-server, the
 Bella-Queue emulator and a local Ray head on loopback, deploys the worker with the simulated
 engine in GPU-like shapes (2 fixed replicas of 64 sequences, 0.2 s to the first token, 40
-tokens/s per sequence, 200-token answers: about 5 s a task), puts a backlog of offline
-callback tasks that outlasts the measuring window, and samples the poller's ``status()``
-every 0.25 s while the backlog lasts. Figures, from one run:
+tokens/s per sequence, answers of 100 to 300 tokens: about 5 s a task on average), puts a
+backlog of offline callback tasks that outlasts the measuring window, and samples the
+poller's ``status()`` every 0.25 s while the backlog lasts. ``--fixed-lengths`` makes every
+answer 200 tokens: tasks started together then end together, in waves of a whole batch (a
+worst case for refilling the engines). Figures, from one run:
 
 - ``slot_utilisation``: busy engine slots over available slots, per sample
   ``engine_running / max_num_seqs`` summed over the replicas' load reports (target >= 0.95);
