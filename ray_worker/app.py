@@ -84,7 +84,7 @@ class QueuePoller:
         self.publisher = publisher
         self.events = PublisherClient(self._send_events)
         self.dispatcher = Dispatcher(
-            engines=ServeEngines(llm_handles),
+            engines=ServeEngines(llm_handles, batch_interval_ms=dispatch.stream_batch_interval_ms),
             events=self.events,
             completer=self.client,
             capacity=self.capacity,

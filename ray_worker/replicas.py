@@ -63,8 +63,11 @@ def translate_ray_error(err: BaseException) -> BaseException:
 class ServeEngines:
     """``Engines`` over Serve handles of ``BellaLLMServer`` deployments."""
 
-    def __init__(self, handles: Mapping[str, DeploymentHandle[Any]]) -> None:
+    def __init__(
+        self, handles: Mapping[str, DeploymentHandle[Any]], *, batch_interval_ms: float = 0
+    ) -> None:
         self._handles = {m: h.options(stream=True) for m, h in handles.items()}
+        self._batch_interval_ms = batch_interval_ms
         self._load_handles = dict(handles)
         # DeploymentResponseGenerator per request id; typed Any as Ray's own stubs are partial.
         self._calls: dict[str, Any] = {}
@@ -77,14 +80,31 @@ class ServeEngines:
     async def stream(
         self, model_id: str, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
     ) -> AsyncIterator[dict[str, Any]]:
-        """Run ``run_task`` on a replica of ``model_id``; yields what it yields."""
+        """Run the task on a replica of ``model_id``; yields its outputs one by one."""
         handle = self._handles[model_id]
-        call: Any = handle.run_task.remote(endpoint, data, request_id=request_id, priority=priority)
+        batched = self._batch_interval_ms > 0
+        call: Any
+        if batched:
+            # The replica sends the first output alone at once and coalesces the rest per
+            # interval: one Ray object per batch instead of one per token.
+            call = handle.run_task_batched.remote(
+                endpoint,
+                data,
+                request_id=request_id,
+                priority=priority,
+                interval_ms=self._batch_interval_ms,
+            )
+        else:
+            call = handle.run_task.remote(endpoint, data, request_id=request_id, priority=priority)
         self._calls[request_id] = call
         finished = False
         try:
             async for item in call:
-                yield item
+                if batched:
+                    for output in item:
+                        yield output
+                else:
+                    yield item
             finished = True
         except Exception as err:
             finished = True
