@@ -292,13 +292,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(0.5)
                 ready = await handle.status.remote()
             result.update(await measure(handle, emulator, args))
-        emit(result, args.out)  # before tear-down: a Ray shutdown may end the process
+        emit(result, args.out)  # before tear-down, whatever happens there
     finally:
-        # Not in a thread: the loop must not run Serve's handle tasks while Ray shuts down.
-        cluster.stop()
+        # Everything that logs from its own thread (the emulator) stops before Ray: once this
+        # driver is disconnected, Ray's log filter ends the process (status 1) at the next
+        # record, and the Ray head would be left running.
         if emulator is not None:
             emulator.stop()
         redis.close()
+        await asyncio.to_thread(cluster.stop)
     return result
 
 
