@@ -1,8 +1,10 @@
-"""``python -m bench [--quick]``: the publisher benchmark, then the worker benchmark.
+"""``python -m bench [--quick]``: the publisher, worker and capacity benchmarks, in that order.
 
-Each prints its JSON object; the publisher's goes to ``bench/results/publisher.json`` and the
-worker's to ``bench/results/worker.json``. ``--quick`` is passed on to the worker benchmark
-(it then skips the tiny-model part). This module only sequences the two; it measures nothing.
+Each prints its JSON object; the publisher's goes to ``bench/results/publisher.json``, the
+worker's to ``bench/results/worker.json`` and the capacity one's to
+``bench/results/capacity.json``. ``--quick`` is passed on to the worker benchmark (it then
+skips the tiny-model part) and to the capacity benchmark (a shorter window). This module only
+sequences them; it measures nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     (results / "publisher.json").write_text(publisher.stdout)
     print(publisher.stdout, flush=True)
     bench_worker.main(argv)
-    return 0
+    # A child process too: its own Ray driver, started after the worker benchmark's is gone.
+    capacity = subprocess.run(
+        [sys.executable, "-m", "bench.bench_capacity", *(a for a in argv if a == "--quick")],
+        timeout=1200,
+        check=False,
+    )
+    return capacity.returncode
 
 
 if __name__ == "__main__":
