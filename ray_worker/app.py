@@ -4,7 +4,8 @@ This module owns the application graph and the ``QueuePoller`` deployment, a thi
 that wires the plain classes together inside one replica:
 
     QueuePoller ── Poller ── Dispatcher ──▶ LLM deployments (BellaLLMServer, one per model)
-         │                      └─────────▶ RedisPublisher (event bus) / QueueClient (complete)
+         │                      └─────────▶ RedisPublisher actor (event bus; owned by the
+         │                                  poller, so it outlives the drain) / QueueClient
          └── CapacityTracker ◀── load reports pushed by every LLM replica
 
 It must not hold business logic: that lives in ``poller``, ``dispatcher`` and ``capacity``.
@@ -19,8 +20,10 @@ import math
 import random
 from typing import Any, cast
 
+import ray
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -30,10 +33,15 @@ from ray_worker.autoscaling import POLICY_PATH
 from ray_worker.capacity import CapacityTracker
 from ray_worker.config import EnvSettings, WorkerAppArgs
 from ray_worker.dispatcher import Dispatcher
-from ray_worker.errors import BadRequestError, ConfigError, WorkerError
+from ray_worker.errors import (
+    BadRequestError,
+    ConfigError,
+    EventBusUnavailableError,
+    WorkerError,
+)
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.poller import Poller, make_pools
-from ray_worker.publisher import PublisherClient, RedisPublisher
+from ray_worker.publisher import PublisherClient, start_publisher_actor
 from ray_worker.queue_client import QueueClient, RetryPolicy
 from ray_worker.replicas import POLLER_DEPLOYMENT, ServeEngines
 
@@ -64,7 +72,6 @@ class QueuePoller:
         args: dict[str, Any],
         apikey: SecretStr,
         llm_handles: dict[str, DeploymentHandle[Any]],
-        publisher: DeploymentHandle[Any],
     ) -> None:
         self.args = WorkerAppArgs.model_validate(args)
         queue_url = self.args.queue_url
@@ -81,7 +88,7 @@ class QueuePoller:
                 attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
             ),
         )
-        self.publisher = publisher
+        self.publisher: Any = None  # the RedisPublisher actor, started once the bus is known
         self.events = PublisherClient(self._send_events)
         self.dispatcher = Dispatcher(
             engines=ServeEngines(llm_handles, batch_interval_ms=dispatch.stream_batch_interval_ms),
@@ -108,13 +115,31 @@ class QueuePoller:
             metrics=self.metrics,
         )
         self.state = "starting"
+        self._eventbus_url: str | None = None
         self._complete_retries_seen = 0
         self.startup_error: str | None = None
         self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
         self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
 
     async def _send_events(self, batch: list[tuple[str, dict[str, str]]]) -> None:
-        await self.publisher.publish.remote(batch)
+        """Hand a batch to the RedisPublisher actor this replica owns.
+
+        The actor is ours rather than a Serve deployment because Serve tears an app's
+        deployments down together: a publisher deployment could be gone while this replica
+        still answers its last tasks during its drain.
+        """
+        if self.publisher is None:
+            raise EventBusUnavailableError("the event-bus publisher is not started yet")
+        try:
+            await self.publisher.publish.remote(batch)
+        except RayActorError:
+            # The actor died (and with it what it had buffered): start a new one and resend
+            # this batch; PublisherClient retries the send if this fails too.
+            logger.error("event-bus publisher actor died; starting a new one")
+            self.publisher = start_publisher_actor(
+                self._eventbus_url, self.events.topic, self.args.publisher
+            )
+            await self.publisher.publish.remote(batch)
 
     async def _start(self) -> None:
         """Register queues (optional), find the event bus, configure the publisher, poll."""
@@ -132,8 +157,10 @@ class QueuePoller:
                 await asyncio.sleep(wait * random.uniform(0.75, 1.25))
                 wait = min(wait * 2, 10.0)
         url = self.args.eventbus_url or eventbus.url
+        self._eventbus_url = url
         self.events.topic = eventbus.topic
-        await self.publisher.configure.remote(url, eventbus.topic)
+        self.publisher = start_publisher_actor(url, eventbus.topic, self.args.publisher)
+        await self.publisher.topic.remote()  # started and reachable
         self.startup_error = None
         self.state = "running"
         logger.info(
@@ -224,6 +251,10 @@ class QueuePoller:
             logger.warning("%d tasks were cut short by shutdown and answered 503", cut)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.events.flush(), 10)
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.aclose.remote()
+            ray.kill(self.publisher)
         await self.client.aclose()
         self.state = "stopped"
 
@@ -249,10 +280,7 @@ def build_app(args: dict[str, Any]) -> Application:
         for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
     }
     # Serve's decorator hides .bind from the type checker; the bound graph is an Application.
-    publisher = cast(Any, RedisPublisher).bind(url=None, topic="", options=app_args.publisher)
-    poller = cast(Any, QueuePoller).bind(
-        app_args.model_dump(mode="json"), apikey, llm_apps, publisher
-    )
+    poller = cast(Any, QueuePoller).bind(app_args.model_dump(mode="json"), apikey, llm_apps)
     return cast(Application, poller)
 
 

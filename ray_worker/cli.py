@@ -21,6 +21,8 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -449,7 +451,39 @@ def _run_tiny_model(argv: list[str]) -> int:
     return tiny_model.main(argv)
 
 
+def _run_serve(argv: list[str]) -> int:
+    """``serve run CONFIG``, with SIGTERM turned into Ctrl-C so that a stop drains the worker.
+
+    A SIGTERM to ``serve run`` itself makes Ray abort at once; here both SIGTERM and SIGINT
+    reach ``serve run`` as one SIGINT, which deletes the app (the poller drains its in-flight
+    tasks) and stops the Ray instance it started.
+    """
+    parser = argparse.ArgumentParser(
+        prog="ray-worker serve", description="serve run CONFIG, draining on SIGTERM too"
+    )
+    parser.add_argument("config", help="Serve config file, e.g. configs/deepseek.yaml")
+    parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="more `serve run` flags")
+    ns = parser.parse_args(argv)
+    serve = Path(sys.executable).with_name("serve")
+    command = [str(serve) if serve.exists() else "serve", "run", ns.config, *ns.serve_args]
+    # Own session: a terminal Ctrl-C reaches us only, and is forwarded exactly once.
+    proc = subprocess.Popen(command, start_new_session=True)
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            print(f"ray-worker serve: {signal.Signals(signum).name}: draining", flush=True)
+            proc.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return proc.wait()
+
+
 _DELEGATES: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (_run_serve, "serve run CONFIG, draining on SIGTERM as on Ctrl-C"),
     "emulator": (_run_emulator, "run a local Bella-Queue emulator (python -m ...emulator)"),
     "demo": (_run_demo, "local Redis + emulator + worker on the tiny model, a few tasks"),
     "tiny-model": (_run_tiny_model, "build the tiny random-weight test model"),

@@ -120,9 +120,12 @@ class PollerConfig(_Frozen):
         description="While at capacity after full takes, how often queue stats are read.",
     )
     drain_timeout_s: float = Field(
-        default=30.0,
+        default=20.0,
         ge=0,
-        description="On shutdown, how long in-flight tasks may finish before a 503 answer.",
+        description=(
+            "On shutdown, how long in-flight tasks may finish before a 503 answer; keep it "
+            "below the 30 s `serve run` gives the app to shut down."
+        ),
     )
 
 

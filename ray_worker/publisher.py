@@ -59,11 +59,12 @@ Three layers:
     backoff for ``send_timeout_s``, then surfaced to whoever awaits that batch
     (``completion()``, ``flush()``) and counted; never swallowed.
 
-``RedisPublisher`` (thin ``@serve.deployment`` wrapper)
-    Owns one ``EventPublisher``. Must run as ONE replica: ``publish`` returns once entries
-    are buffered, so two replicas could reorder one task's consecutive batches. Its Redis
-    URL and topic come from the constructor (what the app builder uses); ``configure(url,
-    topic)`` may set or replace them later (an existing publisher is drained first).
+``RedisPublisher`` (thin Ray actor wrapper, ``start_publisher_actor``)
+    Owns one ``EventPublisher``. The poller starts one and owns it, so it outlives the
+    poller's drain (Serve tears an app's deployments down together) and dies with it. One
+    actor per poller: ``publish`` returns once entries are buffered, so two actors could
+    reorder one task's consecutive batches. Its Redis URL and topic come from the
+    constructor or ``configure(url, topic)`` (an existing publisher is drained first).
 
 ``ping(url)`` (one-shot check)
     One PING with its own short-lived connection, for ``ray-worker check``.
@@ -84,7 +85,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from ray import serve
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -113,6 +113,7 @@ __all__ = [
     "RedisPublisher",
     "SendFn",
     "ping",
+    "start_publisher_actor",
 ]
 
 Entry = tuple[str, Mapping[str, str]]
@@ -785,26 +786,16 @@ class PublisherClient:
 
 
 # ======================================================================================
-# Serve deployment
+# Ray actor
 # ======================================================================================
 
 
-@serve.deployment(
-    name="RedisPublisher",
-    num_replicas=1,
-    # Each call only buffers entries; Serve's default of 5 would throttle every dispatcher.
-    max_ongoing_requests=1000,
-    health_check_period_s=10,
-    graceful_shutdown_timeout_s=30,
-    # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
-    ray_actor_options={"num_cpus": 0},
-    # Replicas report load every 0.5 s and publishes are per batch: no access log per call.
-    logging_config={"enable_access_log": False},
-)
 class RedisPublisher:
-    """Serve wrapper of one ``EventPublisher``. Keep ``num_replicas=1`` (per-task order).
+    """The Ray actor around one ``EventPublisher`` (start it with ``start_publisher_actor``).
 
-    ``url``/``topic`` come from the app builder; ``configure`` may set them later.
+    One actor per poller, owned by it: it lives exactly as long as the poller replica, so it
+    is still there while the poller drains its last tasks (a Serve deployment would be torn
+    down beside the poller). ``url``/``topic`` may come later through ``configure``.
     ``options`` is a ``PublisherOptions`` or its dict form.
     """
 
@@ -853,14 +844,13 @@ class RedisPublisher:
         return {"configured": True, **self._publisher.stats()}
 
     async def check_health(self) -> None:
-        """Serve health check: raise if the writer loop died."""
+        """Raise if the writer loop died."""
         if self._publisher is not None:
             self._publisher.check_health()
 
-    async def __del__(self) -> None:
-        """Graceful shutdown: drain then close."""
-        publisher = getattr(self, "_publisher", None)
-        self._publisher = None
+    async def aclose(self) -> None:
+        """Drain what is buffered (up to ``drain_timeout_s``), then close the connection."""
+        publisher, self._publisher = self._publisher, None
         if publisher is not None:
             await publisher.aclose(self._drain_timeout_s)
 
@@ -897,3 +887,19 @@ async def ping(url: str, timeout_s: float = 5.0) -> None:
         ) from None
     finally:
         await client.aclose()
+
+
+def start_publisher_actor(
+    url: str | None = None,
+    topic: str = "",
+    options: PublisherOptions | None = None,
+    drain_timeout_s: float = 20.0,
+) -> Any:
+    """Start a ``RedisPublisher`` Ray actor owned by the caller; returns its handle.
+
+    It takes no CPU slot (it only waits on Redis) and dies with its owner.
+    """
+    import ray
+
+    actor_cls: Any = ray.remote(num_cpus=0, max_concurrency=1000)(RedisPublisher)  # type: ignore[call-overload]
+    return actor_cls.remote(url, topic, options, drain_timeout_s)
