@@ -164,8 +164,9 @@ async def _run_tasks(queue_url: str) -> None:
     receiver = CallbackReceiver().start()
     try:
         async with QueueClient(queue_url, APIKEY) as client:
+            # The stream first and alone, so its tokens print on one line as they arrive.
+            await _streaming(client)
             await asyncio.gather(
-                _streaming(client),
                 _blocking(client, "What is a worker?"),
                 _blocking(client, "What is a queue?"),
                 _bad_request(client),
