@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
         _say(f"4/5  serve run {args.config} (log: {worker.log_path}); waiting for the worker")
         worker.wait_ready(args.ready_timeout_s, progress=lambda line: _say("      " + line))
-        _say("5/5  putting tasks of every mode\n")
+        _say("5/5  putting tasks of every mode")
+        _say("      (the tiny model has random weights: its words are noise, the rest is real)\n")
         asyncio.run(_run_tasks(emulator.url))
         _say("\nall tasks answered; shutting down")
         return 0
