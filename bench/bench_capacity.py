@@ -42,13 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bench_worker import deployed, pct, summary_ms, timed_stream, wait_ready
+from bench.bench_worker import pct, summary_ms, timed_stream, wait_ready
 from ray_worker.protocol import PutRequest, ResponseMode
 from ray_worker.queue_client import QueueClient
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
 from ray_worker.testing.ray_cluster import LocalRayCluster
 from ray_worker.testing.redis_server import RedisServer, free_port
+from ray_worker.testing.serve_run import deployed_worker
 
 APIKEY = "bench-key"
 MODEL = "sim-gpu-like"
@@ -281,7 +282,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         cluster.connect()
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         args.queue = f"cap-{uuid.uuid4().hex[:6]}"
-        with deployed(worker_args(emulator.url, args.queue), "bench-capacity") as handle:
+        with deployed_worker(
+            worker_args(emulator.url, args.queue), "bench-capacity", APIKEY
+        ) as handle:
             ready = await wait_ready(handle, args.ready_timeout_s)
             # Both replicas must report before the backlog arrives, or the first takes are
             # sized for one.

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +55,7 @@ from ray_worker.queue_client import QueueClient
 from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
 from ray_worker.testing.ray_cluster import LocalRayCluster
 from ray_worker.testing.redis_server import RedisServer, free_port
+from ray_worker.testing.serve_run import deployed_worker
 
 APIKEY = "bench-key"
 SIM_MODEL = "sim-model"
@@ -133,22 +133,6 @@ def vllm_args(queue_url: str, queue: str, model_dir: Path) -> dict[str, Any]:
             }
         ],
     }
-
-
-@contextlib.contextmanager
-def deployed(args: dict[str, Any], name: str) -> Iterator[Any]:
-    from ray import serve
-
-    from ray_worker.app import build_app
-
-    os.environ["BELLA_QUEUE_APIKEY"] = APIKEY
-    try:
-        serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-        yield serve.get_app_handle(name)
-    finally:
-        os.environ.pop("BELLA_QUEUE_APIKEY", None)
-        with contextlib.suppress(Exception):
-            serve.delete(name)
 
 
 async def wait_ready(handle: Any, timeout_s: float) -> dict[str, Any]:
@@ -440,7 +424,7 @@ async def through_worker(
 ) -> dict[str, Any]:
     """Part 2 (b): the same N streaming completions put through the emulator to the worker."""
     queue = f"tiny-{uuid.uuid4().hex[:6]}"
-    with deployed(vllm_args(emulator.url, queue, model_dir), "bench-vllm") as handle:
+    with deployed_worker(vllm_args(emulator.url, queue, model_dir), "bench-vllm", APIKEY) as handle:
         await wait_ready(handle, args.ready_timeout_s)
         async with QueueClient(emulator.url, APIKEY) as client:
 
@@ -546,7 +530,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         cluster.connect()
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         args.sim_queue = f"sim-{uuid.uuid4().hex[:6]}"
-        with deployed(sim_args(emulator.url, args.sim_queue), "bench-sim") as handle:
+        with deployed_worker(sim_args(emulator.url, args.sim_queue), "bench-sim", APIKEY) as handle:
             await wait_ready(handle, args.ready_timeout_s)
             result["idle_pickup"] = await idle_pickup(handle, emulator, redis.url, args)
         if model_dir is not None:

@@ -168,16 +168,23 @@ def _queue_error(err: WorkerError, base_url: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-async def _check(config: Path, app: str | None, timeout_s: float) -> tuple[list[Check], list[str]]:
-    """Run the checks; returns the report lines and the secrets to scrub from them."""
+def _prepare(
+    config: Path, app: str | None
+) -> tuple[list[Check], list[str], WorkerAppArgs | None, SecretStr | None]:
+    """Load the config and the API key: their checks, the secrets to scrub, and both."""
     secrets = [os.environ.get("BELLA_QUEUE_APIKEY", "")]
     args, config_check = _load_config(config, app)
-    checks = [config_check]
     apikey, key_check = _apikey()
-    checks.append(key_check)
+    if apikey is not None:
+        secrets.append(apikey.get_secret_value())
+    return [config_check, key_check], secrets, args, apikey
+
+
+async def _check(config: Path, app: str | None, timeout_s: float) -> tuple[list[Check], list[str]]:
+    """Run the checks; returns the report lines and the secrets to scrub from them."""
+    checks, secrets, args, apikey = _prepare(config, app)
     if args is None or apikey is None:
         return checks, secrets
-    secrets.append(apikey.get_secret_value())
     base_url = str(args.queue_url)
     bases = list(dict.fromkeys(q.base for q in args.queues))
     eventbus: EventBusConfig | None = None
@@ -271,14 +278,9 @@ def _cmd_check(ns: argparse.Namespace) -> int:
 async def _register(
     config: Path, app: str | None, endpoint: str, timeout_s: float
 ) -> tuple[list[Check], list[str]]:
-    secrets = [os.environ.get("BELLA_QUEUE_APIKEY", "")]
-    args, config_check = _load_config(config, app)
-    checks = [config_check]
-    apikey, key_check = _apikey()
-    checks.append(key_check)
+    checks, secrets, args, apikey = _prepare(config, app)
     if args is None or apikey is None:
         return checks, secrets
-    secrets.append(apikey.get_secret_value())
     base_url = str(args.queue_url)
     try:
         client = QueueClient(

@@ -1,4 +1,5 @@
-"""``serve run <config>`` as a child process, the way an operator starts the worker.
+"""The worker started for tests, benchmarks and the demo: ``serve run <config>`` as a child
+process (the way an operator starts it), or ``deployed_worker`` in-process on a connected Ray.
 
 This module owns launching the worker with the Serve CLI (its own Ray when no cluster
 address is given), waiting until the poller reports it is running with replicas, and
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,7 @@ import httpx
 
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
 
-__all__ = ["ServeRun"]
+__all__ = ["ServeRun", "deployed_worker"]
 
 
 class ServeRun:
@@ -132,3 +133,31 @@ class ServeRun:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def deployed_worker(args: Mapping[str, Any], name: str, apikey: str) -> Iterator[Any]:
+    """Deploy the worker app in-process on the connected Ray (``serve.run``); yields its handle.
+
+    ``args`` are the app's ``WorkerAppArgs``; ``apikey`` is set as ``BELLA_QUEUE_APIKEY`` only
+    while the app is built. The app is deleted on exit.
+    """
+    from ray import serve
+
+    from ray_worker.app import build_app
+
+    previous = os.environ.get("BELLA_QUEUE_APIKEY")
+    os.environ["BELLA_QUEUE_APIKEY"] = apikey
+    try:
+        app = build_app(dict(args))
+    finally:
+        if previous is None:
+            os.environ.pop("BELLA_QUEUE_APIKEY", None)
+        else:
+            os.environ["BELLA_QUEUE_APIKEY"] = previous
+    try:
+        serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+        yield serve.get_app_handle(name)
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(name)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +30,7 @@ from ray_worker.protocol import PutRequest, ResponseMode
 from ray_worker.queue_client import QueueClient
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.emulator import EmulatorServer
+from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -83,22 +83,6 @@ def _app_args(queue_url: str, queue: str, llm_config: dict[str, Any]) -> dict[st
         "capacity": {"target_ratio": TARGET_RATIO, "load_stale_after_s": LOAD_STALE_AFTER_S},
         "llm_configs": [llm_config],
     }
-
-
-@contextlib.contextmanager
-def _deployed(args: dict[str, Any], name: str) -> Iterator[Any]:
-    from ray import serve
-
-    from ray_worker.app import build_app
-
-    os.environ["BELLA_QUEUE_APIKEY"] = APIKEY
-    try:
-        serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-        yield serve.get_app_handle(name)
-    finally:
-        os.environ.pop("BELLA_QUEUE_APIKEY", None)
-        with contextlib.suppress(Exception):
-            serve.delete(name)
 
 
 def _serve_replicas(app: str, deployment: str) -> dict[str, int]:
@@ -223,7 +207,7 @@ def scaled_app(ray_serve: Any, emulator: EmulatorServer) -> Iterator[tuple[Any, 
         "downscale_delay_s": DOWNSCALE_DELAY_S,
     }
     args = _app_args(emulator.url, queue, _llm_config(MODEL, autoscaling))
-    with _deployed(args, "autoscale-sim") as handle:
+    with deployed_worker(args, "autoscale-sim", APIKEY) as handle:
         yield handle, "autoscale-sim", queue
 
 
@@ -359,7 +343,7 @@ async def test_scale_to_zero_wakes_for_a_task_and_sleeps_again(
     }
     args = _app_args(emulator.url, queue, _llm_config(ZERO_MODEL, autoscaling))
     app = "autoscale-zero"
-    with _deployed(args, app) as handle:
+    with deployed_worker(args, app, APIKEY) as handle:
 
         async def polling_at_zero() -> bool:
             status = await handle.status.remote()

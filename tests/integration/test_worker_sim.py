@@ -7,9 +7,7 @@ passing mid-generation, a redelivered duplicate, and a Redis restart in the midd
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -22,6 +20,7 @@ from ray_worker.queue_client import QueueClient
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
 from ray_worker.testing.redis_server import RedisServer
+from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -58,23 +57,6 @@ def _app_args(queue_url: str, queue: str, **poller: Any) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _deployed(args: dict[str, Any], name: str) -> Iterator[Any]:
-    from ray import serve
-
-    from ray_worker.app import build_app
-
-    os.environ["BELLA_QUEUE_APIKEY"] = APIKEY
-    try:
-        serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
-        handle = serve.get_app_handle(name)
-        yield handle
-    finally:
-        os.environ.pop("BELLA_QUEUE_APIKEY", None)
-        with contextlib.suppress(Exception):
-            serve.delete(name)
-
-
 async def _ready(handle: Any) -> dict[str, Any]:
     async def ready() -> dict[str, Any] | None:
         status: dict[str, Any] = await handle.status.remote()
@@ -93,7 +75,7 @@ def queue() -> str:
 
 @pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
-    with _deployed(_app_args(emulator.url, queue), "worker-sim") as handle:
+    with deployed_worker(_app_args(emulator.url, queue), "worker-sim", APIKEY) as handle:
         yield handle
 
 
@@ -342,7 +324,7 @@ async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -
     ).start()
     queue = f"rs-{uuid.uuid4().hex[:6]}"
     try:
-        with _deployed(_app_args(emulator.url, queue), "worker-restart") as handle:
+        with deployed_worker(_app_args(emulator.url, queue), "worker-restart", APIKEY) as handle:
             await _ready(handle)
             async with QueueClient(emulator.url, APIKEY) as client:
                 requests = [
