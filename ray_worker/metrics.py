@@ -29,6 +29,7 @@ METRIC_NAMES = {
     "take_failures": "bella_worker_take_failures_total",
     "put_to_start_s": "bella_worker_put_to_start_seconds",
     "time_to_first_event_s": "bella_worker_time_to_first_event_seconds",
+    "publish_latency_s": "bella_worker_publish_latency_seconds",
     "publish_failures": "bella_worker_publish_failures_total",
     "complete_retries": "bella_worker_complete_retries_total",
     "complete_failures": "bella_worker_complete_failures_total",
@@ -96,6 +97,12 @@ class WorkerMetrics:
                 "From taking a task to its first event or answer.",
                 boundaries=_LATENCY_BOUNDARIES_S,
                 tag_keys=("queue",),
+            ),
+            "publish_latency_s": rm.Histogram(
+                n["publish_latency_s"],
+                "Event-bus publisher: oldest event of each written batch, enqueue to ack.",
+                boundaries=_LATENCY_BOUNDARIES_S,
+                tag_keys=(),
             ),
             "publish_failures": rm.Counter(
                 n["publish_failures"], "Events that could not be published.", tag_keys=("kind",)

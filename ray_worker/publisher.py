@@ -92,6 +92,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError
+from ray_worker.metrics import WorkerMetrics
 from ray_worker.protocol import (
     COMPLETION_EVENT,
     completion_fields,
@@ -276,9 +277,12 @@ class EventPublisher:
         options: PublisherOptions | None = None,
         *,
         client: Redis | None = None,
+        on_acked: Callable[[float], None] | None = None,
     ) -> None:
         self.options = options or PublisherOptions()
         self.url = url
+        # Called once per acknowledged round with its oldest entry's enqueue → ack seconds.
+        self._on_acked = on_acked
         opts = self.options
         self._redis: Redis = client or Redis.from_url(
             url,
@@ -497,10 +501,13 @@ class EventPublisher:
         queue = self._queue
         latency = self._latency
         published = 0
+        oldest = 0.0
         while queue and queue[0].seq <= last_seq:
             entry = queue.popleft()
             error = rejected.get(entry.seq) if rejected else None
             if error is None:
+                if not published:
+                    oldest = now - entry.enqueued_at
                 published += 1
                 latency.add(now - entry.enqueued_at)
             else:
@@ -508,6 +515,8 @@ class EventPublisher:
                 self._stats.last_error = _describe(error)
                 self._count_dropped(entry, f"rejected by Redis: {_describe(error)}")
         self._stats.published += published
+        if published and self._on_acked is not None:
+            self._on_acked(oldest)
         self._notify()
 
     def _on_failure(self, exc: BaseException) -> None:
@@ -813,14 +822,22 @@ class RedisPublisher:
         )
         self._drain_timeout_s = drain_timeout_s
         self._topic = topic
-        self._publisher = EventPublisher(url, self._options) if url else None
+        self._metrics = WorkerMetrics()
+        self._publisher = self._make(url) if url else None
+
+    def _make(self, url: str) -> EventPublisher:
+        return EventPublisher(
+            url,
+            self._options,
+            on_acked=lambda s: self._metrics.observe("publish_latency_s", s),
+        )
 
     async def configure(self, url: str, topic: str) -> None:
         """Set (or replace) the Redis URL and topic; a previous publisher is drained first."""
         self._topic = topic
         if self._publisher is not None and self._publisher.url == url:
             return
-        old, self._publisher = self._publisher, EventPublisher(url, self._options)
+        old, self._publisher = self._publisher, self._make(url)
         if old is not None:
             await old.aclose(self._drain_timeout_s)
         logger.info("event-bus publisher configured for %s", redact_url(url))

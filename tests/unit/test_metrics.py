@@ -97,7 +97,12 @@ def test_with_ray_every_metric_is_made_with_its_exported_name(
     made = WorkerMetrics(use_ray=True)._ray
     assert {key: m.name for key, m in made.items()} == METRIC_NAMES
     histograms = {k for k, m in made.items() if type(m).__name__ == "Histogram"}
-    assert histograms == {"take_latency_s", "put_to_start_s", "time_to_first_event_s"}
+    assert histograms == {
+        "take_latency_s",
+        "put_to_start_s",
+        "time_to_first_event_s",
+        "publish_latency_s",
+    }
     for key in histograms:
         assert made[key].boundaries == sorted(made[key].boundaries)
     for key, metric in made.items():
