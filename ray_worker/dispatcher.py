@@ -315,6 +315,21 @@ class Dispatcher:
             return result_body(200, task.task_id)
         if response is None:
             raise EngineError("the engine returned no response")
+        if task.response_mode is ResponseMode.STREAMING:
+            # A streaming task on a non-streaming endpoint (embeddings): the server ignores the
+            # completion's body for streaming tasks, so the response goes out as the one chunk.
+            for data_item in (response, STREAM_DONE):
+                if state.sent == 0:
+                    self._first_event(task, taken_at)
+                await self.events.progress(
+                    task.instance_id or "",
+                    task.task_id,
+                    str(state.sent),
+                    STREAM_EVENT_NAME,
+                    data_item,
+                )
+                state.sent += 1
+            return result_body(200, task.task_id)
         return result_body(200, task.task_id, response)
 
     async def _attempts(
@@ -441,8 +456,13 @@ class Dispatcher:
     async def _answer_again(self, task: Task, result: dict[str, Any]) -> None:
         try:
             await self.completer.complete(task.task_id, result)
-        except WorkerError as err:
-            logger.error("could not re-send the answer: %s", err, extra=_ctx(task))
+        except Exception as err:
+            logger.error(
+                "could not re-send the answer: %s",
+                err,
+                exc_info=not isinstance(err, WorkerError),
+                extra=_ctx(task),
+            )
 
     def _remember(self, task: Task, result: dict[str, Any]) -> None:
         limit = self.config.remember_completed

@@ -757,3 +757,14 @@ async def test_drain_lets_an_answer_being_sent_finish(mode: ResponseMode) -> Non
     assert await draining == 1
     assert sent == [task.task_id]  # the task's one answer went out, not a second 503
     assert rig.in_flight() == 0
+
+
+async def test_streaming_embeddings_send_the_response_as_the_one_chunk(rig: Rig) -> None:
+    response = {"object": "list", "data": [{"embedding": [0.1]}]}
+    rig.engines.script(response)
+    task = make_task(STREAMING, endpoint="/v1/embeddings", data={"input": "x"})
+    await rig.run(task)
+    progress = [e for e in rig.events.events if e.kind == "progress"]
+    assert [(e.event_id, e.data) for e in progress] == [("0", response), ("1", "[DONE]")]
+    completions = [e for e in rig.events.events if e.kind == "completion"]
+    assert [c.data for c in completions] == [{"status_code": 200, "request_id": task.task_id}]
