@@ -92,8 +92,28 @@ class LocalRayCluster:
             merged.setdefault(key, value)
         return merged
 
-    def start(self, timeout_s: float = 90.0) -> LocalRayCluster:
-        """Start the head and wait until it accepts drivers."""
+    def start(self, timeout_s: float = 90.0, attempts: int = 2) -> LocalRayCluster:
+        """Start the head and wait until it accepts drivers.
+
+        On an overloaded machine ``ray start`` can give up on its own GCS (a 30 s startup
+        deadline inside Ray); it is then tried again, on fresh ports, up to ``attempts`` times.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError:
+                pid = self._proc.pid if self._proc is not None else None
+                self.stop()
+                if pid is not None:
+                    # ray start may have died leaving its GCS or raylet behind (own session).
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)
+                if attempt == attempts:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> LocalRayCluster:
         if self.running:
             return self
         self._temp_dir = Path(tempfile.mkdtemp(prefix="bray-", dir="/tmp"))
