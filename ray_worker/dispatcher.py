@@ -268,16 +268,7 @@ class Dispatcher:
                 response: dict[str, Any] | None = None
                 async for item in self._attempts(task, model_id, endpoint, data, priority, state):
                     if streaming:
-                        if state.sent == 0:
-                            self._first_event(task, taken_at)
-                        await self.events.progress(
-                            task.instance_id or "",
-                            task.task_id,
-                            str(state.sent),
-                            STREAM_EVENT_NAME,
-                            item,
-                        )
-                        state.sent += 1
+                        await self._chunk(task, state, taken_at, item)
                     else:
                         response = item
         except TimeoutError as err:
@@ -304,14 +295,7 @@ class Dispatcher:
             logger.exception("engine call failed", extra=_ctx(task))
             raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
         if streaming:
-            await self.events.progress(
-                task.instance_id or "",
-                task.task_id,
-                str(state.sent),
-                STREAM_EVENT_NAME,
-                STREAM_DONE,
-            )
-            state.sent += 1
+            await self._chunk(task, state, taken_at, STREAM_DONE)
             return result_body(200, task.task_id)
         if response is None:
             raise EngineError("the engine returned no response")
@@ -319,16 +303,7 @@ class Dispatcher:
             # A streaming task on a non-streaming endpoint (embeddings): the server ignores the
             # completion's body for streaming tasks, so the response goes out as the one chunk.
             for data_item in (response, STREAM_DONE):
-                if state.sent == 0:
-                    self._first_event(task, taken_at)
-                await self.events.progress(
-                    task.instance_id or "",
-                    task.task_id,
-                    str(state.sent),
-                    STREAM_EVENT_NAME,
-                    data_item,
-                )
-                state.sent += 1
+                await self._chunk(task, state, taken_at, data_item)
             return result_body(200, task.task_id)
         return result_body(200, task.task_id, response)
 
@@ -370,6 +345,15 @@ class Dispatcher:
                     self.config.max_replica_retries,
                     extra=_ctx(task),
                 )
+
+    async def _chunk(self, task: Task, state: _StreamState, taken_at: float, data: Any) -> None:
+        """Send the next progress event of a streaming task: ``eventId`` counts 0, 1, ..."""
+        if state.sent == 0:
+            self._first_event(task, taken_at)
+        await self.events.progress(
+            task.instance_id or "", task.task_id, str(state.sent), STREAM_EVENT_NAME, data
+        )
+        state.sent += 1
 
     def _first_event(self, task: Task, taken_at: float) -> None:
         self.metrics.observe("time_to_first_event_s", time.monotonic() - taken_at, queue=task.queue)
@@ -414,13 +398,8 @@ class Dispatcher:
         log("task failed with %d: %s", err.status_code, err.message, extra=_ctx(task))
         if task.response_mode is ResponseMode.STREAMING:
             # Streaming has no error channel in the completion (§4.5): send the error as a chunk.
-            if state.sent == 0:
-                self._first_event(task, taken_at)
             with contextlib.suppress(Exception):
-                await self.events.progress(
-                    task.instance_id or "", task.task_id, str(state.sent), STREAM_EVENT_NAME, body
-                )
-                state.sent += 1
+                await self._chunk(task, state, taken_at, body)
         await self._answer(task, result_body(err.status_code, task.task_id, body), taken_at)
 
     async def _answer(self, task: Task, result: dict[str, Any], taken_at: float) -> None:
