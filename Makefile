@@ -11,7 +11,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install tiny-model lint typecheck check test test-unit test-integration test-e2e demo bench clean
+.PHONY: install tiny-model redis-server lint typecheck check test test-unit test-integration test-e2e demo bench clean
 
 install: $(STAMP)
 
@@ -26,8 +26,24 @@ $(STAMP): pyproject.toml
 	-$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 	@touch $(STAMP)
 
+# redis-server is a system package (the tests, the demo and the benchmarks run a real one):
+# installed with apt-get as root, with sudo otherwise, or a clear message naming the command.
+redis-server:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo"; \
+	    else echo "redis-server is not installed and this user cannot install it: run" \
+	        "'sudo apt-get install redis-server' (Debian/Ubuntu), then make again" >&2; exit 1; fi; \
+	    echo "installing redis-server with $${sudo:+sudo }apt-get"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
+	    || { echo "could not install redis-server: run" \
+	        "'$${sudo:+sudo }apt-get install redis-server' and make again" >&2; exit 1; }; \
+	fi
+	@redis-server --version
+
 tiny-model: install
-	$(PY) -m ray_worker.tiny_model --out $(MODEL_DIR)
+	$(PY) -m ray_worker.dev.tiny_model --out $(MODEL_DIR)
 
 lint: install
 	$(VENV)/bin/ruff check ray_worker tests bench
@@ -39,22 +55,22 @@ typecheck: install
 check: lint typecheck
 
 # Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start.
-test: install tiny-model
+test: install tiny-model redis-server
 	$(PY) -m pytest tests/unit tests/integration tests/e2e
 
 test-unit: install
 	$(PY) -m pytest tests/unit
 
-test-integration: install
+test-integration: install redis-server
 	$(PY) -m pytest tests/integration
 
-test-e2e: install tiny-model
+test-e2e: install tiny-model redis-server
 	$(PY) -m pytest tests/e2e
 
-demo: install tiny-model
-	$(PY) -m ray_worker.demo --model-dir $(MODEL_DIR)
+demo: install tiny-model redis-server
+	$(PY) -m ray_worker.dev.demo --model-dir $(MODEL_DIR)
 
-bench: install tiny-model
+bench: install tiny-model redis-server
 	$(PY) -m bench
 
 clean:
