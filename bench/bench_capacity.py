@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_worker import pct, summary_ms, timed_stream, wait_ready
-from ray_worker.protocol import PutRequest, ResponseMode
-from ray_worker.queue_client import QueueClient
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import PutRequest, ResponseMode
+from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
 from ray_worker.testing.ray_cluster import LocalRayCluster
 from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.serve_run import deployed_worker

@@ -41,7 +41,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from ray_worker.protocol import (
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import (
     PutRequest,
     ResponseMode,
     TakeRequest,
@@ -51,8 +52,7 @@ from ray_worker.protocol import (
     result_body,
     stream_key,
 )
-from ray_worker.queue_client import QueueClient
-from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
+from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.ray_cluster import LocalRayCluster
 from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.serve_run import deployed_worker
@@ -510,7 +510,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result["publisher"] = await publisher_figures()
     model_dir: Path | None = None
     if not args.quick:
-        from ray_worker.tiny_model import ensure_tiny_model
+        from ray_worker.dev.tiny_model import ensure_tiny_model
 
         model_dir = await asyncio.to_thread(ensure_tiny_model)
         # (a) first and alone: no Ray, no worker running beside it.

@@ -9,8 +9,9 @@ This module owns the operator-facing commands:
 - ``status``: fetch the poller's JSON status (``GET /<route_prefix>``) and summarise it;
 - ``emulator``, ``demo``, ``tiny-model``: hand their arguments to those modules' ``main``.
 
-It talks to Bella-Queue only through :class:`~ray_worker.queue_client.QueueClient` and to
-Redis only through :func:`ray_worker.publisher.ping`, so it never sees httpx or redis errors.
+It talks to Bella-Queue only through :class:`~ray_worker.bella.client.QueueClient` and to
+Redis only through :func:`ray_worker.eventbus.publisher.ping`, so it never sees httpx or
+redis errors.
 It must not print or log the API key or a Redis password (every line it prints is scrubbed of
 both, URLs go through ``protocol.redact_url``), and it must not start Ray.
 """
@@ -35,6 +36,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import SecretStr, ValidationError
 
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import EventBusConfig, redact_url
 from ray_worker.config import EnvSettings, WorkerAppArgs, load_app_args
 from ray_worker.errors import (
     AuthenticationError,
@@ -43,8 +46,6 @@ from ray_worker.errors import (
     EventBusUnavailableError,
     WorkerError,
 )
-from ray_worker.protocol import EventBusConfig, redact_url
-from ray_worker.queue_client import QueueClient
 
 __all__ = ["DEFAULT_STATUS_URL", "Check", "fetch_status", "format_status", "main"]
 
@@ -238,7 +239,7 @@ async def _check_eventbus(
     args: WorkerAppArgs, eventbus: EventBusConfig | None, timeout_s: float, secrets: list[str]
 ) -> Check:
     # Imported here: the publisher module imports Ray Serve, slow to load for a CLI.
-    from ray_worker.publisher import ping
+    from ray_worker.eventbus.publisher import ping
 
     name = "event bus"
     if os.environ.get("BELLA_EVENTBUS_URL"):
@@ -436,19 +437,19 @@ def _cmd_status(ns: argparse.Namespace) -> int:
 
 
 def _run_emulator(argv: list[str]) -> int:
-    from ray_worker.testing import emulator
+    from ray_worker.emulator import server as emulator
 
     return emulator.main(argv)
 
 
 def _run_demo(argv: list[str]) -> int:
-    from ray_worker import demo
+    from ray_worker.dev import demo
 
     return demo.main(argv)
 
 
 def _run_tiny_model(argv: list[str]) -> int:
-    from ray_worker import tiny_model
+    from ray_worker.dev import tiny_model
 
     return tiny_model.main(argv)
 

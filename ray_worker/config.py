@@ -26,8 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ray_worker.bella.protocol import Level, TakeStrategy, parse_full_queue_name
 from ray_worker.errors import ConfigError
-from ray_worker.protocol import Level, TakeStrategy, parse_full_queue_name
 
 __all__ = [
     "CapacityConfig",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from ray_worker.testing.emulator import EmulatorServer
+    from ray_worker.emulator.server import EmulatorServer
     from ray_worker.testing.redis_server import RedisServer
 
 EMULATOR_APIKEY = "test-key"
@@ -45,7 +45,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def emulator(redis_server: RedisServer) -> Iterator[EmulatorServer]:
     """A started ``EmulatorServer`` on ``redis_server`` accepting the key ``"test-key"``."""
-    from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
+    from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 
     config = EmulatorConfig(
         redis_url=redis_server.url,

@@ -20,6 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_model() -> Path:
     """Absolute path of the tiny model (built on first use, a few seconds)."""
     pytest.importorskip("vllm")
-    from ray_worker.tiny_model import DEFAULT_MODEL_DIR, ensure_tiny_model
+    from ray_worker.dev.tiny_model import DEFAULT_MODEL_DIR, ensure_tiny_model
 
     return ensure_tiny_model(REPO / DEFAULT_MODEL_DIR)

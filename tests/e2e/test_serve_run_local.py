@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ray_worker.protocol import BatchRequest, PutRequest, ResponseMode
-from ray_worker.queue_client import QueueClient
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.emulator import EmulatorServer
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for, wait_for_sync
 

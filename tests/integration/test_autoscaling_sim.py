@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from ray_worker.protocol import PutRequest, ResponseMode
-from ray_worker.queue_client import QueueClient
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import PutRequest, ResponseMode
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.emulator import EmulatorServer
 from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from ray_worker.cli import format_status, main
-from ray_worker.testing.emulator import EmulatorServer
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.integration

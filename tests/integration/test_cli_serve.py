@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ray_worker.protocol import PutRequest, ResponseMode
-from ray_worker.queue_client import QueueClient
-from ray_worker.testing.emulator import EmulatorServer
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import PutRequest, ResponseMode
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
 from ray_worker.testing.waiting import wait_for
 

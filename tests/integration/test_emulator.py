@@ -16,7 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     TASK_ID_RE,
     Task,
     completion_fields,
@@ -24,8 +24,8 @@ from ray_worker.protocol import (
     progress_fields,
     stream_key,
 )
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.emulator import EmulatorServer
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.waiting import wait_for
 
@@ -981,7 +981,7 @@ async def test_garbage_everywhere_keeps_the_emulator_serving(client: httpx.Async
 
 
 async def test_lazy_offline_loading(redis_server: RedisServer, unique_queue: str) -> None:
-    from ray_worker.testing.emulator import EmulatorConfig
+    from ray_worker.emulator.server import EmulatorConfig
 
     config = EmulatorConfig(redis_url=redis_server.url, port=0, lazy_offline_loading=True)
     with EmulatorServer(config) as lazy:
@@ -998,7 +998,7 @@ async def test_lazy_offline_loading(redis_server: RedisServer, unique_queue: str
 
 
 async def test_event_reader_survives_a_redis_restart(unique_queue: str) -> None:
-    from ray_worker.testing.emulator import EmulatorConfig
+    from ray_worker.emulator.server import EmulatorConfig
 
     with RedisServer() as own_redis:
         config = EmulatorConfig(redis_url=own_redis.url, port=0)
@@ -1026,7 +1026,7 @@ async def test_event_reader_survives_a_redis_restart(unique_queue: str) -> None:
 async def test_restart_keeps_port_and_queue_state(
     redis_server: RedisServer, unique_queue: str
 ) -> None:
-    from ray_worker.testing.emulator import EmulatorConfig
+    from ray_worker.emulator.server import EmulatorConfig
 
     with EmulatorServer(EmulatorConfig(redis_url=redis_server.url)) as emu:
         url, instance_id = emu.url, emu.instance_id

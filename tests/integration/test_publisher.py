@@ -15,8 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ray_worker.errors import EventBusUnavailableError
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     COMPLETION_EVENT,
     PROGRESS_EVENT,
     CompletionEvent,
@@ -27,7 +26,8 @@ from ray_worker.protocol import (
     progress_fields,
     stream_key,
 )
-from ray_worker.publisher import MARKER_PREFIX, EventPublisher, PublisherOptions
+from ray_worker.errors import EventBusUnavailableError
+from ray_worker.eventbus.publisher import MARKER_PREFIX, EventPublisher, PublisherOptions
 from ray_worker.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -282,7 +282,7 @@ async def test_give_up_after_outage_counts_dropped_completions(
 ) -> None:
     pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     server.kill()
-    caplog.set_level(logging.WARNING, logger="ray_worker.publisher")
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.publisher")
     await pub.publish([progress("gu", "TASK-P", i) for i in range(5)])
     await pub.publish([completion("gu", f"TASK-C{n}") for n in range(3)])
     await wait_for(lambda: pub.counters.dropped_completions == 3)
@@ -308,7 +308,7 @@ async def test_rejected_entry_is_counted_and_the_rest_applied(
 ) -> None:
     await redis.set(TOPIC + "not-a-stream", "x")
     pub = EventPublisher(server.url, FAST)
-    caplog.set_level(logging.WARNING, logger="ray_worker.publisher")
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.publisher")
     await pub.publish(
         [
             progress("ok", "TASK-1", 0),

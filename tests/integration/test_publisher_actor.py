@@ -12,8 +12,8 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from ray_worker.protocol import CompletionEvent, ProgressEvent, decode_event
-from ray_worker.publisher import PublisherClient, PublisherOptions, start_publisher_actor
+from ray_worker.bella.protocol import CompletionEvent, ProgressEvent, decode_event
+from ray_worker.eventbus.publisher import PublisherClient, PublisherOptions, start_publisher_actor
 from ray_worker.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
-from ray_worker.errors import AuthenticationError, BadRequestError, QueueUnavailableError
-from ray_worker.protocol import (
+from ray_worker.bella.client import BlockingResult, QueueClient, RetryPolicy, SSEEvent
+from ray_worker.bella.protocol import (
     BATCH_ID_RE,
     STREAM_DONE,
     TASK_ID_RE,
@@ -33,12 +33,12 @@ from ray_worker.protocol import (
     result_body,
     stream_key,
 )
-from ray_worker.queue_client import BlockingResult, QueueClient, RetryPolicy, SSEEvent
+from ray_worker.errors import AuthenticationError, BadRequestError, QueueUnavailableError
 from ray_worker.testing.redis_server import free_port
 from ray_worker.testing.waiting import wait_for
 
 if TYPE_CHECKING:
-    from ray_worker.testing.emulator import EmulatorServer
+    from ray_worker.emulator.server import EmulatorServer
     from ray_worker.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
-from ray_worker.llm_server import (
+from ray_worker.serve.llm_server import (
     PRIORITY_OFFLINE,
     PRIORITY_ONLINE,
     build_llm_deployment,

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from ray_worker.protocol import BatchRequest, PutRequest, ResponseMode
-from ray_worker.queue_client import QueueClient
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
+from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for

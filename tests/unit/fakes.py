@@ -24,8 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_worker.errors import EventBusUnavailableError, QueueUnavailableError
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     Level,
     ResponseMode,
     TakeRequest,
@@ -34,6 +33,7 @@ from ray_worker.protocol import (
     make_task_id,
     now_ms,
 )
+from ray_worker.errors import EventBusUnavailableError, QueueUnavailableError
 from ray_worker.testing.waiting import wait_for
 
 __all__ = [

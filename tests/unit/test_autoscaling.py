@@ -9,8 +9,13 @@ import pytest
 from fakes import Delay, until
 from test_poller import make, rigs, tasks_of  # noqa: F401 - fixtures
 
-from ray_worker.app import with_backlog_autoscaling
-from ray_worker.autoscaling import BACKLOG_METRIC, POLICY_PATH, backlog_policy, desired_replicas
+from ray_worker.serve.app import with_backlog_autoscaling
+from ray_worker.serve.autoscaling import (
+    BACKLOG_METRIC,
+    POLICY_PATH,
+    backlog_policy,
+    desired_replicas,
+)
 
 
 @dataclass

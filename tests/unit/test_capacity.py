@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from fakes import settle, until
 
-from ray_worker.capacity import CapacityTracker, ReplicaLoad
+from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
-from ray_worker.protocol import Level
+from ray_worker.worker.capacity import CapacityTracker, ReplicaLoad
 
 ONLINE, OFFLINE = Level.ONLINE, Level.OFFLINE
 

@@ -9,6 +9,7 @@ import pydantic
 import pytest
 import yaml
 
+from ray_worker.bella.protocol import Level, TakeStrategy
 from ray_worker.config import (
     CapacityConfig,
     DispatcherConfig,
@@ -20,7 +21,6 @@ from ray_worker.config import (
     load_app_args,
 )
 from ray_worker.errors import ConfigError
-from ray_worker.protocol import Level, TakeStrategy
 
 ENV_VARS = ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES", "BELLA_EVENTBUS_URL")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

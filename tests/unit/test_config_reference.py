@@ -1,4 +1,4 @@
-"""The committed configuration reference equals what ``ray_worker.config_reference`` renders."""
+"""The committed configuration reference equals what ``ray_worker.dev.config_reference`` renders."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from ray_worker import config
-from ray_worker.config_reference import MODELS, REGENERATE, render, render_model
+from ray_worker.dev.config_reference import MODELS, REGENERATE, render, render_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -23,9 +23,8 @@ from fakes import (
     until,
 )
 
-from ray_worker.capacity import CapacityTracker
+from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
 from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
-from ray_worker.dispatcher import Dispatcher
 from ray_worker.errors import (
     EngineError,
     EngineOverloadedError,
@@ -33,7 +32,8 @@ from ray_worker.errors import (
     QueueUnavailableError,
     ReplicaUnavailableError,
 )
-from ray_worker.protocol import STREAM_DONE, Level, ResponseMode, Task
+from ray_worker.worker.capacity import CapacityTracker
+from ray_worker.worker.dispatcher import Dispatcher
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING
@@ -582,7 +582,7 @@ async def test_complete_failure_is_logged_and_counted_not_raised(
 ) -> None:
     rig = Rig(completer=FakeCompleter(fail_times=1))
     task = make_task(CALLBACK)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.dispatcher"):
+    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
         await rig.run(task)
     assert rig.completer.attempts == [task.task_id]
     assert rig.dispatcher.metrics.total("complete_failures") == 1
@@ -598,7 +598,7 @@ async def test_completion_event_failure_is_logged_and_counted_not_raised(
 ) -> None:
     rig = Rig(events=FakeEventSink(fail_completions=1))
     task = make_task(BLOCKING)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.dispatcher"):
+    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
         await rig.run(task)
     assert rig.events.completion_attempts == 1
     assert rig.dispatcher.metrics.total("publish_failures", kind="completion") == 1
@@ -614,7 +614,7 @@ async def test_failed_resend_of_a_redelivered_answer_is_not_raised(
     await rig.run(task)
     rig.completer.fail_times = 1
     rig.completer.error = QueueUnavailableError("down", 503)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.dispatcher"):
+    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
         assert rig.submit(task)
         await rig.idle()
     assert "crashed" not in caplog.text
@@ -627,7 +627,7 @@ async def test_event_bus_failure_at_done_still_answers_once(
     rig = Rig(events=FakeEventSink(fail_progress=lambda data: data == STREAM_DONE))
     rig.engines.script(*CHUNKS)
     task = make_task(STREAMING)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.dispatcher"):
+    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
         await rig.run(task)
     assert len(rig.events.completions_of(task.task_id)) == 1
     assert "crashed" not in caplog.text

@@ -7,15 +7,15 @@ import re
 
 import pytest
 
-from ray_worker.protocol import TASK_ID_RE, Level, ResponseMode, make_task_id, sse_data
-from ray_worker.testing.emulator import (
+from ray_worker.bella.protocol import TASK_ID_RE, Level, ResponseMode, make_task_id, sse_data
+from ray_worker.emulator.batches import parse_completion_window
+from ray_worker.emulator.server import (
     EmulatorConfig,
     _parse_multipart,
     _result_status,
     format_sse,
 )
-from ray_worker.testing.emulator_batches import parse_completion_window
-from ray_worker.testing.emulator_store import ApiError, parse_task_id
+from ray_worker.emulator.store import ApiError, parse_task_id
 from ray_worker.testing.waiting import wait_for, wait_for_sync
 
 

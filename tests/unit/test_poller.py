@@ -22,12 +22,12 @@ from fakes import (
     until,
 )
 
-from ray_worker.capacity import CapacityTracker
+from ray_worker.bella.protocol import Level, TakeRequest, TakeStrategy, Task
 from ray_worker.config import CapacityConfig, DispatcherConfig, PollerConfig, QueueSpec
-from ray_worker.dispatcher import Dispatcher
 from ray_worker.errors import AuthenticationError, QueueUnavailableError
-from ray_worker.poller import Poller, Pool, make_pools
-from ray_worker.protocol import Level, TakeRequest, TakeStrategy, Task
+from ray_worker.worker.capacity import CapacityTracker
+from ray_worker.worker.dispatcher import Dispatcher
+from ray_worker.worker.poller import Poller, Pool, make_pools
 
 IDLE_0, IDLE_MAX = 0.001, 0.004
 ERR_0, ERR_MAX = 0.001, 0.004

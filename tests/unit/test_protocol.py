@@ -1,4 +1,4 @@
-"""Golden-fixture and property tests of ``ray_worker.protocol`` (the wire spec as models)."""
+"""Golden-fixture and property tests of ``ray_worker.bella.protocol`` (the wire spec as models)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from ray_worker import protocol
-from ray_worker.errors import InvalidTaskError, ModelNotFoundError
-from ray_worker.protocol import (
+from ray_worker.bella import protocol
+from ray_worker.bella.protocol import (
     BATCH_ID_RE,
     COMPLETION_EVENT,
     PROGRESS_EVENT,
@@ -50,6 +49,7 @@ from ray_worker.protocol import (
     sse_data,
     validate_queue_name,
 )
+from ray_worker.errors import InvalidTaskError, ModelNotFoundError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -243,7 +243,7 @@ def test_inbound_models_ignore_unknown_fields(name: str, model: type[BaseModel])
 
 def test_task_ignores_unknown_fields_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     entry = load("take_response_online.json")["deepseek-r1:0"][0]
-    caplog.set_level(logging.INFO, logger="ray_worker.protocol")
+    caplog.set_level(logging.INFO, logger="ray_worker.bella.protocol")
     protocol._warned_unknown.clear()
     for _ in range(3):
         task = Task.model_validate({**entry, "worker_hint_zz": "x"})
@@ -253,7 +253,7 @@ def test_task_ignores_unknown_fields_and_logs_once(caplog: pytest.LogCaptureFixt
 
 
 def test_aliased_event_fields_are_not_reported_unknown(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="ray_worker.protocol")
+    caplog.set_level(logging.INFO, logger="ray_worker.bella.protocol")
     protocol._warned_unknown.clear()
     decode_event(load("event_progress_chunk.json"))
     decode_event(load("event_completion.json"))

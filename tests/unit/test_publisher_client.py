@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
+from ray_worker.bella.protocol import CompletionEvent, ProgressEvent, decode_event
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.protocol import CompletionEvent, ProgressEvent, decode_event
-from ray_worker.publisher import PublisherClient
+from ray_worker.eventbus.publisher import PublisherClient
 
 Batch = list[tuple[str, dict[str, str]]]
 

@@ -1,4 +1,4 @@
-"""Unit tests of ``ray_worker.queue_client`` through ``httpx.MockTransport`` (no network)."""
+"""Unit tests of ``ray_worker.bella.client`` through ``httpx.MockTransport`` (no network)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ray_worker.errors import (
-    AuthenticationError,
-    BadRequestError,
-    PermanentError,
-    QueueUnavailableError,
-    RetryableError,
-)
-from ray_worker.protocol import (
-    Batch,
-    BatchRequest,
-    PutRequest,
-    ResponseMode,
-    TakeRequest,
-    TakeStrategy,
-)
-from ray_worker.queue_client import (
+from ray_worker.bella.client import (
     ONLINE_WAIT_MARGIN_S,
     QUEUE_NAME_HEADER,
     BlockingResult,
@@ -35,6 +20,21 @@ from ray_worker.queue_client import (
     RetryPolicy,
     SSEEvent,
     online_wait_s,
+)
+from ray_worker.bella.protocol import (
+    Batch,
+    BatchRequest,
+    PutRequest,
+    ResponseMode,
+    TakeRequest,
+    TakeStrategy,
+)
+from ray_worker.errors import (
+    AuthenticationError,
+    BadRequestError,
+    PermanentError,
+    QueueUnavailableError,
+    RetryableError,
 )
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -600,7 +600,7 @@ async def test_take_skips_unreadable_tasks_without_logging_secrets(
     no_id = {k: v for k, v in good.items() if k != "task_id"} | {"ak": "sk-producer-2"}
     body = {"deepseek-r1:0": [bad_mode, good, no_id, "junk"]}
     client, _ = client_for(Recorder(json_response(200, body)))
-    caplog.set_level(logging.ERROR, logger="ray_worker.queue_client")
+    caplog.set_level(logging.ERROR, logger="ray_worker.bella.client")
     response = await client.take(TakeRequest(queues=["deepseek-r1:0"], size=4))
     assert [t.task_id for t in response.all_tasks()] == [good["task_id"]]
     skipped = [r for r in caplog.records if "skipping unreadable task" in r.getMessage()]
@@ -672,7 +672,7 @@ async def test_complete_retries_retryable_faults(
 ) -> None:
     recorder = Recorder(fault, fault, string_literal(200, TASK_ID))
     client, delays = client_for(recorder, attempts=4)
-    caplog.set_level(logging.WARNING, logger="ray_worker.queue_client")
+    caplog.set_level(logging.WARNING, logger="ray_worker.bella.client")
     await client.complete(TASK_ID, {"status_code": 200, "request_id": TASK_ID})
     assert len(recorder.requests) == 3
     assert all(recorder.body(i) == recorder.body(0) for i in range(3))

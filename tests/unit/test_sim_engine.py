@@ -21,8 +21,8 @@ from ray_worker.errors import (
     InvalidTaskError,
     ModelNotFoundError,
 )
-from ray_worker.llm_server import _TaskServingMixin, error_from_openai_body
-from ray_worker.testing.sim_engine import SimEngine, SimEngineSettings
+from ray_worker.serve.llm_server import _TaskServingMixin, error_from_openai_body
+from ray_worker.serve.sim_engine import SimEngine, SimEngineSettings
 from ray_worker.testing.waiting import wait_for
 
 CHAT = "/v1/chat/completions"

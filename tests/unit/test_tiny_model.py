@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_worker import tiny_model
+from ray_worker.dev import tiny_model
 
 
 @pytest.fixture(scope="module")

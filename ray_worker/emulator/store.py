@@ -32,7 +32,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     FIFO_TAKE_CAP,
     SEQUENTIAL_LOCK_TTL_S,
     Level,

@@ -3,7 +3,7 @@
 This module owns the emulator's HTTP surface (a Starlette app: auth, envelopes, status codes,
 blocking and streaming puts answered from the event bus, callback delivery), its
 configuration, an :class:`EmulatorServer` that runs it under uvicorn in a background thread
-for tests, notebooks and the demo, and the ``python -m ray_worker.testing.emulator`` CLI.
+for tests, notebooks and the demo, and the ``python -m ray_worker.emulator.server`` CLI.
 Queue semantics live in :mod:`emulator_store`, the event-bus reader in :mod:`emulator_events`,
 files and batches in :mod:`emulator_batches`.
 
@@ -50,7 +50,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     DEFAULT_PUT_TIMEOUT_S,
     ONLINE_MAX_WAIT_S,
     CompletionEvent,
@@ -64,9 +64,9 @@ from ray_worker.protocol import (
     redact_url,
     sse_data,
 )
-from ray_worker.testing.emulator_batches import BatchManager, FileStore
-from ray_worker.testing.emulator_events import EventBusReader, StreamEvent
-from ray_worker.testing.emulator_store import (
+from ray_worker.emulator.batches import BatchManager, FileStore
+from ray_worker.emulator.events import EventBusReader, StreamEvent
+from ray_worker.emulator.store import (
     ApiError,
     CompletedTask,
     QueueMeta,
@@ -926,7 +926,7 @@ class _ForegroundServer(uvicorn.Server):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ray_worker.testing.emulator",
+        prog="python -m ray_worker.emulator.server",
         description="Run a local Bella-Queue emulator over a real Redis.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")

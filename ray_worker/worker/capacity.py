@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
-from ray_worker.protocol import Level
 
 __all__ = ["CapacityTracker", "ModelCapacity", "ReplicaLoad"]
 

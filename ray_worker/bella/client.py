@@ -37,8 +37,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from ray_worker.errors import AuthenticationError, BadRequestError, QueueUnavailableError
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     DEFAULT_PUT_TIMEOUT_S,
     ONLINE_MAX_WAIT_S,
     Batch,
@@ -51,6 +50,7 @@ from ray_worker.protocol import (
     TakeResponse,
     Task,
 )
+from ray_worker.errors import AuthenticationError, BadRequestError, QueueUnavailableError
 
 logger = logging.getLogger(__name__)
 

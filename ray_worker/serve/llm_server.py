@@ -15,7 +15,7 @@ Engines are injected the way Ray LLM injects them (``LLMServer._get_default_engi
 ``engine_cls=``): the vLLM engine is ``BellaVLLMEngine`` (Ray's ``VLLMEngine`` plus abort by
 request id and a stat logger for the load report); an ``LLMConfig`` whose
 ``experimental_configs`` holds the key ``bella_sim_engine`` runs the simulated engine of
-``ray_worker.testing.sim_engine`` instead, with the same entry points.
+``ray_worker.serve.sim_engine`` instead, with the same entry points.
 
 Importing this module is cheap: ``ray.serve.llm`` imports vLLM (about 6-8 s and 700 MB here), so
 ``BellaLLMServer`` and ``BellaVLLMEngine`` are created on first attribute access (module
@@ -342,7 +342,7 @@ class _TaskServingMixin:
             llm_config, engine_cls=engine_cls, model_downloader=model_downloader
         )
         if load_report_interval_s:
-            from ray_worker.replicas import LoadReporter
+            from ray_worker.serve.handles import LoadReporter
 
             self._load_reporter = LoadReporter(self.get_load, load_report_interval_s)
             self._load_reporter.start()
@@ -359,7 +359,7 @@ class _TaskServingMixin:
 
     def _get_default_engine_class(self) -> Any:
         if _sim_settings(self._llm_config) is not None:
-            from ray_worker.testing.sim_engine import SimEngine
+            from ray_worker.serve.sim_engine import SimEngine
 
             return SimEngine
         if os.environ.get("RAYLLM_VLLM_ENGINE_CLS"):
@@ -399,9 +399,10 @@ class _TaskServingMixin:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve custom autoscaling metrics: the backlog the poller sees for this model.
 
-        Read by ``ray_worker.autoscaling.backlog_policy``; 0 until the poller answers a report.
+        Read by ``ray_worker.serve.autoscaling.backlog_policy``; 0 until the poller answers a
+        report.
         """
-        from ray_worker.autoscaling import BACKLOG_METRIC
+        from ray_worker.serve.autoscaling import BACKLOG_METRIC
 
         reporter = getattr(self, "_load_reporter", None)
         return {BACKLOG_METRIC: float(reporter.backlog) if reporter is not None else 0.0}
@@ -705,7 +706,7 @@ def _make_server_class() -> type:
             "__qualname__": "BellaLLMServer",
             "__doc__": (
                 "Ray Serve LLM server running Bella tasks: ``run_task``, ``abort``, "
-                "``get_load`` (see ``ray_worker.llm_server``)."
+                "``get_load`` (see ``ray_worker.serve.llm_server``)."
             ),
         },
     )
@@ -795,7 +796,7 @@ def build_llm_deployment(
     ``with_worker_defaults``. The deployment is named ``name`` (default: the model id with
     ``/`` and ``.`` replaced, as Ray LLM does). With ``load_report_interval_s``, every replica
     pushes ``get_load()`` to the app's ``QueuePoller`` at that interval
-    (``ray_worker.replicas.LoadReporter``).
+    (``ray_worker.serve.handles.LoadReporter``).
     """
     from ray.serve.llm import build_llm_deployment as ray_build_llm_deployment
 

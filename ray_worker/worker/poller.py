@@ -11,7 +11,7 @@ capacity they draw on (a *pool*); each pool runs one loop:
 - with no capacity, wait until a task finishes or a replica reports more room.
 
 It must not run tasks (the dispatcher does) nor talk to Ray: ``QueuePoller`` in
-``ray_worker.app`` is the thin Serve deployment around it.
+``ray_worker.serve.app`` is the thin Serve deployment around it.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ray_worker.capacity import CapacityTracker
+from ray_worker.bella.protocol import FIFO_TAKE_CAP, Level, TakeRequest, TakeResponse, TakeStrategy
 from ray_worker.config import PollerConfig, QueueSpec
-from ray_worker.dispatcher import Dispatcher
 from ray_worker.errors import AuthenticationError, WorkerError
 from ray_worker.metrics import WorkerMetrics
-from ray_worker.protocol import FIFO_TAKE_CAP, Level, TakeRequest, TakeResponse, TakeStrategy
+from ray_worker.worker.capacity import CapacityTracker
+from ray_worker.worker.dispatcher import Dispatcher
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_worker.protocol import BatchRequest, PutRequest, ResponseMode
-from ray_worker.queue_client import QueueClient
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
+from ray_worker.dev.tiny_model import DEFAULT_MODEL_DIR, ensure_tiny_model
+from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.emulator import EmulatorConfig, EmulatorServer
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
-from ray_worker.tiny_model import DEFAULT_MODEL_DIR, ensure_tiny_model
 
 __all__ = ["main"]
 

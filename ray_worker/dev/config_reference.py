@@ -4,7 +4,7 @@ This module owns rendering every configuration model (the Serve app ``args`` and
 environment contract) as Markdown tables: field, type, default, description. The committed
 ``docs/configuration.md`` is its output, and a unit test keeps the two equal; regenerate with
 
-    python -m ray_worker.config_reference > docs/configuration.md
+    python -m ray_worker.dev.config_reference > docs/configuration.md
 
 It must not hold configuration knowledge of its own: every word of the tables comes from the
 models' fields and docstrings, so the reference cannot drift from the code.
@@ -35,7 +35,7 @@ from ray_worker.config import (
 
 __all__ = ["MODELS", "render", "render_model"]
 
-REGENERATE = "python -m ray_worker.config_reference > docs/configuration.md"
+REGENERATE = "python -m ray_worker.dev.config_reference > docs/configuration.md"
 
 MODELS: tuple[type[BaseModel], ...] = (
     WorkerAppArgs,

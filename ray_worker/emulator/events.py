@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from ray_worker.protocol import CompletionEvent, ProgressEvent, decode_event, now_ms
+from ray_worker.bella.protocol import CompletionEvent, ProgressEvent, decode_event, now_ms
 
 logger = logging.getLogger(__name__)
 

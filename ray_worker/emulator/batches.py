@@ -25,7 +25,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     Level,
     ResponseMode,
     Task,
@@ -33,7 +33,7 @@ from ray_worker.protocol import (
     make_batch_id,
     now_ms,
 )
-from ray_worker.testing.emulator_store import (
+from ray_worker.emulator.store import (
     PREFIX,
     CompletedTask,
     QueueMeta,

@@ -27,7 +27,7 @@ __all__ = ["BACKLOG_METRIC", "POLICY_PATH", "backlog_policy", "desired_replicas"
 
 BACKLOG_METRIC = "bella_backlog"
 """Custom autoscaling metric each LLM replica reports (``record_autoscaling_stats``)."""
-POLICY_PATH = "ray_worker.autoscaling:backlog_policy"
+POLICY_PATH = "ray_worker.serve.autoscaling:backlog_policy"
 
 
 def desired_replicas(ongoing: float, backlog: float, target_per_replica: float) -> float:

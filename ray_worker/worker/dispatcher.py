@@ -26,7 +26,15 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, Protocol
 
-from ray_worker.capacity import CapacityTracker
+from ray_worker.bella.protocol import (
+    ONLINE_MAX_WAIT_S,
+    STREAM_DONE,
+    Level,
+    ResponseMode,
+    Task,
+    now_ms,
+    result_body,
+)
 from ray_worker.config import DispatcherConfig, QueueSpec
 from ray_worker.errors import (
     EngineError,
@@ -39,15 +47,7 @@ from ray_worker.errors import (
     WorkerError,
 )
 from ray_worker.metrics import WorkerMetrics, status_class
-from ray_worker.protocol import (
-    ONLINE_MAX_WAIT_S,
-    STREAM_DONE,
-    Level,
-    ResponseMode,
-    Task,
-    now_ms,
-    result_body,
-)
+from ray_worker.worker.capacity import CapacityTracker
 
 logger = logging.getLogger(__name__)
 

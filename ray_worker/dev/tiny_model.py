@@ -8,7 +8,7 @@ with seeded random weights, saved as safetensors with a ChatML chat template, so
 It must not be imported by the worker's serving path: it pulls in torch and transformers, and a
 production deployment points its ``LLMConfig`` at a real model instead.
 
-Run ``python -m ray_worker.tiny_model --out .models/tiny-llama``; a complete directory is left
+Run ``python -m ray_worker.dev.tiny_model --out .models/tiny-llama``; a complete directory is left
 alone (pass ``--force`` to rebuild).
 """
 
@@ -219,7 +219,7 @@ def ensure_tiny_model(path: Path | str = DEFAULT_MODEL_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``python -m ray_worker.tiny_model [--out DIR] [--force]``."""
+    """CLI entry point: ``python -m ray_worker.dev.tiny_model [--out DIR] [--force]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="target directory")
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")

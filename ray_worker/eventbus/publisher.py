@@ -90,10 +90,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ray_worker.config import PublisherOptions
-from ray_worker.errors import EventBusUnavailableError
-from ray_worker.metrics import WorkerMetrics
-from ray_worker.protocol import (
+from ray_worker.bella.protocol import (
     COMPLETION_EVENT,
     completion_fields,
     event_minid,
@@ -101,6 +98,9 @@ from ray_worker.protocol import (
     redact_url,
     stream_key,
 )
+from ray_worker.config import PublisherOptions
+from ray_worker.errors import EventBusUnavailableError
+from ray_worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 

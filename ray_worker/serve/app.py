@@ -1,0 +1,335 @@
+"""The Serve application: ``serve run configs/<name>.yaml`` builds it with ``build_app``.
+
+This module owns the application graph and the ``QueuePoller`` deployment, a thin wrapper
+that wires the plain classes together inside one replica:
+
+    QueuePoller ── Poller ── Dispatcher ──▶ LLM deployments (BellaLLMServer, one per model)
+         │                      └─────────▶ RedisPublisher actor (event bus; owned by the
+         │                                  poller, so it outlives the drain) / QueueClient
+         └── CapacityTracker ◀── load reports pushed by every LLM replica
+
+It must not hold business logic: that lives in ``poller``, ``dispatcher`` and ``capacity``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from typing import Any, cast
+
+import ray
+from pydantic import SecretStr
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ray_worker.bella.client import QueueClient, RetryPolicy
+from ray_worker.config import EnvSettings, WorkerAppArgs
+from ray_worker.errors import (
+    BadRequestError,
+    ConfigError,
+    EventBusUnavailableError,
+    WorkerError,
+)
+from ray_worker.eventbus.publisher import PublisherClient, start_publisher_actor
+from ray_worker.metrics import WorkerMetrics
+from ray_worker.serve.autoscaling import POLICY_PATH
+from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeEngines
+from ray_worker.worker.capacity import CapacityTracker
+from ray_worker.worker.dispatcher import Dispatcher
+from ray_worker.worker.poller import Poller, make_pools
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QueuePoller", "build_app"]
+
+_STATUS_GAUGE_PERIOD_S = 1.0
+
+
+@serve.deployment(
+    name=POLLER_DEPLOYMENT,
+    num_replicas=1,
+    max_ongoing_requests=100_000,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=90,
+    # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
+    ray_actor_options={"num_cpus": 0},
+    # Replicas report load every 0.5 s and publishes are per batch: no access log per call.
+    logging_config={"enable_access_log": False},
+)
+class QueuePoller:
+    """Takes tasks, runs them on the LLM deployments and answers them. One replica only."""
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        apikey: SecretStr,
+        llm_handles: dict[str, DeploymentHandle[Any]],
+    ) -> None:
+        self.args = WorkerAppArgs.model_validate(args)
+        queue_url = self.args.queue_url
+        if queue_url is None:  # resolved() guarantees it; kept for the type checker
+            raise ConfigError("queue_url is not set")
+        self.metrics = WorkerMetrics()
+        self.capacity = CapacityTracker(self.args.capacity, self.args.model_ids())
+        dispatch = self.args.dispatcher
+        self.client = QueueClient(
+            queue_url,
+            apikey,
+            timeout_s=self.args.poller.take_timeout_s,
+            complete_retry=RetryPolicy(
+                attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
+            ),
+        )
+        self.publisher: Any = None  # the RedisPublisher actor, started once the bus is known
+        self.events = PublisherClient(self._send_events)
+        self.dispatcher = Dispatcher(
+            engines=ServeEngines(llm_handles, batch_interval_ms=dispatch.stream_batch_interval_ms),
+            events=self.events,
+            completer=self.client,
+            capacity=self.capacity,
+            queues=self.args.queues,
+            served_models=self.args.model_ids(),
+            config=dispatch,
+            metrics=self.metrics,
+        )
+        pools = make_pools(
+            self.args.queues, {q.name: self.args.queue_model(q) for q in self.args.queues}
+        )
+        scale_to_zero = set(self.args.scale_to_zero_models())
+        for pool in pools:
+            pool.probe_at_zero = pool.model_id in scale_to_zero
+        self.poller = Poller(
+            taker=self.client,
+            dispatcher=self.dispatcher,
+            capacity=self.capacity,
+            pools=pools,
+            config=self.args.poller,
+            metrics=self.metrics,
+        )
+        self.state = "starting"
+        self._eventbus_url: str | None = None
+        self._complete_retries_seen = 0
+        self.startup_error: str | None = None
+        self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
+        self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
+
+    async def _send_events(self, batch: list[tuple[str, dict[str, str]]]) -> None:
+        """Hand a batch to the RedisPublisher actor this replica owns.
+
+        The actor is ours rather than a Serve deployment because Serve tears an app's
+        deployments down together: a publisher deployment could be gone while this replica
+        still answers its last tasks during its drain.
+        """
+        if self.publisher is None:
+            raise EventBusUnavailableError("the event-bus publisher is not started yet")
+        try:
+            await self.publisher.publish.remote(batch)
+        except RayActorError:
+            # The actor died (and with it what it had buffered): start a new one and resend
+            # this batch; PublisherClient retries the send if this fails too.
+            logger.error("event-bus publisher actor died; starting a new one")
+            self.publisher = start_publisher_actor(
+                self._eventbus_url, self.events.topic, self.args.publisher
+            )
+            await self.publisher.publish.remote(batch)
+
+    async def _start(self) -> None:
+        """Register queues (optional), find the event bus, configure the publisher, poll."""
+        if self.args.register_queues:
+            await self._register_queues()
+        wait = 0.5
+        while True:
+            try:
+                eventbus = await self.client.eventbus()
+                break
+            except WorkerError as err:
+                self.startup_error = f"GET /v1/queue/eventbus failed: {err}"
+                self.state = "waiting for Bella-Queue"
+                logger.warning("%s; retrying in %.1fs", self.startup_error, wait)
+                await asyncio.sleep(wait * random.uniform(0.75, 1.25))
+                wait = min(wait * 2, 10.0)
+        url = self.args.eventbus_url or eventbus.url
+        self._eventbus_url = url
+        self.events.topic = eventbus.topic
+        self.publisher = start_publisher_actor(url, eventbus.topic, self.args.publisher)
+        await self.publisher.topic.remote()  # started and reachable
+        self.startup_error = None
+        self.state = "running"
+        logger.info(
+            "polling %s with %s", [q.name for q in self.args.queues], self.args.poller.strategy
+        )
+        self.poller.start()
+
+    async def _register_queues(self) -> None:
+        endpoint = "/v1/chat/completions"
+        for base in dict.fromkeys(q.base for q in self.args.queues):
+            try:
+                await self.client.register(base, endpoint)
+                logger.info("registered queue %s", base)
+            except BadRequestError:
+                pass  # already registered
+            except WorkerError as err:
+                logger.warning("could not register queue %s: %s", base, err)
+
+    async def _export_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(_STATUS_GAUGE_PERIOD_S)
+            for model_id, snap in self.capacity.snapshot().items():
+                self.metrics.set("replicas", snap["replicas"], model=model_id)
+                self.metrics.set(
+                    "tasks_in_flight",
+                    snap["in_flight_online"] + snap["in_flight_offline"],
+                    model=model_id,
+                )
+                self.metrics.set("remaining_capacity", snap["remaining_online"], model=model_id)
+            retries = self.client.counters.complete_retries
+            if retries > self._complete_retries_seen:
+                self.metrics.inc("complete_retries", retries - self._complete_retries_seen)
+                self._complete_retries_seen = retries
+
+    # -- methods called through handles and HTTP -----------------------------------------
+
+    async def report_load(self, load: dict[str, Any]) -> dict[str, Any]:
+        """An LLM replica's load report (pushed every ``load_report_interval_s``).
+
+        The answer carries the backlog of the replica's model, which the replica reports to
+        the autoscaling policy (``ray_worker.serve.autoscaling``).
+        """
+        self.capacity.report(load)
+        model_id = str(load.get("model_id", ""))
+        return {"backlog": self.poller.backlog(model_id) if model_id else 0}
+
+    async def status(self) -> dict[str, Any]:
+        """The worker's state: per pool take state and capacity."""
+        return {
+            "state": self.state,
+            "startup_error": self.startup_error,
+            "queues": [q.name for q in self.args.queues],
+            "strategy": self.args.poller.strategy.value,
+            **self.poller.status(),
+            "answered": {
+                cls: int(self.metrics.total("tasks_completed", status=cls))
+                for cls in ("2xx", "4xx", "5xx")
+            },
+            "duplicates": int(self.metrics.total("duplicates")),
+            "latency_mean_s": {
+                name: self.metrics.mean(name)
+                for name in ("take_latency_s", "put_to_start_s", "time_to_first_event_s")
+            },
+            "complete_retries": self.client.counters.complete_retries,
+            "events": self.events.stats(),
+        }
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        """``GET /<route_prefix>``: the status as JSON."""
+        return JSONResponse(await self.status())
+
+    async def check_health(self) -> None:
+        """Serve health check: fails when start-up or a take loop died."""
+        if self._main.done() and not self._main.cancelled() and self._main.exception():
+            raise RuntimeError(f"start-up failed: {self._main.exception()!r}")
+        failure = self.poller.failure()
+        if failure is not None:
+            raise RuntimeError(f"a take loop died: {failure!r}")
+
+    async def __del__(self) -> None:
+        """Drain: stop taking, let in-flight tasks finish, answer the rest, close clients."""
+        self.state = "draining"
+        self._main.cancel()
+        self._gauges.cancel()
+        await self.poller.stop()
+        cut = await self.dispatcher.drain(self.args.poller.drain_timeout_s)
+        if cut:
+            logger.warning("%d tasks were cut short by shutdown and answered 503", cut)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.events.flush(), 10)
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.aclose.remote()
+            ray.kill(self.publisher)
+        await self.client.aclose()
+        self.state = "stopped"
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Typed app builder for ``serve run``: validates ``args`` as ``WorkerAppArgs``."""
+    from ray_worker.serve.llm_server import build_llm_deployment
+
+    app_args = WorkerAppArgs.model_validate(args).resolved()
+    apikey = EnvSettings().require_apikey()
+    configs = [
+        with_backlog_autoscaling(c, app_args.capacity.target_ratio) for c in app_args.llm_configs
+    ]
+    if app_args.engine == "vllm":
+        configs = [_local_model_source(c) for c in configs]
+    app_args = app_args.model_copy(update={"llm_configs": configs})
+    llm_apps = {
+        model_id: build_llm_deployment(
+            cfg,
+            engine=app_args.engine,
+            load_report_interval_s=app_args.capacity.load_report_interval_s,
+        )
+        for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
+    }
+    # Serve's decorator hides .bind from the type checker; the bound graph is an Application.
+    poller = cast(Any, QueuePoller).bind(app_args.model_dump(mode="json"), apikey, llm_apps)
+    return cast(Application, poller)
+
+
+def _local_model_source(llm_config: dict[str, Any]) -> dict[str, Any]:
+    """Resolve a relative local ``model_source`` against the cwd of ``serve run``.
+
+    Ray workers run elsewhere, so they need an absolute path. A missing local path is a clear
+    error that says how to build the tiny test model (the worker never builds models itself).
+    """
+    loading = dict(llm_config.get("model_loading_config") or {})
+    source = loading.get("model_source")
+    if not isinstance(source, str) or not source.startswith((".", "/", "~")):
+        return llm_config  # a hub id or an object-store URI: vLLM resolves it
+    from pathlib import Path
+
+    path = Path(source).expanduser().resolve()
+    if not (path / "config.json").exists():
+        raise ConfigError(
+            f"model_source {source!r} does not exist ({path}); "
+            "for the tiny test model run `make tiny-model` or `ray-worker tiny-model`"
+        )
+    loading["model_source"] = str(path)
+    return {**llm_config, "model_loading_config": loading}
+
+
+def with_backlog_autoscaling(llm_config: dict[str, Any], target_ratio: float) -> dict[str, Any]:
+    """Default an autoscaled LLM deployment to the backlog policy and the worker's target.
+
+    Only where the operator chose neither: an explicit ``policy`` or
+    ``target_ongoing_requests`` in ``autoscaling_config`` is kept as written.
+    """
+    deployment = dict(llm_config.get("deployment_config") or {})
+    autoscaling = deployment.get("autoscaling_config")
+    if not isinstance(autoscaling, dict):
+        return llm_config
+    autoscaling = dict(autoscaling)
+    autoscaling.setdefault("policy", {"policy_function": POLICY_PATH})
+    if "target_ongoing_requests" not in autoscaling:
+        autoscaling["target_ongoing_requests"] = max(
+            1, math.ceil(_max_num_seqs(llm_config) * target_ratio)
+        )
+    deployment["autoscaling_config"] = autoscaling
+    return {**llm_config, "deployment_config": deployment}
+
+
+def _max_num_seqs(llm_config: dict[str, Any]) -> int:
+    experimental = llm_config.get("experimental_configs") or {}
+    sim = experimental.get("bella_sim_engine") if isinstance(experimental, dict) else None
+    if isinstance(sim, dict) and "max_num_seqs" in sim:
+        return int(sim["max_num_seqs"])
+    engine_kwargs = llm_config.get("engine_kwargs") or {}
+    return int(engine_kwargs.get("max_num_seqs", 256))  # vLLM's default
