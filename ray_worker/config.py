@@ -36,6 +36,7 @@ __all__ = [
     "PollerConfig",
     "PublisherOptions",
     "QueueSpec",
+    "RunnerSettings",
     "WorkerAppArgs",
     "load_app_args",
 ]
@@ -243,6 +244,25 @@ class PublisherOptions(_Frozen):
         return self
 
 
+class RunnerSettings(_Frozen):
+    """What each LLM replica's task runner needs to answer tasks itself (from ``WorkerAppArgs``)."""
+
+    queue_url: str = Field(description="Bella-Queue base URL (HTTP complete, event-bus lookup).")
+    eventbus_url: str | None = Field(
+        default=None, description="Redis URL for events instead of the one the server reports."
+    )
+    dispatcher: DispatcherConfig = Field(
+        default_factory=DispatcherConfig, description="Task execution."
+    )
+    publisher: PublisherOptions = Field(default_factory=PublisherOptions, description="Event bus.")
+    drain_timeout_s: float = Field(
+        default=20.0, gt=0, description="How long a stopping replica lets its tasks finish."
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, description="HTTP timeout of one call to Bella-Queue."
+    )
+
+
 class WorkerAppArgs(_Frozen):
     """The ``args`` of ``ray_worker.app:build_app`` in a Serve config file."""
 
@@ -352,6 +372,19 @@ class WorkerAppArgs(_Frozen):
             if isinstance(autoscaling, dict) and autoscaling.get("min_replicas", 1) == 0:
                 out.append(model_id)
         return out
+
+    def runner_settings(self) -> RunnerSettings:
+        """The settings every LLM replica's task runner gets."""
+        if not self.queue_url:
+            raise ConfigError("set BELLA_QUEUE_URL or queue_url: the Bella-Queue base URL")
+        return RunnerSettings(
+            queue_url=self.queue_url,
+            eventbus_url=self.eventbus_url,
+            dispatcher=self.dispatcher,
+            publisher=self.publisher,
+            drain_timeout_s=self.poller.drain_timeout_s,
+            request_timeout_s=self.poller.take_timeout_s,
+        )
 
     def queue_model(self, queue: QueueSpec) -> str:
         """The deployment a queue draws on: its own model, or the only one served."""

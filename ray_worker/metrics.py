@@ -34,6 +34,8 @@ METRIC_NAMES = {
     "complete_retries": "bella_worker_complete_retries_total",
     "complete_failures": "bella_worker_complete_failures_total",
     "duplicates": "bella_worker_duplicate_tasks_total",
+    "left_for_redelivery": "bella_worker_left_for_redelivery_total",
+    "replica_failures": "bella_worker_replica_failures_total",
 }
 
 
@@ -115,6 +117,16 @@ class WorkerMetrics:
             ),
             "duplicates": rm.Counter(
                 n["duplicates"], "Redelivered tasks recognised as duplicates.", tag_keys=()
+            ),
+            "left_for_redelivery": rm.Counter(
+                n["left_for_redelivery"],
+                "Level-1 tasks a stop cut short, left unanswered for the server's redelivery.",
+                tag_keys=(),
+            ),
+            "replica_failures": rm.Counter(
+                n["replica_failures"],
+                "Tasks whose replica died mid-way (answered 503 by the poller).",
+                tag_keys=(),
             ),
         }
 

@@ -335,12 +335,28 @@ class _TaskServingMixin:
         engine_cls: Any = None,
         model_downloader: Any = None,
         load_report_interval_s: float | None = None,
+        bella: Mapping[str, Any] | None = None,
+        apikey: Any = None,
     ) -> None:
         self._load_report_interval_s = load_report_interval_s
         self._load_reporter: Any = None
+        self._tasks: Any = None
         await super().__init__(  # type: ignore[misc,call-arg]
             llm_config, engine_cls=engine_cls, model_downloader=model_downloader
         )
+        if bella is not None:
+            # In the worker app: this replica runs and answers whole tasks (``run``).
+            from ray import serve
+
+            from ray_worker.serve.task_host import ReplicaTasks
+
+            self._tasks = ReplicaTasks(
+                bella,
+                apikey,
+                stream=self.run_task,
+                app_name=serve.get_replica_context().app_name,
+                client_id=f"replica-{self._get_replica_id()}",
+            )
         if load_report_interval_s:
             from ray_worker.serve.handles import LoadReporter
 
@@ -355,6 +371,8 @@ class _TaskServingMixin:
         self._warned_priority = False
         if not hasattr(self, "_load_reporter"):
             self._load_reporter = None
+        if not hasattr(self, "_tasks"):
+            self._tasks = None
         super()._init_shared(llm_config, engine_cls, model_downloader)  # type: ignore[misc]
 
     def _get_default_engine_class(self) -> Any:
@@ -390,11 +408,23 @@ class _TaskServingMixin:
         return options
 
     async def __del__(self) -> None:
+        tasks = getattr(self, "_tasks", None)
+        if tasks is not None:
+            # Serve waited for the ongoing ``run`` calls already; this cuts what is left.
+            with contextlib.suppress(Exception):
+                await tasks.aclose()
         reporter = getattr(self, "_load_reporter", None)
         if reporter is not None:
             with contextlib.suppress(Exception):
                 await reporter.stop()
         await super().__del__()  # type: ignore[misc]
+
+    async def check_health(self) -> None:
+        """Serve health check: the engine's, and the task host's start-up."""
+        await super().check_health()  # type: ignore[misc]
+        tasks = getattr(self, "_tasks", None)
+        if tasks is not None:
+            tasks.check_health()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve custom autoscaling metrics: the backlog the poller sees for this model.
@@ -408,6 +438,18 @@ class _TaskServingMixin:
         return {BACKLOG_METRIC: float(reporter.backlog) if reporter is not None else 0.0}
 
     # -- entry points -----------------------------------------------------------------------
+
+    async def run(self, task: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Run and answer one whole Bella task (the worker app's poller calls this).
+
+        Yields ``{"phase": "answering"}`` right before the task's first event or answer
+        leaves, then ``{"phase": "done", "outcome": ...}`` (``ray_worker.task.runner.Outcome``).
+        The task's work outlives this call: cancelling it does not stop the task.
+        """
+        if self._tasks is None:
+            raise EngineError("this LLM deployment was not built by the worker app: no task host")
+        async for message in self._tasks.run(task):
+            yield message
 
     async def run_task(
         self,
@@ -542,7 +584,10 @@ class _TaskServingMixin:
             engine=str(raw.get("engine", "vllm")),
             ts=time.time(),
         )
-        return dict(load)
+        out: dict[str, Any] = dict(load)
+        if self._tasks is not None:
+            out.update(self._tasks.held())
+        return out
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -789,6 +834,8 @@ def build_llm_deployment(
     engine: Literal["vllm", "simulated"] = "vllm",
     load_report_interval_s: float | None = None,
     override_serve_options: Mapping[str, Any] | None = None,
+    bella: Mapping[str, Any] | None = None,
+    apikey: Any = None,
 ) -> Application:
     """The Serve application of one model: ``BellaLLMServer`` bound to ``llm_config``.
 
@@ -806,6 +853,10 @@ def build_llm_deployment(
     bind_kwargs: dict[str, Any] = {}
     if load_report_interval_s:
         bind_kwargs["load_report_interval_s"] = float(load_report_interval_s)
+    if bella is not None:
+        # The worker app: replicas run and answer whole tasks (``RunnerSettings`` as a dict).
+        bind_kwargs["bella"] = dict(bella)
+        bind_kwargs["apikey"] = apikey
     app: Application = ray_build_llm_deployment(
         cfg,
         deployment_cls=server_class(),

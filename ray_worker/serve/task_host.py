@@ -1,0 +1,145 @@
+"""Hosting the task runner inside an LLM replica: its clients, its start and its stop.
+
+This module owns what an LLM replica needs to run and answer whole Bella tasks: the
+replica's ``QueueClient`` (HTTP complete), its ``EventBusClient`` (the node's publisher
+actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner``, and the
+``run`` stream the poller calls: ``{"phase": "answering"}`` right before the task's first
+event or answer leaves, then ``{"phase": "done", "outcome": ...}``. The task's work is
+shielded from that call: a poller that dies or restarts does not stop it.
+
+It must not hold task logic (``ray_worker.task.runner`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any
+
+from pydantic import SecretStr
+
+from ray_worker.bella.client import QueueClient, RetryPolicy
+from ray_worker.bella.protocol import Task
+from ray_worker.config import RunnerSettings
+from ray_worker.errors import EngineError, WorkerError
+from ray_worker.metrics import WorkerMetrics
+from ray_worker.task.runner import Outcome, TaskRunner
+from ray_worker.worker.dispatcher import ANSWERING, DONE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReplicaTasks"]
+
+StreamFn = Callable[..., AsyncIterator[dict[str, Any]]]
+
+
+class _Engine:
+    """The runner's ``Engine`` over the replica's own ``run_task``."""
+
+    def __init__(self, stream: StreamFn) -> None:
+        self.stream = stream
+
+
+class ReplicaTasks:
+    """The task runner of one LLM replica, with its clients."""
+
+    def __init__(
+        self,
+        settings: RunnerSettings | Mapping[str, Any],
+        apikey: SecretStr,
+        *,
+        stream: StreamFn,
+        app_name: str,
+        client_id: str,
+    ) -> None:
+        from ray_worker.eventbus.actor import EventBusClient
+
+        self.settings = (
+            settings
+            if isinstance(settings, RunnerSettings)
+            else RunnerSettings.model_validate(dict(settings))
+        )
+        dispatch = self.settings.dispatcher
+        self.client = QueueClient(
+            self.settings.queue_url,
+            apikey,
+            timeout_s=self.settings.request_timeout_s,
+            complete_retry=RetryPolicy(
+                attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
+            ),
+        )
+        self.events = EventBusClient(app_name, client_id, self.settings.publisher)
+        self.metrics = WorkerMetrics()
+        self.runner = TaskRunner(
+            engine=_Engine(stream),
+            events=self.events,
+            completer=self.client,
+            config=dispatch,
+            metrics=self.metrics,
+        )
+        self.bus_error: str | None = None
+        self._bus_ready = asyncio.Event()
+        self._start = asyncio.get_running_loop().create_task(
+            self._connect_bus(), name="replica-event-bus"
+        )
+
+    async def _connect_bus(self) -> None:
+        """Find the event bus (retrying while Bella-Queue is away) and attach to the node's
+        publisher."""
+        wait = 0.5
+        while True:
+            try:
+                eventbus = await self.client.eventbus()
+                url = self.settings.eventbus_url or eventbus.url
+                await self.events.start(url, eventbus.topic)
+                break
+            except WorkerError as err:
+                self.bus_error = f"event bus not reachable yet: {err}"
+                logger.warning("%s; retrying in %.1fs", self.bus_error, wait)
+            await asyncio.sleep(wait * random.uniform(0.75, 1.25))
+            wait = min(wait * 2, 10.0)
+        self.bus_error = None
+        self._bus_ready.set()
+
+    async def run(self, task_wire: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Run one task given by the poller; see the module docstring for what it yields."""
+        task = Task.model_validate(dict(task_wire))
+        if task.is_online and not self._bus_ready.is_set():
+            # The answer has nowhere to go yet; the start-up retries until the bus answers.
+            await self._bus_ready.wait()
+        answering = asyncio.Event()
+        job = self.runner.start(task, on_answering=answering.set)
+        if job is None:
+            yield {"phase": DONE, "outcome": await self.runner.run(task)}
+            return
+        signal = asyncio.ensure_future(answering.wait())
+        try:
+            await asyncio.wait({signal, job}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signal.cancel()
+        if answering.is_set():
+            yield {"phase": ANSWERING}
+        outcome: Outcome = await asyncio.shield(job)
+        yield {"phase": DONE, "outcome": outcome}
+
+    def held(self) -> dict[str, Any]:
+        """The tasks running here (part of the load report)."""
+        return self.runner.held()
+
+    def check_health(self) -> None:
+        """Raise when start-up died."""
+        if self._start.done() and not self._start.cancelled() and self._start.exception():
+            raise EngineError(f"event-bus start-up failed: {self._start.exception()!r}")
+
+    async def aclose(self) -> None:
+        """Drain the runner (within ``drain_timeout_s``), then close the clients."""
+        cut = await self.runner.drain(self.settings.drain_timeout_s)
+        if cut:
+            logger.warning("%d tasks were cut short by the replica's stop", cut)
+        self._start.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.events.aclose(), 10)
+        await self.client.aclose()

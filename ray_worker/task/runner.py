@@ -1,0 +1,482 @@
+"""The task runner: one Bella task's whole life, inside the LLM replica that runs it.
+
+This module owns what happens to a task once the poller handed it to a replica: the deadline
+from ``expire_time`` (the engine call is aborted when it passes, freeing the slot), the
+online/offline priority, the engine call with its overload retries, the streaming events
+(``eventId`` 0, 1, ..., ``[DONE]``, the completion), the error chunk, the completion event or
+the HTTP complete, and the task's metrics. The caller gets a small ``Outcome`` back (status,
+counts, usage, timings): no token goes back to the poller.
+
+It must not import Ray, Redis or httpx: the engine is an ``Engine``, the event bus an
+``EventSink`` and Bella-Queue a ``Completer`` (``ray_worker.serve.llm_server`` wires the real
+ones in; unit tests pass fakes).
+
+Stopping: ``drain`` waits for the running tasks; what it must cut short is answered 503 when
+its producer waits online (or at level 0, which the server never redelivers), and left
+unanswered at level 1, where the server redelivers it after ``process_timeout``: a final 503
+would end a batch line for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, TypedDict
+
+from ray_worker.bella.protocol import (
+    ONLINE_MAX_WAIT_S,
+    STREAM_DONE,
+    Level,
+    ResponseMode,
+    Task,
+    now_ms,
+    result_body,
+)
+from ray_worker.config import DispatcherConfig
+from ray_worker.errors import (
+    EngineError,
+    EngineOverloadedError,
+    InvalidTaskError,
+    TaskError,
+    TaskExpiredError,
+    WorkerError,
+)
+from ray_worker.metrics import WorkerMetrics, status_class
+from ray_worker.task.answers import (
+    STREAM_EVENT_NAME,
+    Completer,
+    EngineOverloadedAnswer,
+    EventSink,
+    ShuttingDownAnswer,
+    answer_error,
+    deliver,
+    task_context,
+    to_the_end,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PRIORITY_OFFLINE",
+    "PRIORITY_ONLINE",
+    "SUPPORTED_ENDPOINTS",
+    "Engine",
+    "Outcome",
+    "TaskRunner",
+    "deadline_ms",
+]
+
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+"""Task endpoints the runner serves (one home: the LLM server reads it too)."""
+
+PRIORITY_ONLINE = 0
+"""vLLM priority of level-0 (online) tasks: a lower value is scheduled first."""
+PRIORITY_OFFLINE = 1
+"""vLLM priority of level-1 (offline) tasks."""
+
+
+class Engine(Protocol):
+    """The replica's engine, as the runner sees it."""
+
+    def stream(
+        self, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run one request; yield chunks (``data["stream"]``) or one response.
+
+        Raises ``WorkerError``s; closing the iterator aborts the request in the engine.
+        """
+        ...
+
+
+class Outcome(TypedDict):
+    """What a run reports to the poller (small: no token, no body)."""
+
+    task_id: str
+    status_code: int
+    """The answer's status; 0 when the task was left for the server's redelivery."""
+    answered: bool
+    """An answer was sent (or its delivery was attempted and failed, see ``delivered``)."""
+    delivered: bool
+    """The event bus or Bella-Queue accepted the answer."""
+    duplicate: bool
+    """The task already ran here; this call started nothing."""
+    events: int
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    duration_s: float
+
+
+def deadline_ms(task: Task, max_task_time_s: float) -> int:
+    """When ``task`` stops mattering: its ``expire_time``; online, at most ``ONLINE_MAX_WAIT_S``
+    after its put (the producer waits no longer, §1.3)."""
+    start = task.start_time or now_ms()
+    if task.expire_time > 0:
+        if task.is_online:
+            return min(task.expire_time, start + ONLINE_MAX_WAIT_S * 1000)
+        return task.expire_time
+    cap_s = min(max_task_time_s, ONLINE_MAX_WAIT_S) if task.is_online else max_task_time_s
+    return start + int(cap_s * 1000)
+
+
+class _Run:
+    """The state of one task's run."""
+
+    __slots__ = (
+        "answering",
+        "completion_tokens",
+        "first_at",
+        "on_answering",
+        "overloaded",
+        "prompt_tokens",
+        "sent",
+        "started",
+    )
+
+    def __init__(self, on_answering: Callable[[], None] | None) -> None:
+        self.sent = 0
+        self.overloaded = False
+        self.answering = False
+        self.on_answering = on_answering
+        self.started = time.monotonic()
+        self.first_at: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def mark_answering(self) -> None:
+        """Called once, right before the task's first event or answer leaves."""
+        if not self.answering:
+            self.answering = True
+            self.first_at = time.monotonic()
+            if self.on_answering is not None:
+                self.on_answering()
+
+    def count_usage(self, item: Any) -> None:
+        usage = item.get("usage") if isinstance(item, dict) else None
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+
+class TaskRunner:
+    """Runs the tasks handed to one replica; every task ends in one answer (or is left for
+    redelivery when a stop cuts a level-1 task short)."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        events: EventSink,
+        completer: Completer,
+        config: DispatcherConfig | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.events = events
+        self.completer = completer
+        self.config = config or DispatcherConfig()
+        self.metrics = metrics or WorkerMetrics(use_ray=False)
+        self._jobs: dict[str, asyncio.Task[Outcome]] = {}
+        self._levels: dict[str, Level] = {}
+        self._accepting = True
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks running here."""
+        return len(self._jobs)
+
+    def holds(self, task_id: str) -> bool:
+        """Whether ``task_id`` runs here."""
+        return task_id in self._jobs
+
+    def held(self) -> dict[str, Any]:
+        """The tasks running here, for the load report (a restarted poller counts them)."""
+        online = sum(1 for level in self._levels.values() if level is Level.ONLINE)
+        return {
+            "held_ids": list(self._jobs),
+            "held_online": online,
+            "held_offline": len(self._levels) - online,
+        }
+
+    def start(
+        self, task: Task, on_answering: Callable[[], None] | None = None
+    ) -> asyncio.Task[Outcome] | None:
+        """Start running ``task`` in the background; None if it already runs here.
+
+        The job runs to its end whatever happens to the caller (a poller that dies or is
+        restarted does not stop the task). ``on_answering`` is called once, right before
+        the task's first event or answer leaves.
+        """
+        if task.task_id in self._jobs:
+            self.metrics.inc("duplicates")
+            logger.info("ignoring a task already running here", extra=task_context(task))
+            return None
+        work = self._run(task, _Run(on_answering)) if self._accepting else self._refuse(task)
+        job = asyncio.get_running_loop().create_task(work, name=f"task-{task.task_id}")
+        self._jobs[task.task_id] = job
+        self._levels[task.task_id] = Level.ONLINE if task.level == 0 else Level.OFFLINE
+        job.add_done_callback(lambda j: self._finished(task, j))
+        return job
+
+    async def run(self, task: Task) -> Outcome:
+        """Run ``task`` and return its outcome (a duplicate's outcome says so at once)."""
+        job = self.start(task)
+        if job is None:
+            return _outcome(task, duplicate=True)
+        return await asyncio.shield(job)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting; wait up to ``timeout_s`` for running tasks, then cut the rest short
+        (503 online and at level 0, left for redelivery at level 1). Returns how many were cut.
+        """
+        self._accepting = False
+        running = list(self._jobs.values())
+        pending: set[asyncio.Task[Outcome]] = set()
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout_s)
+        for job in pending:
+            job.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        return len(pending)
+
+    # -- one task -------------------------------------------------------------------------
+
+    def _finished(self, task: Task, job: asyncio.Task[Outcome]) -> None:
+        self._jobs.pop(task.task_id, None)
+        self._levels.pop(task.task_id, None)
+        if not job.cancelled() and job.exception() is not None:
+            # _run answers every error itself; reaching here is a bug worth a loud log.
+            logger.error("task job crashed", exc_info=job.exception(), extra=task_context(task))
+
+    async def _run(self, task: Task, run: _Run) -> Outcome:
+        try:
+            result = await self._execute(task, run)
+        except asyncio.CancelledError:
+            if task.level != 0 and not task.is_online:
+                # The server redelivers it after process_timeout; an answer now would be final.
+                logger.warning(
+                    "stopping: a level-1 task is left for the server's redelivery",
+                    extra=task_context(task),
+                )
+                self.metrics.inc("left_for_redelivery")
+                # Only drain cancels a job, and it wants this outcome rather than the error.
+                return _outcome(task, duration_s=time.monotonic() - run.started)
+            answering = self._answer_error(task, ShuttingDownAnswer(), run)
+        except TaskError as err:
+            answering = self._answer_error(task, err, run)
+        except Exception as err:
+            # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
+            logger.error(
+                "task failed outside the engine call: %s",
+                err,
+                exc_info=not isinstance(err, WorkerError),
+                extra=task_context(task),
+            )
+            failure = EngineError(f"the worker failed: {type(err).__name__}: {err}")
+            answering = self._answer_error(task, failure, run)
+        else:
+            answering = self._answer(task, result, run)
+        # The answer is the task's only one: a stop must not cut it off half sent.
+        return await to_the_end(answering)
+
+    async def _refuse(self, task: Task) -> Outcome:
+        return await self._answer_error(task, ShuttingDownAnswer(), _Run(None))
+
+    async def _execute(self, task: Task, run: _Run) -> dict[str, Any]:
+        """Run the engine call; return the success result or raise a ``TaskError``."""
+        deadline = deadline_ms(task, self.config.max_task_time_s)
+        if now_ms() >= deadline:
+            raise TaskExpiredError("the task expired before it could start")
+        endpoint = task.endpoint or "/v1/chat/completions"
+        if endpoint not in SUPPORTED_ENDPOINTS:
+            raise InvalidTaskError(
+                f"endpoint {endpoint!r} is not served; supported: {', '.join(SUPPORTED_ENDPOINTS)}",
+                "endpoint",
+            )
+        data = dict(task.data)
+        streaming = task.response_mode is ResponseMode.STREAMING
+        if endpoint == "/v1/embeddings":
+            streaming = False
+        else:
+            # Only streaming-mode tasks stream; the others need one whole response (§7).
+            data["stream"] = streaming
+        if streaming:
+            # Exact token counts for the outcome and the metrics.
+            data["stream_options"] = {"include_usage": True}
+        else:
+            data.pop("stream_options", None)
+        priority = PRIORITY_ONLINE if task.level == 0 else PRIORITY_OFFLINE
+        if task.start_time:
+            self.metrics.observe(
+                "put_to_start_s", max(0.0, (now_ms() - task.start_time) / 1000), queue=task.queue
+            )
+        timeout = asyncio.timeout((deadline - now_ms()) / 1000)
+        response: dict[str, Any] | None = None
+        try:
+            async with timeout:
+                async for item in self._attempts(task, endpoint, data, priority, run):
+                    run.count_usage(item)
+                    if streaming:
+                        await self._chunk(task, run, item)
+                    else:
+                        response = item
+        except TimeoutError as err:
+            if not timeout.expired():
+                # The engine's own timeout, not the task's deadline.
+                logger.warning("engine call timed out: %s", err, extra=task_context(task))
+                raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
+            if run.overloaded:
+                raise EngineOverloadedAnswer(
+                    "the model is overloaded; the task expired while waiting for a slot"
+                ) from None
+            raise TaskExpiredError(
+                "the task's deadline passed during generation; generation was aborted"
+            ) from None
+        except TaskError:
+            raise
+        except EngineOverloadedError as err:
+            raise EngineOverloadedAnswer(str(err) or "the model is overloaded") from None
+        except WorkerError as err:
+            raise EngineError(f"the engine failed: {err}") from None
+        except Exception as err:
+            logger.exception("engine call failed", extra=task_context(task))
+            raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
+        if streaming:
+            await self._chunk(task, run, STREAM_DONE)
+            return result_body(200, task.task_id)
+        if response is None:
+            raise EngineError("the engine returned no response")
+        if task.response_mode is ResponseMode.STREAMING:
+            # A streaming task on a non-streaming endpoint (embeddings): the server ignores the
+            # completion's body for streaming tasks, so the response goes out as the one chunk.
+            for data_item in (response, STREAM_DONE):
+                await self._chunk(task, run, data_item)
+            return result_body(200, task.task_id)
+        return result_body(200, task.task_id, response)
+
+    async def _attempts(
+        self, task: Task, endpoint: str, data: dict[str, Any], priority: int, run: _Run
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The engine stream, retried with backoff while the engine refuses it for load."""
+        overload_wait = self.config.overload_retry_initial_s
+        while True:
+            produced = False
+            stream = self.engine.stream(endpoint, data, request_id=task.task_id, priority=priority)
+            try:
+                async for item in stream:
+                    produced = True
+                    run.overloaded = False
+                    yield item
+                return
+            except EngineOverloadedError:
+                if produced:
+                    raise
+                run.overloaded = True
+                await asyncio.sleep(overload_wait * random.uniform(0.5, 1.0))
+                overload_wait = min(overload_wait * 2, self.config.overload_retry_max_s)
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    # Closing aborts the request in the engine when it did not finish.
+                    with contextlib.suppress(Exception):
+                        await aclose()
+
+    async def _chunk(self, task: Task, run: _Run, data: Any) -> None:
+        """Send the next progress event of a streaming task: ``eventId`` counts 0, 1, ..."""
+        if run.sent == 0:
+            run.mark_answering()
+            self._first_event(task, run)
+        await self.events.progress(
+            task.instance_id or "", task.task_id, str(run.sent), STREAM_EVENT_NAME, data
+        )
+        run.sent += 1
+
+    def _first_event(self, task: Task, run: _Run) -> None:
+        self.metrics.observe(
+            "time_to_first_event_s", time.monotonic() - run.started, queue=task.queue
+        )
+
+    # -- answers --------------------------------------------------------------------------
+
+    async def _answer_error(self, task: Task, err: TaskError, run: _Run) -> Outcome:
+        run.mark_answering()
+        delivered = True
+        try:
+            result = await answer_error(
+                task, err, self.events, self.completer, event_id=str(run.sent)
+            )
+        except Exception as exc:
+            delivered = False
+            self._delivery_failed(task, exc)
+            result = result_body(err.status_code, task.task_id)
+        if task.response_mode is ResponseMode.STREAMING:
+            run.sent += 1
+        return self._done(task, run, int(result["status_code"]), delivered)
+
+    async def _answer(self, task: Task, result: dict[str, Any], run: _Run) -> Outcome:
+        if task.response_mode is ResponseMode.BLOCKING:
+            self._first_event(task, run)
+        run.mark_answering()
+        delivered = True
+        try:
+            await deliver(task, result, self.events, self.completer)
+        except Exception as exc:
+            delivered = False
+            self._delivery_failed(task, exc)
+        return self._done(task, run, int(result["status_code"]), delivered)
+
+    def _delivery_failed(self, task: Task, err: Exception) -> None:
+        if task.is_online:
+            self.metrics.inc("publish_failures", kind="completion")
+        else:
+            self.metrics.inc("complete_failures")
+        logger.error(
+            "could not deliver the answer: %s",
+            err,
+            exc_info=not isinstance(err, WorkerError),
+            extra=task_context(task),
+        )
+
+    def _done(self, task: Task, run: _Run, status: int, delivered: bool) -> Outcome:
+        self.metrics.inc(
+            "tasks_completed",
+            queue=task.queue,
+            mode=task.response_mode.value,
+            status=status_class(status),
+        )
+        return _outcome(
+            task,
+            status_code=status,
+            answered=True,
+            delivered=delivered,
+            events=run.sent,
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            ttft_s=None if run.first_at is None else run.first_at - run.started,
+            duration_s=time.monotonic() - run.started,
+        )
+
+
+def _outcome(task: Task, **fields: Any) -> Outcome:
+    out = Outcome(
+        task_id=task.task_id,
+        status_code=0,
+        answered=False,
+        delivered=False,
+        duplicate=False,
+        events=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        ttft_s=None,
+        duration_s=0.0,
+    )
+    out.update(fields)  # type: ignore[typeddict-item]
+    return out
+
