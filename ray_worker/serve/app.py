@@ -1,14 +1,15 @@
 """The Serve application: ``serve run configs/<name>.yaml`` builds it with ``build_app``.
 
 This module owns the application graph and the ``QueuePoller`` deployment, a thin wrapper
-that wires the plain classes together inside one replica:
+that wires the control plane's plain classes together inside one replica:
 
-    QueuePoller ── Poller ── Dispatcher ──▶ LLM deployments (BellaLLMServer, one per model)
-         │                      └─────────▶ RedisPublisher actor (event bus; owned by the
-         │                                  poller, so it outlives the drain) / QueueClient
+    QueuePoller ── Poller ── Dispatcher ──▶ LLM deployments (BellaLLMServer, one per model):
+         │                                  each replica's TaskRunner runs and answers the
+         │                                  whole task through its node's RedisPublisher
+         │                                  actor (online) or HTTP complete (offline)
          └── CapacityTracker ◀── load reports pushed by every LLM replica
 
-It must not hold business logic: that lives in ``poller``, ``dispatcher`` and ``capacity``.
+It must not hold business logic: that lives in ``worker``, ``task`` and ``eventbus``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import math
 import random
 from typing import Any, cast
 
-import ray
 from pydantic import SecretStr
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -34,13 +33,12 @@ from ray_worker.config import EnvSettings, WorkerAppArgs
 from ray_worker.errors import (
     BadRequestError,
     ConfigError,
-    EventBusUnavailableError,
     WorkerError,
 )
-from ray_worker.eventbus.publisher import PublisherClient, start_publisher_actor
+from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.autoscaling import POLICY_PATH
-from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeEngines
+from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
 from ray_worker.worker.poller import Poller, make_pools
@@ -65,7 +63,7 @@ _STATUS_GAUGE_PERIOD_S = 1.0
     logging_config={"enable_access_log": False},
 )
 class QueuePoller:
-    """Takes tasks, runs them on the LLM deployments and answers them. One replica only."""
+    """The control plane: takes tasks and hands each to an LLM replica. One replica only."""
 
     def __init__(
         self,
@@ -88,10 +86,15 @@ class QueuePoller:
                 attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
             ),
         )
-        self.publisher: Any = None  # the RedisPublisher actor, started once the bus is known
-        self.events = PublisherClient(self._send_events)
+        # The poller answers only what never reached a replica, through its node's publisher.
+        context = serve.get_replica_context()
+        self.events = EventBusClient(
+            context.app_name,
+            f"poller-{context.replica_id.unique_id}",
+            self.args.publisher,
+        )
         self.dispatcher = Dispatcher(
-            engines=ServeEngines(llm_handles, batch_interval_ms=dispatch.stream_batch_interval_ms),
+            replicas=ServeReplicas(llm_handles),
             events=self.events,
             completer=self.client,
             capacity=self.capacity,
@@ -115,31 +118,10 @@ class QueuePoller:
             metrics=self.metrics,
         )
         self.state = "starting"
-        self._eventbus_url: str | None = None
         self._complete_retries_seen = 0
         self.startup_error: str | None = None
         self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
         self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
-
-    async def _send_events(self, batch: list[tuple[str, dict[str, str]]]) -> None:
-        """Hand a batch to the RedisPublisher actor this replica owns.
-
-        The actor is ours rather than a Serve deployment because Serve tears an app's
-        deployments down together: a publisher deployment could be gone while this replica
-        still answers its last tasks during its drain.
-        """
-        if self.publisher is None:
-            raise EventBusUnavailableError("the event-bus publisher is not started yet")
-        try:
-            await self.publisher.publish.remote(batch)
-        except RayActorError:
-            # The actor died (and with it what it had buffered): start a new one and resend
-            # this batch; PublisherClient retries the send if this fails too.
-            logger.error("event-bus publisher actor died; starting a new one")
-            self.publisher = start_publisher_actor(
-                self._eventbus_url, self.events.topic, self.args.publisher
-            )
-            await self.publisher.publish.remote(batch)
 
     async def _start(self) -> None:
         """Register queues (optional), find the event bus, configure the publisher, poll."""
@@ -157,10 +139,7 @@ class QueuePoller:
                 await asyncio.sleep(wait * random.uniform(0.75, 1.25))
                 wait = min(wait * 2, 10.0)
         url = self.args.eventbus_url or eventbus.url
-        self._eventbus_url = url
-        self.events.topic = eventbus.topic
-        self.publisher = start_publisher_actor(url, eventbus.topic, self.args.publisher)
-        await self.publisher.topic.remote()  # started and reachable
+        await self.events.start(url, eventbus.topic)
         self.startup_error = None
         self.state = "running"
         logger.info(
@@ -215,10 +194,8 @@ class QueuePoller:
             "queues": [q.name for q in self.args.queues],
             "strategy": self.args.poller.strategy.value,
             **self.poller.status(),
-            "answered": {
-                cls: int(self.metrics.total("tasks_completed", status=cls))
-                for cls in ("2xx", "4xx", "5xx")
-            },
+            "answered": dict(self.dispatcher.answered),
+            "tokens": dict(self.dispatcher.tokens),
             "duplicates": int(self.metrics.total("duplicates")),
             "latency_mean_s": {
                 name: self.metrics.mean(name)
@@ -241,20 +218,17 @@ class QueuePoller:
             raise RuntimeError(f"a take loop died: {failure!r}")
 
     async def __del__(self) -> None:
-        """Drain: stop taking, let in-flight tasks finish, answer the rest, close clients."""
+        """Drain: stop taking, wait a while for the tasks in flight (their replicas answer
+        them), close the clients."""
         self.state = "draining"
         self._main.cancel()
         self._gauges.cancel()
         await self.poller.stop()
-        cut = await self.dispatcher.drain(self.args.poller.drain_timeout_s)
-        if cut:
-            logger.warning("%d tasks were cut short by shutdown and answered 503", cut)
+        left = await self.dispatcher.drain(self.args.poller.drain_timeout_s)
+        if left:
+            logger.warning("stopped waiting for %d tasks; their replicas answer them", left)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.events.flush(), 10)
-        if self.publisher is not None:
-            with contextlib.suppress(Exception):
-                await self.publisher.aclose.remote()
-            ray.kill(self.publisher)
+            await asyncio.wait_for(self.events.aclose(), 10)
         await self.client.aclose()
         self.state = "stopped"
 
@@ -271,11 +245,14 @@ def build_app(args: dict[str, Any]) -> Application:
     if app_args.engine == "vllm":
         configs = [_local_model_source(c) for c in configs]
     app_args = app_args.model_copy(update={"llm_configs": configs})
+    runner = app_args.runner_settings().model_dump(mode="json")
     llm_apps = {
         model_id: build_llm_deployment(
             cfg,
             engine=app_args.engine,
             load_report_interval_s=app_args.capacity.load_report_interval_s,
+            bella=runner,
+            apikey=apikey,
         )
         for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
     }

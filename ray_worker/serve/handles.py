@@ -1,9 +1,9 @@
-"""The dispatcher's view of the LLM deployments: Serve handles by model, Ray errors translated.
+"""The poller's view of the LLM deployments: Serve handles by model, Ray errors translated.
 
-This module owns calling ``LLMServer.run_task`` through Serve deployment handles as a stream,
-cancelling a call (Serve cancels the request on the replica running it, which aborts it in
-the engine), and translating Ray's exceptions into ``ray_worker.errors`` so the dispatcher
-never sees Ray. It must not hold business logic.
+This module owns calling ``BellaLLMServer.run`` (one whole task) through Serve deployment
+handles as a stream, translating Ray's exceptions into ``ray_worker.errors`` so the
+dispatcher never sees Ray, and the ``LoadReporter`` each LLM replica runs to push its load to
+the poller. It must not hold business logic.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve import exceptions as serve_exceptions
 from ray.serve.handle import DeploymentHandle
 
+from ray_worker.bella.protocol import Task
 from ray_worker.errors import (
     EngineError,
     EngineOverloadedError,
@@ -28,7 +29,7 @@ from ray_worker.errors import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["POLLER_DEPLOYMENT", "LoadReporter", "ServeEngines", "translate_ray_error"]
+__all__ = ["POLLER_DEPLOYMENT", "LoadReporter", "ServeReplicas", "translate_ray_error"]
 
 POLLER_DEPLOYMENT = "QueuePoller"
 """Name of the poller deployment LLM replicas push their load to (same Serve app)."""
@@ -60,67 +61,29 @@ def translate_ray_error(err: BaseException) -> BaseException:
     return err
 
 
-class ServeEngines:
-    """``Engines`` over Serve handles of ``BellaLLMServer`` deployments."""
+class ServeReplicas:
+    """``Replicas`` over Serve handles of ``BellaLLMServer`` deployments: ``run`` streams the
+    phases of one whole task from the replica that runs it."""
 
-    def __init__(
-        self, handles: Mapping[str, DeploymentHandle[Any]], *, batch_interval_ms: float = 0
-    ) -> None:
+    def __init__(self, handles: Mapping[str, DeploymentHandle[Any]]) -> None:
         self._handles = {m: h.options(stream=True) for m, h in handles.items()}
-        self._batch_interval_ms = batch_interval_ms
-        self._load_handles = dict(handles)
-        # DeploymentResponseGenerator per request id; typed Any as Ray's own stubs are partial.
-        self._calls: dict[str, Any] = {}
 
     @property
     def model_ids(self) -> list[str]:
         """Served models."""
         return list(self._handles)
 
-    async def stream(
-        self, model_id: str, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Run the task on a replica of ``model_id``; yields its outputs one by one."""
-        handle = self._handles[model_id]
-        batched = self._batch_interval_ms > 0
-        call: Any
-        if batched:
-            # The replica sends the first output alone at once and coalesces the rest per
-            # interval: one Ray object per batch instead of one per token.
-            call = handle.run_task_batched.remote(
-                endpoint,
-                data,
-                request_id=request_id,
-                priority=priority,
-                interval_ms=self._batch_interval_ms,
-            )
-        else:
-            call = handle.run_task.remote(endpoint, data, request_id=request_id, priority=priority)
-        self._calls[request_id] = call
-        finished = False
-        try:
-            async for item in call:
-                if batched:
-                    for output in item:
-                        yield output
-                else:
-                    yield item
-            finished = True
-        except Exception as err:
-            finished = True
-            raise translate_ray_error(err) from None
-        finally:
-            self._calls.pop(request_id, None)
-            if not finished:
-                # Cancelled or closed early (deadline, shutdown): Serve cancels the request on
-                # its replica, whose generator aborts the request in the engine.
-                call.cancel()
+    async def run(self, model_id: str, task: Task) -> AsyncIterator[Mapping[str, Any]]:
+        """Give ``task`` to a replica of ``model_id``; yields what its ``run`` yields.
 
-    async def abort(self, model_id: str, request_id: str) -> None:
-        """Cancel a running call; its replica aborts it in the engine."""
-        call = self._calls.pop(request_id, None)
-        if call is not None:
-            call.cancel()
+        Closing this early does not cancel the task on its replica (the replica owns it).
+        """
+        call: Any = self._handles[model_id].run.remote(task.model_dump(mode="json"))
+        try:
+            async for message in call:
+                yield message
+        except Exception as err:
+            raise translate_ray_error(err) from None
 
 
 class LoadReporter:

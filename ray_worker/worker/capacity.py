@@ -22,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
 
 __all__ = ["CapacityTracker", "ModelCapacity", "ReplicaLoad"]
+
+_RECENT_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,9 @@ class ReplicaLoad:
     kv_cache_usage: float
     max_num_seqs: int
     received_at: float = 0.0
+    held_unknown: int = 0
+    """Tasks the replica runs that this poller did not hand it (a restarted poller's
+    predecessor did): counted as in flight so a restart takes nothing twice."""
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any], received_at: float) -> ReplicaLoad:
@@ -88,6 +94,10 @@ class CapacityTracker:
         self._clock = clock
         self._models = {m: ModelCapacity(m) for m in model_ids}
         self._waiters: set[asyncio.Future[None]] = set()
+        self._mine: set[str] = set()
+        """Ids of the tasks counted in ``in_flight``."""
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        """Ids released lately: a report sent before the release may still list them."""
 
     def model(self, model_id: str) -> ModelCapacity:
         """The state of one model; ``KeyError`` if it is not served."""
@@ -102,24 +112,49 @@ class CapacityTracker:
 
     def report(self, report: Mapping[str, Any]) -> None:
         """Record a replica's load report; reports of unknown models are ignored."""
-        load = ReplicaLoad.from_report(report, self._clock())
+        now = self._clock()
+        load = ReplicaLoad.from_report(report, now)
         state = self._models.get(load.model_id)
         if state is None:
             return
+        held = report.get("held_ids")
+        if isinstance(held, list | tuple) and held:
+            self._forget_released(now)
+            unknown = sum(1 for i in held if i not in self._mine and i not in self._recent)
+            if unknown:
+                load = replace(load, held_unknown=unknown)
         previous = state.loads.get(load.replica_id)
         state.loads[load.replica_id] = load
         if previous is None or _slots(previous, self.config) != _slots(load, self.config):
             self._notify()
 
-    def acquire(self, model_id: str, level: Level, n: int = 1) -> None:
-        """Count ``n`` tasks taken for ``model_id``."""
+    def acquire(
+        self, model_id: str, level: Level, n: int = 1, *, task_id: str | None = None
+    ) -> None:
+        """Count ``n`` tasks taken for ``model_id`` (one, ``task_id``, when given)."""
         self._models[model_id].in_flight[level] += n
+        if task_id is not None:
+            self._mine.add(task_id)
 
-    def release(self, model_id: str, level: Level, n: int = 1) -> None:
+    def release(
+        self, model_id: str, level: Level, n: int = 1, *, task_id: str | None = None
+    ) -> None:
         """Count ``n`` tasks answered; wakes pollers waiting for capacity."""
         counts = self._models[model_id].in_flight
         counts[level] = max(0, counts[level] - n)
+        if task_id is not None:
+            self._mine.discard(task_id)
+            self._recent[task_id] = self._clock()
+            self._recent.move_to_end(task_id)
         self._notify()
+
+    def _forget_released(self, now: float) -> None:
+        horizon = now - 2 * self.config.load_stale_after_s
+        while self._recent:
+            _, at = next(iter(self._recent.items()))
+            if at >= horizon and len(self._recent) <= _RECENT_MAX:
+                break
+            self._recent.popitem(last=False)
 
     def decline(self, model_id: str, n: int = 1) -> None:
         """Note that the poller wanted ``n`` more tasks than capacity allowed."""
@@ -153,7 +188,13 @@ class CapacityTracker:
         target = self.target(model_id)
         if level is Level.OFFLINE:
             target -= math.ceil(target * self.config.online_reserve_ratio)
-        return max(0, target - self._models[model_id].total_in_flight)
+        return max(0, target - self.in_flight(model_id))
+
+    def in_flight(self, model_id: str) -> int:
+        """Tasks held for ``model_id``: counted here, plus those its replicas report running
+        that this tracker did not count (after a poller restart)."""
+        unknown = sum(load.held_unknown for load in self.fresh_loads(model_id))
+        return self._models[model_id].total_in_flight + unknown
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per model: replicas, target, in flight, remaining, engine load."""
@@ -172,6 +213,7 @@ class CapacityTracker:
                 "engine_waiting": sum(x.waiting for x in loads),
                 "kv_cache_usage_max": max((x.kv_cache_usage for x in loads), default=0.0),
                 "declined": state.declined,
+                "held_unknown": sum(x.held_unknown for x in loads),
             }
         return out
 

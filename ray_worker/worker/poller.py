@@ -251,11 +251,12 @@ class Poller:
                 pool.saturated = False
                 pool.backlog = 0  # the queues gave less than asked: nothing left waiting
             for task in tasks:
-                level = Level(task.level)
+                # Any level but 0 is offline: a server's odd level must not stop the loop.
+                level = Level.ONLINE if task.level == 0 else Level.OFFLINE
                 self.metrics.inc("tasks_taken", queue=task.full_queue)
-                self.capacity.acquire(pool.model_id, level)
+                self.capacity.acquire(pool.model_id, level, task_id=task.task_id)
                 if not self.dispatcher.submit(task, pool.model_id):
-                    self.capacity.release(pool.model_id, level)
+                    self.capacity.release(pool.model_id, level, task_id=task.task_id)
             # Tasks flow: re-poll at once (the next request is sized by what is left).
 
     def _next_request(self, pool: Pool) -> TakeRequest | None:
