@@ -30,7 +30,8 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from ray_worker.bella.protocol import event_minid, progress_fields, stream_key
-from ray_worker.eventbus.publisher import EventPublisher, PublisherClient, PublisherOptions
+from ray_worker.eventbus.batcher import PublisherClient
+from ray_worker.eventbus.writer import EventPublisher, PublisherOptions
 from ray_worker.testing.redis_server import RedisServer
 
 TOPIC = "redis-mesh:private-stream:bench:"

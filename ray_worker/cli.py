@@ -10,7 +10,7 @@ This module owns the operator-facing commands:
 - ``emulator``, ``demo``, ``tiny-model``: hand their arguments to those modules' ``main``.
 
 It talks to Bella-Queue only through :class:`~ray_worker.bella.client.QueueClient` and to
-Redis only through :func:`ray_worker.eventbus.publisher.ping`, so it never sees httpx or
+Redis only through :func:`ray_worker.eventbus.writer.ping`, so it never sees httpx or
 redis errors.
 It must not print or log the API key or a Redis password (every line it prints is scrubbed of
 both, URLs go through ``protocol.redact_url``), and it must not start Ray.
@@ -239,7 +239,7 @@ async def _check_eventbus(
     args: WorkerAppArgs, eventbus: EventBusConfig | None, timeout_s: float, secrets: list[str]
 ) -> Check:
     # Imported here: the publisher module imports Ray Serve, slow to load for a CLI.
-    from ray_worker.eventbus.publisher import ping
+    from ray_worker.eventbus.writer import ping
 
     name = "event bus"
     if os.environ.get("BELLA_EVENTBUS_URL"):

@@ -1,4 +1,7 @@
 """The event bus: online task events into Redis Streams (protocol §4).
 
-The Redis writer, the caller-side batcher, and the per-node publisher Ray actor.
+``writer`` (the Redis writer, no Ray), ``batcher`` (the caller-side batcher, no Ray, no
+Redis) and ``actor`` (the per-node publisher Ray actor and ``EventBusClient``). Import from
+those modules: this package re-exports nothing, so ``import ray_worker.eventbus.writer``
+(e.g. ``ray-worker check``) never imports Ray.
 """

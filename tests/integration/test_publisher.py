@@ -27,7 +27,7 @@ from ray_worker.bella.protocol import (
     stream_key,
 )
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.eventbus.publisher import MARKER_PREFIX, EventPublisher, PublisherOptions
+from ray_worker.eventbus.writer import MARKER_PREFIX, EventPublisher, PublisherOptions
 from ray_worker.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -282,7 +282,7 @@ async def test_give_up_after_outage_counts_dropped_completions(
 ) -> None:
     pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     server.kill()
-    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.publisher")
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.writer")
     await pub.publish([progress("gu", "TASK-P", i) for i in range(5)])
     await pub.publish([completion("gu", f"TASK-C{n}") for n in range(3)])
     await wait_for(lambda: pub.counters.dropped_completions == 3)
@@ -308,7 +308,7 @@ async def test_rejected_entry_is_counted_and_the_rest_applied(
 ) -> None:
     await redis.set(TOPIC + "not-a-stream", "x")
     pub = EventPublisher(server.url, FAST)
-    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.publisher")
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.writer")
     await pub.publish(
         [
             progress("ok", "TASK-1", 0),

@@ -10,7 +10,7 @@ import pytest
 
 from ray_worker.bella.protocol import CompletionEvent, ProgressEvent, decode_event
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.eventbus.publisher import PublisherClient
+from ray_worker.eventbus.batcher import PublisherClient
 
 Batch = list[tuple[str, dict[str, str]]]
 
@@ -210,3 +210,27 @@ async def test_closed_client_refuses_events() -> None:
     await client.aclose()
     with pytest.raises(EventBusUnavailableError):
         await client.emit(*entry(1))
+
+
+async def test_send_seq_numbers_batches_and_keeps_the_number_on_retry() -> None:
+    send = FakeSend(fail_times=2)
+    seen: list[tuple[int, int]] = []
+
+    async def send_seq(seq: int, batch: Batch) -> None:
+        seen.append((seq, len(batch)))
+        await send(batch)
+
+    client = PublisherClient(send_seq=send_seq, backoff_initial_s=0.001, backoff_max_s=0.002)
+    await client.emit(*entry(0))
+    await client.flush()
+    await client.emit(*entry(1))
+    await client.flush()
+    assert [seq for seq, _ in seen] == [1, 1, 1, 2], "a retried batch keeps its number"
+    assert send.entries == [entry(0), entry(1)]
+
+
+def test_exactly_one_send_function() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        PublisherClient()
+    with pytest.raises(ValueError, match="exactly one"):
+        PublisherClient(FakeSend(), send_seq=FakeSend())  # type: ignore[arg-type]

@@ -1,15 +1,12 @@
-"""Event-bus publisher: online task events into Redis Streams (protocol §4).
+"""Event-bus writer: already-encoded stream entries into Redis Streams (protocol §4).
 
-This module owns the event-bus Redis connection and the delivery of already-encoded stream
-entries (``(stream_key, fields)`` pairs built with ``protocol.progress_fields`` /
-``protocol.completion_fields``). It is the only module that sees redis-py errors: they are
-counted, logged and translated into ``errors.EventBusUnavailableError``. It must not encode
-events itself beyond calling the protocol encoders, decide what a task's result is, or talk to
-Bella-Queue over HTTP.
+This module owns the event-bus Redis connection (``EventPublisher``, plain asyncio, no Ray)
+and the one-shot reachability check ``ping``. It is the only module that sees redis-py
+errors: they are counted, logged and translated into ``errors.EventBusUnavailableError``. It
+must not encode events beyond what ``protocol.progress_fields`` / ``completion_fields``
+produced, decide what a task's result is, talk to Bella-Queue over HTTP, or import Ray.
 
-Three layers:
-
-``EventPublisher`` (plain async class, no Ray)
+``EventPublisher``
     One ``redis.asyncio.Redis`` built from a URL with explicit socket/connect timeouts, TCP
     keepalive, idle health checks, and redis-py's own retry turned off (this class retries,
     so it knows what may have been applied). ``publish(entries)`` appends to one FIFO buffer
@@ -51,22 +48,7 @@ Three layers:
     (e.g. ``WRONGTYPE``) is handled the same way. If the writer loop itself dies (a bug),
     ``publish``/``flush`` raise ``EventBusUnavailableError`` and ``healthy()`` is False.
 
-``PublisherClient`` (caller side, one per dispatcher)
-    Coalesces events for a remote publisher without one remote call per token: at most one
-    ``send(batch)`` in flight; the first event after an idle period leaves at once, later
-    events gather into the next batch, sent as soon as the in-flight call returns. One
-    send in flight ⇒ per-task order holds across the Ray hop. Failed sends are retried with
-    backoff for ``send_timeout_s``, then surfaced to whoever awaits that batch
-    (``completion()``, ``flush()``) and counted; never swallowed.
-
-``RedisPublisher`` (thin Ray actor wrapper, ``start_publisher_actor``)
-    Owns one ``EventPublisher``. The poller starts one and owns it, so it outlives the
-    poller's drain (Serve tears an app's deployments down together) and dies with it. One
-    actor per poller: ``publish`` returns once entries are buffered, so two actors could
-    reorder one task's consecutive batches. Its Redis URL and topic come from the
-    constructor or ``configure(url, topic)`` (an existing publisher is drained first).
-
-``ping(url)`` (one-shot check)
+``ping(url)``
     One PING with its own short-lived connection, for ``ray-worker check``.
 """
 
@@ -81,7 +63,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -90,38 +72,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ray_worker.bella.protocol import (
-    COMPLETION_EVENT,
-    completion_fields,
-    event_minid,
-    progress_fields,
-    redact_url,
-    stream_key,
-)
+from ray_worker.bella.protocol import COMPLETION_EVENT, event_minid, redact_url
 from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MARKER_PREFIX",
     "Entry",
     "EventPublisher",
-    "PublisherClient",
-    "PublisherClientStats",
     "PublisherOptions",
     "PublisherStats",
-    "RedisPublisher",
-    "SendFn",
     "ping",
-    "start_publisher_actor",
 ]
 
 Entry = tuple[str, Mapping[str, str]]
 """One stream entry: ``(stream_key, fields)`` with every field a ``str`` (§4.2)."""
-
-SendFn = Callable[[list[tuple[str, dict[str, str]]]], Awaitable[object]]
-"""What ``PublisherClient`` calls to ship a batch, e.g. ``handle.publish.remote``."""
 
 MARKER_PREFIX = "bella-ray-worker:evbatch:"
 """Prefix of each publisher's idempotency marker key (see the module docstring)."""
@@ -586,297 +553,6 @@ class EventPublisher:
             )
 
 
-# ======================================================================================
-# Caller side
-# ======================================================================================
-
-
-@dataclass
-class PublisherClientStats:
-    """Counters of a ``PublisherClient``."""
-
-    sent_batches: int = 0
-    sent_events: int = 0
-    send_retries: int = 0
-    failed_batches: int = 0
-    failed_events: int = 0
-    pending: int = 0
-    largest_batch: int = 0
-    last_error: str | None = None
-
-
-class _Batch:
-    __slots__ = ("done", "entries", "error")
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, dict[str, str]]] = []
-        self.done = asyncio.Event()
-        self.error: BaseException | None = None
-
-
-class PublisherClient:
-    """Coalesces events into batches for a remote publisher, one ``send`` in flight.
-
-    ``send(batch)`` ships a list of ``(stream_key, fields)`` pairs, e.g.
-    ``lambda b: handle.publish.remote(b)``. ``topic`` is the event-bus topic used by the
-    ``progress``/``completion`` helpers to build stream keys.
-    """
-
-    def __init__(
-        self,
-        send: SendFn,
-        *,
-        topic: str = "",
-        max_pending: int = 2000,
-        send_timeout_s: float = 30.0,
-        backoff_initial_s: float = 0.05,
-        backoff_max_s: float = 1.0,
-    ) -> None:
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
-        self.topic = topic
-        self._send = send
-        self._max_pending = max_pending
-        self._send_timeout_s = send_timeout_s
-        self._backoff_initial_s = backoff_initial_s
-        self._backoff_max_s = backoff_max_s
-        self._next = _Batch()
-        self._inflight: _Batch | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self._space = asyncio.Event()
-        self._closed = False
-        self._stats = PublisherClientStats()
-
-    async def emit(self, key: str, fields: dict[str, str]) -> None:
-        """Queue one entry; starts a send at once if none is in flight.
-
-        Waits only while ``max_pending`` entries are already waiting for the next send.
-        """
-        await self._enqueue(key, fields)
-
-    async def progress(
-        self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
-    ) -> None:
-        """Encode and queue a progress event (hot path: one per token chunk)."""
-        await self._enqueue(
-            stream_key(self.topic, instance_id),
-            progress_fields(task_id, event_id, event_name, event_data),
-        )
-
-    async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
-        """Queue a completion event and wait until its batch was handed over.
-
-        Raises ``EventBusUnavailableError`` if the batch could not be sent.
-        """
-        batch = await self._enqueue(
-            stream_key(self.topic, instance_id), completion_fields(task_id, result)
-        )
-        await self._wait(batch)
-
-    async def flush(self) -> None:
-        """Wait until every entry queued so far was sent; raise if any such batch failed."""
-        batches = [b for b in (self._inflight, self._next) if b is not None and b.entries]
-        errors = []
-        for batch in batches:
-            try:
-                await self._wait(batch)
-            except EventBusUnavailableError as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-
-    async def aclose(self) -> None:
-        """Flush, then refuse further events."""
-        try:
-            await self.flush()
-        finally:
-            self._closed = True
-
-    def stats(self) -> dict[str, Any]:
-        """Counters as a plain dict."""
-        self._stats.pending = len(self._next.entries)
-        return asdict(self._stats)
-
-    # ---------------------------------------------------------------- internals
-
-    async def _enqueue(self, key: str, fields: dict[str, str]) -> _Batch:
-        if self._closed:
-            raise EventBusUnavailableError("publisher client is closed")
-        while len(self._next.entries) >= self._max_pending:
-            self._space.clear()
-            await self._space.wait()
-        batch = self._next
-        batch.entries.append((key, fields))
-        if self._sender is None:
-            self._sender = asyncio.get_running_loop().create_task(
-                self._send_loop(), name="event-bus-client-sender"
-            )
-            self._sender.add_done_callback(self._sender_done)
-        return batch
-
-    async def _wait(self, batch: _Batch) -> None:
-        await batch.done.wait()
-        if batch.error is not None:
-            raise EventBusUnavailableError(
-                f"event batch not delivered to the publisher: {_describe(batch.error)}"
-            ) from batch.error
-
-    async def _send_loop(self) -> None:
-        while self._next.entries:
-            batch, self._next = self._next, _Batch()
-            self._inflight = batch
-            self._space.set()
-            try:
-                await self._send_with_retry(batch.entries)
-            except asyncio.CancelledError:
-                batch.error = EventBusUnavailableError("publisher client sender was cancelled")
-                raise
-            except Exception as exc:
-                batch.error = exc
-                self._stats.failed_batches += 1
-                self._stats.failed_events += len(batch.entries)
-                self._stats.last_error = _describe(exc)
-                logger.error(
-                    "could not hand %d events to the event-bus publisher: %s",
-                    len(batch.entries),
-                    _describe(exc),
-                )
-            else:
-                self._stats.sent_batches += 1
-                self._stats.sent_events += len(batch.entries)
-                self._stats.largest_batch = max(self._stats.largest_batch, len(batch.entries))
-            finally:
-                self._inflight = None
-                batch.done.set()
-        self._sender = None
-
-    def _sender_done(self, task: asyncio.Task[None]) -> None:
-        # The loop catches send errors; reaching here with an exception (or a cancel) means
-        # nobody will send the pending batch: fail it so no awaiter hangs.
-        if self._sender is task:
-            self._sender = None
-        error: BaseException
-        if task.cancelled():
-            error = EventBusUnavailableError("publisher client sender was cancelled")
-        elif task.exception() is not None:
-            error = task.exception()  # type: ignore[assignment]
-            logger.error("publisher client sender died", exc_info=error)
-        else:
-            return
-        for batch in (self._inflight, self._next):
-            if batch is not None and not batch.done.is_set() and batch.entries:
-                batch.error = error
-                batch.done.set()
-        self._next = _Batch()
-        self._space.set()
-
-    async def _send_with_retry(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        deadline = time.monotonic() + self._send_timeout_s
-        delay = self._backoff_initial_s
-        attempt = 1
-        while True:
-            try:
-                await self._send(entries)
-                return
-            except Exception as exc:
-                pause = _jittered(delay)
-                if time.monotonic() + pause > deadline:
-                    raise
-                self._stats.send_retries += 1
-                self._stats.last_error = _describe(exc)
-                logger.warning(
-                    "event-bus publisher call failed (attempt %d), retrying: %s",
-                    attempt,
-                    _describe(exc),
-                )
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, self._backoff_max_s)
-                attempt += 1
-
-
-# ======================================================================================
-# Ray actor
-# ======================================================================================
-
-
-class RedisPublisher:
-    """The Ray actor around one ``EventPublisher`` (start it with ``start_publisher_actor``).
-
-    One actor per poller, owned by it: it lives exactly as long as the poller replica, so it
-    is still there while the poller drains its last tasks (a Serve deployment would be torn
-    down beside the poller). ``url``/``topic`` may come later through ``configure``.
-    ``options`` is a ``PublisherOptions`` or its dict form.
-    """
-
-    def __init__(
-        self,
-        url: str | None = None,
-        topic: str = "",
-        options: PublisherOptions | Mapping[str, Any] | None = None,
-        drain_timeout_s: float = 20.0,
-    ) -> None:
-        self._options = (
-            options
-            if isinstance(options, PublisherOptions)
-            else PublisherOptions.model_validate(dict(options or {}))
-        )
-        self._drain_timeout_s = drain_timeout_s
-        self._topic = topic
-        self._metrics = WorkerMetrics()
-        self._publisher = self._make(url) if url else None
-
-    def _make(self, url: str) -> EventPublisher:
-        return EventPublisher(
-            url,
-            self._options,
-            on_acked=lambda s: self._metrics.observe("publish_latency_s", s),
-        )
-
-    async def configure(self, url: str, topic: str) -> None:
-        """Set (or replace) the Redis URL and topic; a previous publisher is drained first."""
-        self._topic = topic
-        if self._publisher is not None and self._publisher.url == url:
-            return
-        old, self._publisher = self._publisher, self._make(url)
-        if old is not None:
-            await old.aclose(self._drain_timeout_s)
-        logger.info("event-bus publisher configured for %s", redact_url(url))
-
-    async def topic(self) -> str:
-        """The event-bus topic (stream key prefix)."""
-        return self._topic
-
-    async def publish(self, batch: list[tuple[str, dict[str, str]]]) -> None:
-        """Buffer ``batch`` in order; returns once buffered (waits while the buffer is full)."""
-        await self._require().publish(batch)
-
-    async def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything buffered so far is acknowledged or given up."""
-        return await self._require().flush(timeout_s)
-
-    async def stats(self) -> dict[str, Any]:
-        """Counters and latency summary (``{"configured": False}`` before configure)."""
-        if self._publisher is None:
-            return {"configured": False}
-        return {"configured": True, **self._publisher.stats()}
-
-    async def check_health(self) -> None:
-        """Raise if the writer loop died."""
-        if self._publisher is not None:
-            self._publisher.check_health()
-
-    async def aclose(self) -> None:
-        """Drain what is buffered (up to ``drain_timeout_s``), then close the connection."""
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.aclose(self._drain_timeout_s)
-
-    def _require(self) -> EventPublisher:
-        if self._publisher is None:
-            raise EventBusUnavailableError("event-bus publisher is not configured yet")
-        return self._publisher
-
-
 async def ping(url: str, timeout_s: float = 5.0) -> None:
     """PING the Redis at ``url`` once (a reachability check, e.g. ``ray-worker check``).
 
@@ -904,19 +580,3 @@ async def ping(url: str, timeout_s: float = 5.0) -> None:
         ) from None
     finally:
         await client.aclose()
-
-
-def start_publisher_actor(
-    url: str | None = None,
-    topic: str = "",
-    options: PublisherOptions | None = None,
-    drain_timeout_s: float = 20.0,
-) -> Any:
-    """Start a ``RedisPublisher`` Ray actor owned by the caller; returns its handle.
-
-    It takes no CPU slot (it only waits on Redis) and dies with its owner.
-    """
-    import ray
-
-    actor_cls: Any = ray.remote(num_cpus=0, max_concurrency=1000)(RedisPublisher)  # type: ignore[call-overload]
-    return actor_cls.remote(url, topic, options, drain_timeout_s)

@@ -1,0 +1,568 @@
+"""Event-bus Ray side: the per-node ``RedisPublisher`` actor and ``EventBusClient``.
+
+This module owns where events cross a Ray hop: the ``RedisPublisher`` actor (one per node
+and app, detached and named, around one ``writer.EventPublisher``), ``node_publisher``
+(get-or-create the calling node's actor by name) and ``EventBusClient`` (the event sink an
+LLM replica's task runner or the poller uses). It must not talk to Redis itself (that is
+``writer``), batch events itself (``batcher``), or import ``ray.serve``.
+
+``RedisPublisher``
+    Not owned by whoever created it (``lifetime="detached"``), so it outlives a poller or
+    replica restart. Clients take leases (``lease``/``release``, renewed in the background);
+    once it has had a lease and none is alive any more, it waits ``exit_grace_s`` (a
+    replacement replica may attach during a redeploy), drains within ``drain_timeout_s``
+    and exits, so nothing is left running when the app is gone. ``publish(client_id,
+    batch_seq, batch)`` returns once the batch is buffered; it remembers the last
+    ``batch_seq`` applied per client and acknowledges a resent batch without buffering it
+    again. One actor per node: two actors could reorder one task's consecutive batches.
+
+``EventBusClient``
+    Wraps a ``batcher.PublisherClient`` (one send in flight, so per-task order holds) whose
+    send calls this node's actor. ``ActorUnavailableError`` and call timeouts are transient:
+    the same batch seq is resent to the same handle. A dead actor is re-resolved by name
+    (get-or-create: never two live actors of one name), leased again, and the same batch seq
+    is resent. What a dead actor had buffered but not yet written to Redis is lost, and a
+    batch it had written whose reply never came back is written again by its successor
+    (the successor does not know the dead one's sequence marks): exactly-once holds across
+    transient failures, not across an actor's death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from ray_worker.bella.protocol import redact_url
+from ray_worker.config import PublisherOptions
+from ray_worker.errors import EventBusUnavailableError
+from ray_worker.eventbus.batcher import Batch, PublisherClient
+from ray_worker.eventbus.writer import EventPublisher
+from ray_worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PUBLISHER_NAMESPACE",
+    "EventBusClient",
+    "RedisPublisher",
+    "node_publisher",
+    "publisher_name",
+    "start_publisher_actor",
+]
+
+PUBLISHER_NAMESPACE = "bella-ray-worker"
+"""Ray namespace of the named per-node publisher actors."""
+
+ACCEPTED = "ok"
+DUPLICATE = "duplicate"
+EXITING = "exiting"
+# What RedisPublisher.publish answers: buffered, already had it, or going away (resend to
+# the node's next publisher).
+
+_LEASE_CHECK_INTERVAL_S = 0.25
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def publisher_name(app_name: str, node_id: str) -> str:
+    """The Ray actor name of ``app_name``'s publisher on node ``node_id``."""
+    return f"event-publisher:{app_name}:{node_id}"
+
+
+class RedisPublisher:
+    """The Ray actor around one ``EventPublisher`` (see the module docstring).
+
+    ``url``/``topic`` may come later through ``configure``. ``options`` is a
+    ``PublisherOptions`` or its dict form. Get the node's one with ``node_publisher``.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        topic: str = "",
+        options: PublisherOptions | Mapping[str, Any] | None = None,
+        drain_timeout_s: float = 20.0,
+        exit_grace_s: float = 5.0,
+    ) -> None:
+        self._options = (
+            options
+            if isinstance(options, PublisherOptions)
+            else PublisherOptions.model_validate(dict(options or {}))
+        )
+        self._drain_timeout_s = drain_timeout_s
+        self._exit_grace_s = exit_grace_s
+        self._topic = topic
+        self._metrics = WorkerMetrics()
+        self._publisher = self._make(url) if url else None
+        self._leases: dict[str, float] = {}  # client id -> expiry (monotonic)
+        self._lease_ttls: dict[str, float] = {}
+        self._last_seq: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._idle_since: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog_error: BaseException | None = None
+        self._exiting = False
+        self._duplicates = 0
+
+    def _make(self, url: str) -> EventPublisher:
+        return EventPublisher(
+            url,
+            self._options,
+            on_acked=lambda s: self._metrics.observe("publish_latency_s", s),
+        )
+
+    async def configure(self, url: str, topic: str) -> None:
+        """Set (or replace) the Redis URL and topic; a previous publisher is drained first."""
+        self._topic = topic
+        if self._publisher is not None and self._publisher.url == url:
+            return
+        old, self._publisher = self._publisher, self._make(url)
+        if old is not None:
+            await old.aclose(self._drain_timeout_s)
+        logger.info("event-bus publisher configured for %s", redact_url(url))
+
+    async def topic(self) -> str:
+        """The event-bus topic (stream key prefix)."""
+        return self._topic
+
+    async def target(self) -> dict[str, Any]:
+        """``{"url", "topic", "exiting"}``: where it writes, and whether it is going away."""
+        url = self._publisher.url if self._publisher is not None else None
+        return {"url": url, "topic": self._topic, "exiting": self._exiting}
+
+    async def lease(self, client_id: str, ttl_s: float) -> bool:
+        """Take or renew ``client_id``'s lease for ``ttl_s``; False once the actor is exiting."""
+        if self._exiting:
+            return False
+        self._leases[client_id] = time.monotonic() + ttl_s
+        self._lease_ttls[client_id] = ttl_s
+        self._idle_since = None
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(), name="event-bus-publisher-leases"
+            )
+            self._watchdog.add_done_callback(self._watchdog_done)
+        return True
+
+    async def release(self, client_id: str) -> None:
+        """Drop ``client_id``'s lease and its sequence mark (it sends nothing more)."""
+        self._leases.pop(client_id, None)
+        self._lease_ttls.pop(client_id, None)
+        self._last_seq.pop(client_id, None)
+        self._locks.pop(client_id, None)
+        if not self._leases and self._idle_since is None:
+            self._idle_since = time.monotonic()
+
+    async def publish(
+        self,
+        client_id: str | Batch,
+        batch_seq: int | None = None,
+        batch: Batch | None = None,
+    ) -> str:
+        """Buffer ``batch`` in order unless ``batch_seq`` was already applied for the client.
+
+        Returns ``"ok"`` (buffered), ``"duplicate"`` (a resend, acknowledged, not buffered
+        again) or ``"exiting"`` (not taken: resend to the node's next publisher). Waits
+        while the buffer is full. ``publish(batch)`` alone (no client, no dedup) is the
+        poller's older form, kept until ``serve/app.py`` moves to ``EventBusClient``.
+        """
+        if batch is None and batch_seq is None and isinstance(client_id, list):
+            await self._require().publish(client_id)
+            return ACCEPTED
+        if not isinstance(client_id, str) or batch_seq is None or batch is None:
+            raise TypeError("publish(client_id: str, batch_seq: int, batch: list)")
+        if self._exiting:
+            return EXITING
+        lock = self._locks.get(client_id)
+        if lock is None:
+            lock = self._locks[client_id] = asyncio.Lock()
+        # One send in flight per client, but a resend after a caller-side timeout can arrive
+        # while the first call still waits for buffer space: the lock orders the two.
+        async with lock:
+            if batch_seq <= self._last_seq.get(client_id, 0):
+                self._duplicates += 1
+                return DUPLICATE
+            try:
+                await self._require().publish(batch)
+            except EventBusUnavailableError:
+                if self._exiting:
+                    return EXITING
+                raise
+            self._last_seq[client_id] = batch_seq
+        ttl = self._lease_ttls.get(client_id)
+        if ttl is not None and client_id in self._leases:
+            self._leases[client_id] = time.monotonic() + ttl  # a publish proves it is alive
+        return ACCEPTED
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything buffered so far is acknowledged or given up."""
+        return await self._require().flush(timeout_s)
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters, latency summary and leases (``configured`` False before configure)."""
+        own = {
+            "leases": len(self._leases),
+            "duplicates": self._duplicates,
+            "exiting": self._exiting,
+        }
+        if self._publisher is None:
+            return {"configured": False, **own}
+        return {"configured": True, **self._publisher.stats(), **own}
+
+    async def check_health(self) -> None:
+        """Raise if the writer loop or the lease watchdog died."""
+        if self._watchdog_error is not None:
+            raise EventBusUnavailableError(
+                f"publisher lease watchdog died: {_describe(self._watchdog_error)}"
+            )
+        if self._publisher is not None:
+            self._publisher.check_health()
+
+    async def aclose(self) -> None:
+        """Drain what is buffered (up to ``drain_timeout_s``), then close the connection."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.aclose(self._drain_timeout_s)
+
+    async def _exit(self) -> None:
+        # Called through our own handle so exit_actor() raises inside an actor task, where
+        # Ray turns it into a clean exit (raised in a background asyncio task it only logs
+        # "Task exception was never retrieved").
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+
+    def _require(self) -> EventPublisher:
+        if self._publisher is None:
+            raise EventBusUnavailableError("event-bus publisher is not configured yet")
+        return self._publisher
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(_LEASE_CHECK_INTERVAL_S, max(self._exit_grace_s, 0.01)))
+            now = time.monotonic()
+            for client_id, expires in list(self._leases.items()):
+                if expires <= now:
+                    logger.warning("event-bus lease of %s expired without release", client_id)
+                    del self._leases[client_id]
+            if self._leases:
+                continue
+            if self._idle_since is None:
+                self._idle_since = now
+            elif now - self._idle_since >= self._exit_grace_s:
+                break
+        self._exiting = True
+        logger.info(
+            "event-bus publisher has no client left for %.1f s: draining and exiting",
+            self._exit_grace_s,
+        )
+        await self.aclose()
+        ray.get_runtime_context().current_actor._exit.remote()
+
+    def _watchdog_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._watchdog_error = task.exception()
+            logger.error("event-bus publisher lease watchdog died", exc_info=self._watchdog_error)
+
+
+@functools.cache
+def _actor_class() -> Any:
+    return ray.remote(RedisPublisher)
+
+
+def node_publisher(
+    app_name: str,
+    url: str,
+    topic: str,
+    options: PublisherOptions | None = None,
+    *,
+    drain_timeout_s: float = 20.0,
+    exit_grace_s: float = 5.0,
+    timeout_s: float = 30.0,
+) -> Any:
+    """Get or create the ``RedisPublisher`` of the calling process's node; returns its handle.
+
+    Blocking (run it in a thread from async code). The actor is named
+    ``publisher_name(app_name, node_id)`` in ``PUBLISHER_NAMESPACE``, detached, pinned to
+    this node, takes no CPU slot (it only waits on Redis). An existing one writing elsewhere
+    is reconfigured to ``url``/``topic``; one that is exiting is waited out (then a new one
+    is created). Raises ``EventBusUnavailableError`` after ``timeout_s``.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = ray.get_runtime_context().get_node_id()
+    name = publisher_name(app_name, node_id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        handle = (
+            _actor_class()
+            .options(
+                name=name,
+                namespace=PUBLISHER_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=1000,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            )
+            .remote(url, topic, options, drain_timeout_s, exit_grace_s)
+        )
+        left = max(deadline - time.monotonic(), 0.5)
+        try:
+            current = ray.get(handle.target.remote(), timeout=left)
+            if not current["exiting"]:
+                if (current["url"], current["topic"]) != (url, topic):
+                    ray.get(handle.configure.remote(url, topic), timeout=left)
+                return handle
+            error: BaseException | None = None
+        except (RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            error = exc  # died or exiting under us: the name frees once it is gone
+        if time.monotonic() >= deadline:
+            raise EventBusUnavailableError(
+                f"no event-bus publisher on node {node_id} within {timeout_s} s"
+                + (f": {_describe(error)}" if error else " (the old one is still exiting)")
+            )
+        time.sleep(0.1)
+
+
+def start_publisher_actor(
+    url: str | None = None,
+    topic: str = "",
+    options: PublisherOptions | None = None,
+    drain_timeout_s: float = 20.0,
+) -> Any:
+    """Start an unnamed ``RedisPublisher`` owned by the caller (dies with it); its handle.
+
+    The poller's older arrangement, kept until ``serve/app.py`` uses ``EventBusClient``.
+    """
+    actor_cls: Any = ray.remote(num_cpus=0, max_concurrency=1000)(RedisPublisher)  # type: ignore[call-overload]
+    return actor_cls.remote(url, topic, options, drain_timeout_s)
+
+
+class EventBusClient:
+    """The event sink of one task runner or poller: events to this node's publisher actor.
+
+    ``client_id`` names the caller in logs and leases (e.g. the replica id); a random
+    suffix is added per instance (``session``) so a restarted caller with the same id is
+    never mistaken for a resend of the old one. ``progress`` only enqueues (no Ray call per
+    event); ``completion`` waits until its batch was accepted by the actor.
+    """
+
+    def __init__(
+        self,
+        app_name: str,
+        client_id: str,
+        options: PublisherOptions | None = None,
+        *,
+        call_timeout_s: float = 10.0,
+        lease_ttl_s: float = 15.0,
+    ) -> None:
+        self.app_name = app_name
+        self.client_id = client_id
+        self.options = options
+        self.session = f"{client_id}#{uuid.uuid4().hex[:8]}"
+        self._call_timeout_s = call_timeout_s
+        self._lease_ttl_s = lease_ttl_s
+        self._url = ""
+        self._topic = ""
+        self._actor: Any = None
+        self._batcher: PublisherClient | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._resolve_lock = asyncio.Lock()
+        self._closed = False
+        self._counters = {
+            "transient_retries": 0,
+            "reattached": 0,
+            "duplicates_acked": 0,
+            "lease_renew_failures": 0,
+        }
+
+    @property
+    def started(self) -> bool:
+        """True between a successful ``start`` and ``aclose``."""
+        return self._batcher is not None and not self._closed
+
+    @property
+    def actor(self) -> Any:
+        """The handle of the publisher actor in use (None before ``start``)."""
+        return self._actor
+
+    async def start(self, url: str, topic: str) -> None:
+        """Resolve this node's publisher actor, take a lease, start renewing it.
+
+        Raises ``EventBusUnavailableError`` if no publisher could be had in time.
+        """
+        if self._batcher is not None:
+            raise RuntimeError("EventBusClient.start() was already called")
+        self._url, self._topic = url, topic
+        await self._attach(None)
+        self._batcher = PublisherClient(
+            send_seq=self._send,
+            topic=topic,
+            send_timeout_s=max(30.0, 3 * self._call_timeout_s),
+        )
+        self._renewer = asyncio.get_running_loop().create_task(
+            self._renew_loop(), name="event-bus-lease-renew"
+        )
+        self._renewer.add_done_callback(self._renewer_done)
+
+    async def progress(
+        self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
+    ) -> None:
+        """Queue a progress event (hot path: one per chunk; no Ray call here)."""
+        await self._require().progress(instance_id, task_id, event_id, event_name, event_data)
+
+    async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
+        """Queue a completion event and wait until the actor accepted its batch.
+
+        Raises ``EventBusUnavailableError`` if the batch could not be handed over.
+        """
+        await self._require().completion(instance_id, task_id, result)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far was accepted; raise if a batch failed."""
+        await self._require().flush()
+
+    async def aclose(self, drain_timeout_s: float = 10.0) -> None:
+        """Flush (within ``drain_timeout_s``), stop renewing and release the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        try:
+            if self._batcher is not None:
+                async with asyncio.timeout(drain_timeout_s):
+                    await self._batcher.aclose()
+        except (TimeoutError, EventBusUnavailableError) as exc:
+            logger.error(
+                "event-bus client %s closing with undelivered events: %s",
+                self.client_id,
+                _describe(exc),
+            )
+        finally:
+            if self._actor is not None:
+                try:
+                    await asyncio.wait_for(
+                        self._actor.release.remote(self.session), self._call_timeout_s
+                    )
+                except (RayActorError, TimeoutError) as exc:
+                    # The lease then expires on its own.
+                    logger.warning("could not release event-bus lease: %s", _describe(exc))
+
+    def stats(self) -> dict[str, Any]:
+        """Batcher counters plus retries, re-attachments and acknowledged duplicates."""
+        out: dict[str, Any] = {"client_id": self.client_id, "started": self.started}
+        if self._batcher is not None:
+            out.update(self._batcher.stats())
+        out.update(self._counters)
+        return out
+
+    # ---------------------------------------------------------------- internals
+
+    def _require(self) -> PublisherClient:
+        if self._batcher is None:
+            raise EventBusUnavailableError("event-bus client is not started")
+        return self._batcher
+
+    async def _send(self, seq: int, batch: Batch) -> None:
+        """Ship batch ``seq``; raising makes the batcher back off and resend the same seq."""
+        actor = self._actor
+        for attempt in (1, 2):
+            try:
+                status = await asyncio.wait_for(
+                    actor.publish.remote(self.session, seq, batch), self._call_timeout_s
+                )
+            except (ActorUnavailableError, TimeoutError):
+                # Maybe applied, maybe not: resend the same seq to the same actor later.
+                self._counters["transient_retries"] += 1
+                raise
+            except RayActorError:
+                if attempt == 2:
+                    raise
+                actor = await self._attach(actor)
+                continue
+            if status == EXITING:
+                if attempt == 2:
+                    raise EventBusUnavailableError("event-bus publisher actor is exiting")
+                actor = await self._attach(actor)
+                continue
+            if status == DUPLICATE:
+                self._counters["duplicates_acked"] += 1
+            return
+
+    async def _attach(self, dead: Any) -> Any:
+        """Resolve the node's publisher and lease it; ``dead`` is the handle that failed.
+
+        Several callers may notice one death: only the first re-resolves.
+        """
+        async with self._resolve_lock:
+            if dead is not None and self._actor is not dead:
+                return self._actor
+            deadline = time.monotonic() + max(30.0, 3 * self._call_timeout_s)
+            while True:
+                handle = await asyncio.to_thread(
+                    node_publisher,
+                    self.app_name,
+                    self._url,
+                    self._topic,
+                    self.options,
+                    timeout_s=max(deadline - time.monotonic(), 1.0),
+                )
+                try:
+                    granted = await asyncio.wait_for(
+                        handle.lease.remote(self.session, self._lease_ttl_s),
+                        self._call_timeout_s,
+                    )
+                except (RayActorError, TimeoutError) as exc:
+                    granted = False
+                    logger.warning("event-bus publisher lease failed: %s", _describe(exc))
+                if granted:
+                    if dead is not None:
+                        self._counters["reattached"] += 1
+                        logger.warning("event-bus client %s re-attached", self.client_id)
+                    self._actor = handle
+                    return handle
+                if time.monotonic() >= deadline:
+                    raise EventBusUnavailableError("could not lease an event-bus publisher")
+                await asyncio.sleep(0.1)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ttl_s / 3)
+            actor = self._actor
+            try:
+                granted = await asyncio.wait_for(
+                    actor.lease.remote(self.session, self._lease_ttl_s), self._call_timeout_s
+                )
+                if not granted:
+                    await self._attach(actor)
+            except (ActorUnavailableError, TimeoutError) as exc:
+                self._counters["lease_renew_failures"] += 1
+                logger.warning("event-bus lease renewal failed: %s", _describe(exc))
+            except RayActorError:
+                try:
+                    await self._attach(actor)
+                except EventBusUnavailableError as exc:
+                    self._counters["lease_renew_failures"] += 1
+                    logger.error("event-bus publisher lost: %s", _describe(exc))
+            except Exception as exc:
+                # Keep renewing: a dead loop would let the lease lapse and the actor exit.
+                self._counters["lease_renew_failures"] += 1
+                logger.error("event-bus lease renewal failed: %s", _describe(exc))
+
+    def _renewer_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("event-bus lease renewal loop died", exc_info=task.exception())
