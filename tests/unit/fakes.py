@@ -1,9 +1,11 @@
 """In-memory fakes of the dispatcher's and poller's outside world, for unit tests.
 
 This module owns the fakes of the small protocols the worker's core logic talks through:
-``Engines`` (``FakeEngines``), ``EventSink`` (``FakeEventSink``), ``Completer``
-(``FakeCompleter``) and ``Taker`` (``FakeTaker``), plus ``make_task`` and ``until`` (the
-shared ``wait_for`` with a polling interval fit for in-memory fakes).
+the task runner's ``Engine`` (``FakeEngine``), the dispatcher's ``Replicas`` (``FakeReplicas``,
+which runs a real ``TaskRunner`` on a ``FakeEngine`` unless told to fail), ``EventSink``
+(``FakeEventSink``), ``Completer`` (``FakeCompleter``) and ``Taker`` (``FakeTaker``), plus
+``make_task`` and ``until`` (the shared ``wait_for`` with a polling interval fit for
+in-memory fakes).
 It must not touch the network, Ray or the wall clock beyond ``asyncio.sleep``: scripted
 delays are given by the test and kept tiny.
 
@@ -38,12 +40,16 @@ from ray_worker.testing.waiting import wait_for
 
 __all__ = [
     "Delay",
+    "DieAfterAnswering",
     "EngineCall",
     "FakeCompleter",
-    "FakeEngines",
+    "FakeEngine",
     "FakeEventSink",
+    "FakeReplicas",
     "FakeTaker",
     "Recorded",
+    "ReplicaCall",
+    "ReplicaStep",
     "by_queue",
     "level_of",
     "make_task",
@@ -117,7 +123,7 @@ def make_task(
 
 
 # --------------------------------------------------------------------------------------
-# Engines
+# Engine (inside a replica) and replicas (as the poller sees them)
 # --------------------------------------------------------------------------------------
 
 
@@ -133,21 +139,21 @@ Step = dict[str, Any] | BaseException | Delay | asyncio.Event
 
 @dataclass
 class EngineCall:
-    """One call of ``Engines.stream`` as the dispatcher made it."""
+    """One call of ``Engine.stream`` as the task runner made it."""
 
-    model_id: str
     endpoint: str
     data: dict[str, Any]
     request_id: str
     priority: int
     yielded: int = 0
     finished: bool = False
-    cancelled: bool = False
-    """The consumer stopped the call (deadline, drain) before the script ended."""
+    aborted: bool = False
+    """The consumer closed or cancelled the stream (deadline, drain) before the script ended:
+    what aborts the request in a real engine."""
 
 
-class FakeEngines:
-    """A scripted ``Engines``: each call plays the next script (or ``default``)."""
+class FakeEngine:
+    """A scripted ``Engine``: each call plays the next script (or ``default``)."""
 
     def __init__(
         self,
@@ -160,7 +166,6 @@ class FakeEngines:
             default if default is not None else [{"id": "resp", "object": "chat.completion"}]
         )
         self.calls: list[EngineCall] = []
-        self.aborts: list[tuple[str, str]] = []
         self.active = 0
 
     def script(self, *steps: Step) -> None:
@@ -171,6 +176,11 @@ class FakeEngines:
     def priorities(self) -> list[int]:
         """The priority of every call, in call order."""
         return [call.priority for call in self.calls]
+
+    @property
+    def aborted(self) -> list[str]:
+        """Request ids of the calls that were aborted, in call order."""
+        return [call.request_id for call in self.calls if call.aborted]
 
     def calls_for(self, request_id: str) -> list[EngineCall]:
         """The calls made for one task."""
@@ -191,23 +201,116 @@ class FakeEngines:
                     yield step
             call.finished = True
         except (asyncio.CancelledError, GeneratorExit):
-            call.cancelled = True
+            call.aborted = True
             raise
         finally:
             self.active -= 1
 
     def stream(
-        self, model_id: str, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
+        self, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
     ) -> AsyncIterator[dict[str, Any]]:
         """Record the call and play its script."""
-        call = EngineCall(model_id, endpoint, dict(data), request_id, priority)
+        call = EngineCall(endpoint, dict(data), request_id, priority)
         self.calls.append(call)
         steps = self.scripts.popleft() if self.scripts else list(self.default)
         return self._play(call, steps)
 
-    async def abort(self, model_id: str, request_id: str) -> None:
-        """Record the abort."""
-        self.aborts.append((model_id, request_id))
+
+@dataclass(frozen=True)
+class DieAfterAnswering:
+    """A replica step: report ``answering``, send ``chunks`` progress events of a streaming task
+    (ids 0, 1, ...), then die (``ReplicaUnavailableError``) without answering."""
+
+    chunks: int = 1
+
+
+ReplicaStep = BaseException | DieAfterAnswering | asyncio.Event
+"""One call of ``FakeReplicas.run``: an exception raised before anything (the call failed
+before the replica answered), a death after answering, or a gate waited for before running."""
+
+
+@dataclass
+class ReplicaCall:
+    """One call of ``Replicas.run`` as the dispatcher made it."""
+
+    model_id: str
+    task_id: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeReplicas:
+    """``Replicas`` whose calls run a real ``TaskRunner`` per model over one ``FakeEngine``
+    (as ``ray_worker.serve.task_host`` does), unless a scripted ``ReplicaStep`` says otherwise.
+    """
+
+    def __init__(
+        self,
+        models: Iterable[str],
+        events: Any,
+        completer: Any,
+        *,
+        engine: FakeEngine | None = None,
+        config: Any = None,
+    ) -> None:
+        from ray_worker.task.runner import TaskRunner
+
+        self.engine = engine or FakeEngine()
+        self.events = events
+        self.runners = {
+            m: TaskRunner(engine=self.engine, events=events, completer=completer, config=config)
+            for m in models
+        }
+        self.steps: deque[ReplicaStep] = deque()
+        self.calls: list[ReplicaCall] = []
+
+    def script(self, *steps: ReplicaStep) -> None:
+        """Queue what the next calls do (each call takes one step; then they run the task)."""
+        self.steps.extend(steps)
+
+    def calls_for(self, task_id: str) -> list[ReplicaCall]:
+        """The calls made for one task."""
+        return [call for call in self.calls if call.task_id == task_id]
+
+    async def run(self, model_id: str, task: Task) -> AsyncIterator[dict[str, Any]]:
+        """Play the next step, or run ``task`` on ``model_id``'s runner."""
+        from ray_worker.errors import ReplicaUnavailableError
+        from ray_worker.worker.dispatcher import ANSWERING, DONE
+
+        call = ReplicaCall(model_id, task.task_id)
+        self.calls.append(call)
+        step = self.steps.popleft() if self.steps else None
+        if isinstance(step, asyncio.Event):
+            await step.wait()
+        elif isinstance(step, BaseException):
+            raise step
+        elif isinstance(step, DieAfterAnswering):
+            call.messages.append({"phase": ANSWERING})
+            yield {"phase": ANSWERING}
+            if task.response_mode is ResponseMode.STREAMING:
+                for i in range(step.chunks):
+                    await self.events.progress(
+                        task.instance_id or "", task.task_id, str(i), "message", {"n": i}
+                    )
+            raise ReplicaUnavailableError("fake replica died mid-task")
+        runner = self.runners[model_id]
+        answering = asyncio.Event()
+        job = runner.start(task, on_answering=answering.set)
+        if job is None:
+            done = {"phase": DONE, "outcome": await runner.run(task)}
+            call.messages.append(done)
+            yield done
+            return
+        signal = asyncio.ensure_future(answering.wait())
+        try:
+            await asyncio.wait({signal, job}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signal.cancel()
+        if answering.is_set():
+            call.messages.append({"phase": ANSWERING})
+            yield {"phase": ANSWERING}
+        done = {"phase": DONE, "outcome": await asyncio.shield(job)}
+        call.messages.append(done)
+        yield done
 
 
 # --------------------------------------------------------------------------------------
@@ -356,5 +459,5 @@ def by_queue(*tasks: Task) -> dict[str, list[Task]]:
 
 
 def level_of(task: Task) -> Level:
-    """The task's level as a ``Level``."""
-    return Level(task.level)
+    """The task's level as the worker counts it: 0 is online, any other level offline."""
+    return Level.ONLINE if task.level == 0 else Level.OFFLINE

@@ -33,8 +33,9 @@ def load(
     running: int = 0,
     waiting: int = 0,
     kv: float = 0.0,
+    held: list[str] | None = None,
 ) -> dict[str, Any]:
-    return {
+    report: dict[str, Any] = {
         "replica_id": replica,
         "model_id": model,
         "running": running,
@@ -42,6 +43,9 @@ def load(
         "kv_cache_usage": kv,
         "max_num_seqs": max_num_seqs,
     }
+    if held is not None:
+        report["held_ids"] = held
+    return report
 
 
 def tracker(
@@ -211,8 +215,64 @@ def test_snapshot_shape() -> None:
             "engine_waiting": 1,
             "kv_cache_usage_max": 0.5,
             "declined": 0,
+            "held_unknown": 0,
         }
     }
+
+
+# -- held_ids: tasks a replica runs that this tracker did not count ----------------------
+
+
+def test_unknown_held_ids_count_as_in_flight() -> None:
+    cap = tracker()
+    cap.report(load("r1", held=["t1", "t2", "t3"]))
+    assert cap.in_flight("m") == 3
+    assert cap.remaining("m", ONLINE) == 8 - 3
+    assert cap.remaining("m", OFFLINE) == 8 - 2 - 3
+    assert cap.snapshot()["m"]["held_unknown"] == 3
+    assert cap.snapshot()["m"]["in_flight_online"] == 0  # its own counts are untouched
+
+
+def test_held_ids_this_tracker_acquired_are_not_counted_twice() -> None:
+    cap = tracker()
+    cap.acquire("m", ONLINE, task_id="mine-1")
+    cap.acquire("m", OFFLINE, task_id="mine-2")
+    cap.report(load("r1", held=["mine-1", "mine-2", "theirs"]))
+    assert cap.in_flight("m") == 3  # 2 counted here + 1 unknown
+    assert cap.remaining("m", ONLINE) == 5
+    assert cap.snapshot()["m"]["held_unknown"] == 1
+
+
+def test_released_ids_in_a_stale_report_are_not_counted() -> None:
+    cap = tracker()
+    cap.acquire("m", OFFLINE, task_id="done-1")
+    cap.acquire("m", ONLINE, task_id="done-2")
+    cap.release("m", OFFLINE, task_id="done-1")
+    cap.release("m", ONLINE, task_id="done-2")
+    cap.report(load("r1", held=["done-1", "done-2"]))  # sent before the releases arrived
+    assert cap.in_flight("m") == 0
+    assert cap.remaining("m", ONLINE) == 8
+    assert cap.snapshot()["m"]["held_unknown"] == 0
+
+
+def test_held_ids_are_summed_over_replicas_and_replaced_by_the_next_report() -> None:
+    cap = tracker()
+    cap.report(load("r1", held=["a", "b"]))
+    cap.report(load("r2", held=["c"]))
+    assert cap.in_flight("m") == 3
+    cap.report(load("r1", held=[]))  # its tasks ended
+    assert cap.in_flight("m") == 1
+    cap.report(load("r2"))  # a report without held_ids holds nothing unknown
+    assert cap.in_flight("m") == 0
+
+
+def test_held_ids_of_a_stale_replica_stop_counting() -> None:
+    clock = Clock()
+    cap = tracker(clock=clock, load_stale_after_s=5.0)
+    cap.report(load("r1", held=["a", "b"]))
+    assert cap.in_flight("m") == 2
+    clock.now += 10
+    assert cap.in_flight("m") == 0
 
 
 # -- wait_changed ------------------------------------------------------------------------

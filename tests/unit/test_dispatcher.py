@@ -1,6 +1,8 @@
-"""Dispatcher: every task runs once and is answered exactly once, on the path its mode demands.
+"""Dispatcher (the poller's control plane): routing, the poller's own answers, retries before a
+replica answered, the safety net when a replica dies after, redeliveries, drain and capacity.
 
-Fakes stand in for the engines, the event bus and Bella-Queue's HTTP complete (``fakes.py``).
+``FakeReplicas`` runs a real ``TaskRunner`` on a ``FakeEngine`` per model unless a scripted
+step makes the call fail (``fakes.py``); running and answering a task is ``test_runner.py``'s.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from typing import Any
 
 import pytest
 from fakes import (
-    Delay,
+    DieAfterAnswering,
     FakeCompleter,
-    FakeEngines,
     FakeEventSink,
+    FakeReplicas,
     Recorded,
     level_of,
     make_task,
@@ -25,15 +27,9 @@ from fakes import (
 
 from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
 from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
-from ray_worker.errors import (
-    EngineError,
-    EngineOverloadedError,
-    InvalidTaskError,
-    QueueUnavailableError,
-    ReplicaUnavailableError,
-)
+from ray_worker.errors import EngineOverloadedError, ReplicaUnavailableError
 from ray_worker.worker.capacity import CapacityTracker
-from ray_worker.worker.dispatcher import Dispatcher
+from ray_worker.worker.dispatcher import ANSWERING, DONE, Dispatcher
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING
@@ -41,18 +37,21 @@ CALLBACK = ResponseMode.CALLBACK
 BATCH = ResponseMode.BATCH
 
 CHUNKS = [{"id": "c", "choices": [{"delta": {"content": t}}]} for t in ("Hel", "lo", "!")]
-RESPONSE = {"id": "r", "object": "chat.completion", "usage": {"total_tokens": 3}}
+RESPONSE = {
+    "id": "r",
+    "object": "chat.completion",
+    "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+}
 
 
 class Rig:
-    """A dispatcher wired to fakes, with a capacity tracker that has room."""
+    """A dispatcher over fake replicas (real runners on a fake engine), with room to take."""
 
     def __init__(
         self,
         *,
         models: tuple[str, ...] = ("m",),
         queues: list[QueueSpec] | None = None,
-        events: FakeEventSink | None = None,
         completer: FakeCompleter | None = None,
         **config: Any,
     ) -> None:
@@ -62,41 +61,55 @@ class Rig:
             "max_replica_retries": 2,
             **config,
         }
-        self.engines = FakeEngines(default=[RESPONSE])
-        self.events = events or FakeEventSink()
+        self.config = DispatcherConfig(**settings)
+        self.events = FakeEventSink()
         self.completer = completer or FakeCompleter()
+        self.replicas = FakeReplicas(models, self.events, self.completer, config=self.config)
+        self.engine = self.replicas.engine
+        self.engine.default = [RESPONSE]
         self.capacity = CapacityTracker(CapacityConfig(), list(models))
         for model in models:
             self.capacity.report(
                 {"replica_id": f"r-{model}", "model_id": model, "max_num_seqs": 64}
             )
+        self.releases: list[tuple[str, Level, str | None]] = []
+        release = self.capacity.release
+
+        def recording_release(
+            model_id: str, level: Level, n: int = 1, *, task_id: str | None = None
+        ) -> None:
+            self.releases.append((model_id, level, task_id))
+            release(model_id, level, n, task_id=task_id)
+
+        self.capacity.release = recording_release  # type: ignore[method-assign]
         self.dispatcher = Dispatcher(
-            engines=self.engines,
+            replicas=self.replicas,
             events=self.events,
             completer=self.completer,
             capacity=self.capacity,
             queues=queues or [],
             served_models=list(models),
-            config=DispatcherConfig(**settings),
+            config=self.config,
         )
         self.pool = models[0]
 
     def submit(self, task: Task, pool: str | None = None) -> bool:
         """Count the task against capacity, as the poller does, and submit it."""
         pool = pool or self.pool
-        self.capacity.acquire(pool, level_of(task))
+        self.capacity.acquire(pool, level_of(task), task_id=task.task_id)
         accepted = self.dispatcher.submit(task, pool)
         if not accepted:
-            self.capacity.release(pool, level_of(task))
+            self.capacity.release(pool, level_of(task), task_id=task.task_id)
         return accepted
 
     async def run(self, task: Task, pool: str | None = None) -> None:
-        """Submit and wait until the task is answered."""
+        """Submit and wait until the dispatcher is done with the task."""
         assert self.submit(task, pool)
         await until(lambda: not self.dispatcher.holds(task.task_id))
 
     async def idle(self) -> None:
         await until(lambda: self.dispatcher.in_flight == 0)
+        await until(lambda: all(r.in_flight == 0 for r in self.replicas.runners.values()))
 
     def answers(self, task: Task) -> list[dict[str, Any]]:
         """Every answer the task got: completion events plus HTTP completes."""
@@ -108,10 +121,10 @@ class Rig:
         return answers[0]
 
     def in_flight(self) -> int:
-        return self.capacity.model(self.pool).total_in_flight
+        return self.capacity.in_flight(self.pool)
 
-    def completed(self, **tags: str) -> float:
-        return self.dispatcher.metrics.total("tasks_completed", **tags)
+    def released(self, task: Task) -> list[tuple[str, Level, str | None]]:
+        return [r for r in self.releases if r[2] == task.task_id]
 
 
 @pytest.fixture
@@ -119,136 +132,61 @@ async def rig() -> AsyncIterator[Rig]:
     r = Rig()
     yield r
     await r.dispatcher.drain(0)
+    for runner in r.replicas.runners.values():
+        await runner.drain(0)
 
 
-def progress_data(events: list[Recorded]) -> list[Any]:
-    return [e.data for e in events if e.kind == "progress"]
+def kinds_and_ids(rig: Rig, task: Task) -> list[tuple[str, str | None]]:
+    return [(e.kind, e.event_id) for e in rig.events.for_task(task.task_id)]
 
 
 def error_code(answer: dict[str, Any]) -> Any:
     return answer["body"]["error"]["code"]
 
 
-# -- response modes --------------------------------------------------------------------------
+# -- a whole run through a replica -----------------------------------------------------------
 
 
-async def test_streaming_sends_chunks_done_then_completion(rig: Rig) -> None:
-    rig.engines.script(*CHUNKS)
-    task = make_task(STREAMING, model="m", data={"messages": [], "stream": False})
+async def test_a_task_runs_in_its_replica_and_the_outcome_is_counted(rig: Rig) -> None:
+    rig.engine.script(*CHUNKS)
+    task = make_task(STREAMING, model="m")
     await rig.run(task)
 
-    events = rig.events.for_task(task.task_id)
-    assert [(e.kind, e.event_id, e.event_name) for e in events] == [
-        ("progress", "0", "message"),
-        ("progress", "1", "message"),
-        ("progress", "2", "message"),
-        ("progress", "3", "message"),
-        ("completion", None, None),
-    ]
-    assert progress_data(events) == [*CHUNKS, STREAM_DONE]
-    assert all(e.instance_id == task.instance_id for e in events)
-    assert events[-1].data == {"status_code": 200, "request_id": task.task_id}
-    assert rig.completer.completes == []
-
-    (call,) = rig.engines.calls
-    assert call.data["stream"] is True  # forced on for streaming mode
-    assert call.data["stream_options"] == {"include_usage": True}
-    assert call.data["model"] == "m"
-    assert call.request_id == task.task_id
+    (call,) = rig.replicas.calls
+    assert (call.model_id, call.task_id) == ("m", task.task_id)
+    assert [m["phase"] for m in call.messages] == [ANSWERING, DONE]
+    assert call.messages[-1]["outcome"]["status_code"] == 200
+    assert [e.data for e in rig.events.progress_of(task.task_id)] == [*CHUNKS, STREAM_DONE]
+    assert rig.only_answer(task) == {"status_code": 200, "request_id": task.task_id}
+    assert rig.dispatcher.answered == {"2xx": 1, "4xx": 0, "5xx": 0}
+    assert rig.released(task) == [("m", Level.ONLINE, task.task_id)]
 
 
-async def test_streaming_keeps_the_callers_stream_options(rig: Rig) -> None:
-    rig.engines.script(*CHUNKS)
-    task = make_task(STREAMING, data={"stream_options": {"include_usage": False}})
-    await rig.run(task)
-    assert rig.engines.calls[0].data["stream_options"] == {"include_usage": False}
-
-
-async def test_blocking_sends_one_completion_with_the_body(rig: Rig) -> None:
-    task = make_task(
-        BLOCKING, data={"messages": [], "stream": True, "stream_options": {"include_usage": True}}
-    )
-    await rig.run(task)
-
-    assert rig.events.for_task(task.task_id) == [
-        Recorded(
-            "completion",
-            task.task_id,
-            task.instance_id,
-            data={"status_code": 200, "request_id": task.task_id, "body": RESPONSE},
-        )
-    ]
-    assert rig.completer.completes == []
-    data = rig.engines.calls[0].data
-    assert data["stream"] is False  # forced off: blocking needs one whole response
-    assert "stream_options" not in data
-
-
-@pytest.mark.parametrize(
-    ("mode", "level"), [(CALLBACK, 0), (CALLBACK, 1), (BATCH, 1)], ids=["cb-0", "cb-1", "batch"]
-)
-async def test_callback_and_batch_complete_over_http(
-    rig: Rig, mode: ResponseMode, level: int
-) -> None:
-    task = make_task(mode, level=level, data={"messages": [], "stream": True})
-    await rig.run(task)
-
-    assert rig.completer.completes == [
-        Recorded(
-            "complete",
-            task.task_id,
-            data={"status_code": 200, "request_id": task.task_id, "body": RESPONSE},
-        )
-    ]
-    assert rig.events.events == []  # never events, even with an instance_id (level 0)
-    assert rig.engines.calls[0].data["stream"] is False
-
-
-@pytest.mark.parametrize("mode", [CALLBACK, BLOCKING])
-async def test_streaming_flag_is_forced_off_in_non_streaming_modes(
-    rig: Rig, mode: ResponseMode
-) -> None:
-    await rig.run(make_task(mode, data={"prompt": "x", "stream": True}, endpoint="/v1/completions"))
-    assert rig.engines.calls[0].data["stream"] is False
-    assert rig.engines.calls[0].endpoint == "/v1/completions"
-
-
-async def test_embeddings_are_not_given_a_stream_flag(rig: Rig) -> None:
-    rig.engines.script({"object": "list", "data": []})
-    task = make_task(CALLBACK, endpoint="/v1/embeddings", data={"input": "x"})
-    await rig.run(task)
-    assert "stream" not in rig.engines.calls[0].data
-    assert rig.only_answer(task)["body"] == {"object": "list", "data": []}
-
-
-async def test_missing_endpoint_means_chat(rig: Rig) -> None:
-    task = make_task(CALLBACK, endpoint="")
-    await rig.run(task)
-    assert rig.engines.calls[0].endpoint == "/v1/chat/completions"
-    assert rig.only_answer(task)["status_code"] == 200
-
-
-async def test_priority_follows_the_level(rig: Rig) -> None:
+async def test_answers_and_tokens_are_counted_from_outcomes(rig: Rig) -> None:
     await rig.run(make_task(BLOCKING))
-    await rig.run(make_task(CALLBACK, level=0))
     await rig.run(make_task(CALLBACK, level=1))
-    await rig.run(make_task(BATCH, level=1))
-    assert rig.engines.priorities == [0, 0, 1, 1]
+    await rig.run(make_task(CALLBACK, endpoint="/v1/images/generations"))  # the replica's 400
+    await rig.run(make_task(CALLBACK, model="nope"))  # the poller's 404
+    assert rig.dispatcher.answered == {"2xx": 2, "4xx": 2, "5xx": 0}
+    assert rig.dispatcher.tokens == {"prompt": 14, "completion": 4}
+    # The replica counts its own completions; the poller counts only its own answers.
+    assert rig.dispatcher.metrics.total("tasks_completed") == 1
+    assert rig.dispatcher.metrics.total("tasks_completed", status="4xx") == 1
 
 
 async def test_tasks_run_concurrently(rig: Rig) -> None:
     gate = asyncio.Event()
     for _ in range(3):
-        rig.engines.script(gate, RESPONSE)
+        rig.engine.script(gate, RESPONSE)
     tasks = [make_task(CALLBACK) for _ in range(3)]
     for task in tasks:
         assert rig.submit(task)
-    await until(lambda: rig.engines.active == 3)
+    await until(lambda: rig.engine.active == 3)
     assert rig.dispatcher.in_flight == 3
     assert all(rig.dispatcher.holds(t.task_id) for t in tasks)
     gate.set()
     await rig.idle()
-    assert len(rig.completer.completes) == 3
+    assert all(len(rig.answers(t)) == 1 for t in tasks)
 
 
 # -- model routing ---------------------------------------------------------------------------
@@ -258,36 +196,23 @@ async def test_served_model_is_routed_to() -> None:
     rig = Rig(models=("a", "b"))
     task = make_task(CALLBACK, model="b")
     await rig.run(task, pool="a")
-    assert rig.engines.calls[0].model_id == "b"
-    assert rig.engines.calls[0].data["model"] == "b"
+    assert [(c.model_id, c.task_id) for c in rig.replicas.calls] == [("b", task.task_id)]
     assert rig.only_answer(task)["status_code"] == 200
-
-
-async def test_unknown_model_is_404_without_an_engine_call(rig: Rig) -> None:
-    task = make_task(BLOCKING, model="gpt-9")
-    await rig.run(task)
-    answer = rig.only_answer(task)
-    assert answer["status_code"] == 404
-    assert answer["body"]["error"]["code"] == "model_not_found"
-    assert answer["body"]["error"]["param"] == "model"
-    assert answer["body"]["error"]["type"] == "invalid_request_error"
-    assert "gpt-9" in answer["body"]["error"]["message"]
-    assert rig.engines.calls == []
+    assert rig.released(task) == [("a", Level.OFFLINE, task.task_id)]  # the pool it came from
 
 
 async def test_missing_model_uses_the_queue_default() -> None:
     rig = Rig(models=("a", "b"), queues=[QueueSpec(name="q:1", model="b")])
     task = make_task(CALLBACK, queue="q", level=1)
     await rig.run(task, pool="b")
-    assert rig.engines.calls[0].model_id == "b"
-    assert rig.engines.calls[0].data["model"] == "b"
+    assert [c.model_id for c in rig.replicas.calls] == ["b"]
 
 
 async def test_missing_model_uses_the_sole_served_model(rig: Rig) -> None:
     task = make_task(CALLBACK)
     assert "model" not in task.data
     await rig.run(task)
-    assert rig.engines.calls[0].model_id == "m"
+    assert [c.model_id for c in rig.replicas.calls] == ["m"]
 
 
 async def test_missing_model_with_several_served_is_400() -> None:
@@ -297,291 +222,235 @@ async def test_missing_model_with_several_served_is_400() -> None:
     answer = rig.only_answer(task)
     assert answer["status_code"] == 400
     assert answer["body"]["error"]["param"] == "model"
-    assert rig.engines.calls == []
+    assert rig.replicas.calls == []
 
 
 async def test_non_string_model_is_400(rig: Rig) -> None:
     task = make_task(CALLBACK, data={"model": 7})
     await rig.run(task)
-    assert rig.only_answer(task)["status_code"] == 400
-
-
-async def test_unsupported_endpoint_is_400(rig: Rig) -> None:
-    task = make_task(BLOCKING, endpoint="/v1/images/generations")
-    await rig.run(task)
     answer = rig.only_answer(task)
     assert answer["status_code"] == 400
-    assert answer["body"]["error"]["param"] == "endpoint"
-    assert "/v1/images/generations" in answer["body"]["error"]["message"]
-    assert rig.engines.calls == []
+    assert answer["body"]["error"]["param"] == "model"
+    assert rig.replicas.calls == []
 
 
-# -- errors ----------------------------------------------------------------------------------
-
-
-async def test_invalid_task_from_the_engine_is_an_openai_400(rig: Rig) -> None:
-    rig.engines.script(InvalidTaskError("max_tokens is too large", "max_tokens"))
-    task = make_task(CALLBACK)
+async def test_unknown_model_is_404_by_the_poller(rig: Rig) -> None:
+    task = make_task(BLOCKING, model="gpt-9")
     await rig.run(task)
-    assert rig.only_answer(task) == {
-        "status_code": 400,
-        "request_id": task.task_id,
-        "body": {
-            "error": {
-                "message": "max_tokens is too large",
-                "type": "invalid_request_error",
-                "param": "max_tokens",
-                "code": "invalid_request",
-            }
-        },
-    }
-
-
-async def test_engine_status_is_kept(rig: Rig) -> None:
-    rig.engines.script(EngineError("context too long", status_code=413, code="too_long"))
-    task = make_task(BLOCKING)
-    await rig.run(task)
-    answer = rig.only_answer(task)
-    assert (answer["status_code"], error_code(answer)) == (413, "too_long")
-
-
-async def test_stream_error_is_a_chunk_then_the_completion(rig: Rig) -> None:
-    rig.engines.script(CHUNKS[0], InvalidTaskError("bad logprobs", "logprobs"))
-    task = make_task(STREAMING)
-    await rig.run(task)
-    events = rig.events.for_task(task.task_id)
-    assert [(e.kind, e.event_id) for e in events] == [
-        ("progress", "0"),
-        ("progress", "1"),
-        ("completion", None),
+    assert rig.events.for_task(task.task_id) == [
+        Recorded(
+            "completion",
+            task.task_id,
+            task.instance_id,
+            data={
+                "status_code": 404,
+                "request_id": task.task_id,
+                "body": {
+                    "error": {
+                        "message": (
+                            "The model 'gpt-9' does not exist or is not served by this worker"
+                        ),
+                        "type": "invalid_request_error",
+                        "param": "model",
+                        "code": "model_not_found",
+                    }
+                },
+            },
+        )
     ]
-    assert events[0].data == CHUNKS[0]
-    assert events[1].data["error"]["message"] == "bad logprobs"
-    assert events[1].data["error"]["param"] == "logprobs"
-    assert events[2].data["status_code"] == 400
-    assert STREAM_DONE not in progress_data(events)
+    assert rig.completer.completes == []
+    assert rig.replicas.calls == []
+    assert rig.dispatcher.answered == {"2xx": 0, "4xx": 1, "5xx": 0}
 
 
-async def test_stream_error_before_any_chunk_is_event_zero(rig: Rig) -> None:
-    task = make_task(STREAMING, model="unknown")
+async def test_unknown_model_of_a_streaming_task_is_an_error_chunk_then_completion(
+    rig: Rig,
+) -> None:
+    task = make_task(STREAMING, model="gpt-9")
     await rig.run(task)
     events = rig.events.for_task(task.task_id)
-    assert [(e.kind, e.event_id) for e in events] == [("progress", "0"), ("completion", None)]
+    assert kinds_and_ids(rig, task) == [("progress", "0"), ("completion", None)]
     assert events[0].data["error"]["code"] == "model_not_found"
+    assert events[1].data["status_code"] == 404
 
 
-async def test_unexpected_engine_exception_is_500(rig: Rig) -> None:
-    rig.engines.script(RuntimeError("boom"))
-    task = make_task(CALLBACK)
+@pytest.mark.parametrize(("mode", "level"), [(CALLBACK, 0), (CALLBACK, 1), (BATCH, 1)])
+async def test_unknown_model_of_an_offline_task_is_completed_over_http(
+    rig: Rig, mode: ResponseMode, level: int
+) -> None:
+    task = make_task(mode, level=level, model="gpt-9")
     await rig.run(task)
-    answer = rig.only_answer(task)
-    assert answer["status_code"] == 500
-    assert error_code(answer) == "engine_error"
-    assert "boom" in answer["body"]["error"]["message"]
-
-
-async def test_no_response_from_the_engine_is_500(rig: Rig) -> None:
-    rig.engines.script()  # ends without yielding
-    task = make_task(BLOCKING)
-    await rig.run(task)
-    assert rig.only_answer(task)["status_code"] == 500
+    assert rig.events.events == []
+    (answer,) = rig.completer.of(task.task_id)
+    assert answer["status_code"] == 404
+    assert error_code(answer) == "model_not_found"
 
 
 # -- deadlines -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [BLOCKING, STREAMING, CALLBACK])
-async def test_expired_task_is_408_without_an_engine_call(rig: Rig, mode: ResponseMode) -> None:
+@pytest.mark.parametrize("mode", [BLOCKING, STREAMING, CALLBACK, BATCH])
+async def test_expired_task_is_408_by_the_poller(rig: Rig, mode: ResponseMode) -> None:
     task = make_task(mode, expire_in_ms=-1)
     await rig.run(task)
     answer = rig.only_answer(task)
     assert answer["status_code"] == 408
     assert error_code(answer) == "task_expired"
-    assert rig.engines.calls == []
+    assert rig.replicas.calls == []
+    assert rig.engine.calls == []
+    assert rig.dispatcher.answered["4xx"] == 1
 
 
-async def test_deadline_mid_generation_aborts_and_answers_408(rig: Rig) -> None:
-    never = asyncio.Event()
-    rig.engines.script(CHUNKS[0], never)
-    task = make_task(STREAMING, expire_in_ms=300)
-    await rig.run(task)
-
-    (call,) = rig.engines.calls
-    assert call.yielded == 1
-    assert call.cancelled
-    assert rig.engines.aborts == [("m", task.task_id)]
-    events = rig.events.for_task(task.task_id)
-    assert [(e.kind, e.event_id) for e in events] == [
-        ("progress", "0"),
-        ("progress", "1"),
-        ("completion", None),
-    ]
-    assert events[1].data["error"]["code"] == "task_expired"
-    assert events[2].data["status_code"] == 408
+# -- replica failures ------------------------------------------------------------------------
 
 
-async def test_deadline_of_a_blocking_task(rig: Rig) -> None:
-    rig.engines.script(Delay(30))
-    task = make_task(BLOCKING, expire_in_ms=200)
-    await rig.run(task)
-    assert rig.only_answer(task)["status_code"] == 408
-    assert rig.engines.aborts == [("m", task.task_id)]
-    assert rig.engines.active == 0
-
-
-async def test_task_without_expire_time_gets_max_task_time() -> None:
-    rig = Rig(max_task_time_s=0.2)
-    rig.engines.script(Delay(30))
-    task = make_task(CALLBACK, expire_in_ms=None)
-    await rig.run(task)
-    assert rig.only_answer(task)["status_code"] == 408
-
-
-async def test_online_task_without_expire_time_gets_max_task_time() -> None:
-    rig = Rig(max_task_time_s=0.2)
-    rig.engines.script(Delay(30))
-    task = make_task(BLOCKING, expire_in_ms=None)
-    await rig.run(task)
-    assert rig.only_answer(task)["status_code"] == 408
-
-
-async def test_a_timeout_raised_by_the_engine_is_not_the_deadline(rig: Rig) -> None:
-    rig.engines.script(TimeoutError("upstream read timed out"))
-    task = make_task(CALLBACK)
-    await rig.run(task)
-    answer = rig.only_answer(task)
-    assert answer["status_code"] == 500
-    assert error_code(answer) == "engine_error"
-    assert rig.engines.aborts == []
-
-
-# -- retries ---------------------------------------------------------------------------------
-
-
-async def test_replica_failure_before_output_is_retried(rig: Rig) -> None:
-    rig.engines.script(ReplicaUnavailableError("replica died"))
-    rig.engines.script(Delay(0.001), ReplicaUnavailableError("again"))
-    rig.engines.script(*CHUNKS)
+async def test_call_failing_before_answering_is_retried(rig: Rig) -> None:
+    rig.replicas.script(ReplicaUnavailableError("no replica"), ReplicaUnavailableError("again"))
+    rig.engine.script(*CHUNKS)
     task = make_task(STREAMING)
     await rig.run(task)
-    assert len(rig.engines.calls) == 3
-    events = rig.events.for_task(task.task_id)
-    assert progress_data(events) == [*CHUNKS, STREAM_DONE]
-    assert [e.event_id for e in events if e.kind == "progress"] == ["0", "1", "2", "3"]
+    assert len(rig.replicas.calls_for(task.task_id)) == 3
+    assert len(rig.engine.calls) == 1  # only the third call reached the engine
+    assert [(e.event_id, e.data) for e in rig.events.progress_of(task.task_id)] == [
+        ("0", CHUNKS[0]),
+        ("1", CHUNKS[1]),
+        ("2", CHUNKS[2]),
+        ("3", STREAM_DONE),
+    ]
     assert rig.only_answer(task)["status_code"] == 200
+    assert rig.dispatcher.answered == {"2xx": 1, "4xx": 0, "5xx": 0}
 
 
-async def test_replica_failures_beyond_the_limit_are_500(rig: Rig) -> None:
-    for _ in range(3):
-        rig.engines.script(ReplicaUnavailableError("replica died"))
+async def test_retries_exhausted_is_503(rig: Rig) -> None:
+    rig.replicas.script(*(ReplicaUnavailableError("no replica") for _ in range(3)))
     task = make_task(CALLBACK)
     await rig.run(task)
-    assert len(rig.engines.calls) == 3  # first try + max_replica_retries
+    assert len(rig.replicas.calls) == 3  # first try + max_replica_retries
+    assert rig.engine.calls == []
     answer = rig.only_answer(task)
-    assert answer["status_code"] == 500
-    assert error_code(answer) == "engine_error"
+    assert answer["status_code"] == 503
+    assert error_code(answer) == "overloaded"
+    assert "'m'" in answer["body"]["error"]["message"]
+    assert rig.dispatcher.answered == {"2xx": 0, "4xx": 0, "5xx": 1}
 
 
-async def test_replica_failure_after_output_is_not_retried(rig: Rig) -> None:
-    rig.engines.script(CHUNKS[0], ReplicaUnavailableError("replica died"))
+async def test_replica_dying_after_answering_streaming_gets_one_503_chunk(rig: Rig) -> None:
+    rig.replicas.script(DieAfterAnswering(chunks=2))
     task = make_task(STREAMING)
     await rig.run(task)
-    assert len(rig.engines.calls) == 1
+    assert len(rig.replicas.calls) == 1  # not retried: the producer already saw output
     events = rig.events.for_task(task.task_id)
-    assert [(e.kind, e.event_id) for e in events] == [
+    assert kinds_and_ids(rig, task) == [
         ("progress", "0"),
         ("progress", "1"),
+        ("progress", "error"),
         ("completion", None),
     ]
-    assert events[1].data["error"]["code"] == "engine_error"
-    assert events[2].data["status_code"] == 500
+    error = events[2].data["error"]
+    assert error["code"] == "replica_failed"
+    assert error["type"] == "server_error"
+    assert events[3].data == {
+        "status_code": 503,
+        "request_id": task.task_id,
+        "body": events[2].data,
+    }
+    assert rig.dispatcher.metrics.total("replica_failures") == 1
+    assert rig.dispatcher.answered == {"2xx": 0, "4xx": 0, "5xx": 1}
 
 
-async def test_overload_is_retried_with_backoff(rig: Rig) -> None:
-    for _ in range(3):
-        rig.engines.script(EngineOverloadedError("503"))
+@pytest.mark.parametrize(("mode", "level"), [(BLOCKING, 0), (CALLBACK, 1), (BATCH, 1)])
+async def test_replica_dying_after_answering_gets_one_503(
+    rig: Rig, mode: ResponseMode, level: int
+) -> None:
+    rig.replicas.script(DieAfterAnswering())
+    task = make_task(mode, level=level)
+    await rig.run(task)
+    assert len(rig.replicas.calls) == 1
+    answer = rig.only_answer(task)
+    assert answer["status_code"] == 503
+    assert error_code(answer) == "replica_failed"
+    assert rig.events.progress_of(task.task_id) == []
+
+
+async def test_overload_is_waited_out_then_runs(rig: Rig) -> None:
+    rig.replicas.script(EngineOverloadedError("queue full"), EngineOverloadedError("still"))
     task = make_task(BLOCKING)
     await rig.run(task)
-    assert len(rig.engines.calls) == 4
+    assert len(rig.replicas.calls) == 3
     assert rig.only_answer(task)["status_code"] == 200
 
 
 async def test_overload_that_outlives_the_deadline_is_503() -> None:
     rig = Rig()
-    rig.engines.default = [EngineOverloadedError("503")]
-    task = make_task(CALLBACK, expire_in_ms=300)
+    rig.replicas.script(*(EngineOverloadedError("queue full") for _ in range(10_000)))
+    task = make_task(CALLBACK, expire_in_ms=200)
     await rig.run(task)
-    assert len(rig.engines.calls) >= 2
+    assert len(rig.replicas.calls) >= 2
+    assert rig.engine.calls == []
     answer = rig.only_answer(task)
     assert answer["status_code"] == 503
     assert error_code(answer) == "overloaded"
-    assert rig.engines.aborts == [("m", task.task_id)]
 
 
-async def test_overload_after_output_is_503(rig: Rig) -> None:
-    rig.engines.script(CHUNKS[0], EngineOverloadedError("preempted"))
-    task = make_task(STREAMING)
-    await rig.run(task)
-    assert len(rig.engines.calls) == 1
-    assert rig.only_answer(task)["status_code"] == 503
+# -- redeliveries ----------------------------------------------------------------------------
 
 
-# -- duplicates and redeliveries -------------------------------------------------------------
-
-
-async def test_duplicate_submit_of_an_in_flight_task_is_refused(rig: Rig) -> None:
+async def test_redelivery_of_a_task_in_flight_is_ignored(rig: Rig) -> None:
     gate = asyncio.Event()
-    rig.engines.script(gate, RESPONSE)
-    task = make_task(CALLBACK)
+    rig.engine.script(gate, RESPONSE)
+    task = make_task(CALLBACK, level=1)
     assert rig.submit(task)
-    await until(lambda: rig.engines.active == 1)
-    assert rig.dispatcher.submit(task, "m") is False
+    await until(lambda: rig.engine.active == 1)
+    assert rig.submit(task) is False
     assert rig.dispatcher.metrics.total("duplicates") == 1
+    assert rig.in_flight() == 1
     gate.set()
     await rig.idle()
-    assert len(rig.engines.calls) == 1
+    assert len(rig.replicas.calls) == 1
     assert len(rig.answers(task)) == 1
-
-
-async def test_redelivered_completed_offline_task_gets_its_answer_again(rig: Rig) -> None:
-    task = make_task(CALLBACK, level=1)
-    await rig.run(task)
-    first = rig.completer.of(task.task_id)
-    assert rig.submit(task) is True
-    await rig.idle()
-    assert len(rig.engines.calls) == 1  # not run again
-    assert rig.completer.of(task.task_id) == first * 2
     assert rig.in_flight() == 0
 
 
-async def test_redelivered_completed_online_task_is_dropped(rig: Rig) -> None:
+async def test_redelivery_of_a_recently_answered_online_task_is_ignored(rig: Rig) -> None:
     task = make_task(BLOCKING)
     await rig.run(task)
     assert rig.submit(task) is False
     await settle()
-    assert len(rig.engines.calls) == 1
+    assert len(rig.replicas.calls) == 1
     assert len(rig.answers(task)) == 1
     assert rig.in_flight() == 0
 
 
-async def test_remembered_answers_are_bounded() -> None:
+async def test_redelivery_of_an_offline_task_runs_it_again(rig: Rig) -> None:
+    # The server redelivers an offline task only when it saw no complete: run it again.
+    task = make_task(CALLBACK, level=1)
+    await rig.run(task)
+    assert rig.submit(task) is True
+    await rig.idle()
+    assert len(rig.replicas.calls) == 2
+    assert [a["status_code"] for a in rig.answers(task)] == [200, 200]
+    assert rig.in_flight() == 0
+
+
+async def test_remembered_tasks_are_bounded() -> None:
     rig = Rig(remember_completed=2)
-    tasks = [make_task(CALLBACK) for _ in range(3)]
+    tasks = [make_task(BLOCKING) for _ in range(3)]
     for task in tasks:
         await rig.run(task)
     assert rig.submit(tasks[0]) is True  # forgotten: run again
+    assert rig.submit(tasks[2]) is False  # still remembered
     await rig.idle()
-    assert len(rig.engines.calls) == 4
+    assert len(rig.replicas.calls) == 4
 
 
-# -- delivery failures -----------------------------------------------------------------------
+# -- the poller's answers --------------------------------------------------------------------
 
 
-async def test_complete_failure_is_logged_and_counted_not_raised(
+async def test_poller_answer_delivery_failure_is_logged_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     rig = Rig(completer=FakeCompleter(fail_times=1))
-    task = make_task(CALLBACK)
+    task = make_task(CALLBACK, model="nope")
     with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
         await rig.run(task)
     assert rig.completer.attempts == [task.task_id]
@@ -590,89 +459,6 @@ async def test_complete_failure_is_logged_and_counted_not_raised(
     assert "crashed" not in caplog.text
     assert "ak-secret" not in caplog.text
     assert rig.in_flight() == 0
-    assert rig.completed() == 1
-
-
-async def test_completion_event_failure_is_logged_and_counted_not_raised(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    rig = Rig(events=FakeEventSink(fail_completions=1))
-    task = make_task(BLOCKING)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
-        await rig.run(task)
-    assert rig.events.completion_attempts == 1
-    assert rig.dispatcher.metrics.total("publish_failures", kind="completion") == 1
-    assert "crashed" not in caplog.text
-    assert rig.in_flight() == 0
-
-
-async def test_failed_resend_of_a_redelivered_answer_is_not_raised(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    rig = Rig()
-    task = make_task(CALLBACK, level=1)
-    await rig.run(task)
-    rig.completer.fail_times = 1
-    rig.completer.error = QueueUnavailableError("down", 503)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
-        assert rig.submit(task)
-        await rig.idle()
-    assert "crashed" not in caplog.text
-    assert rig.in_flight() == 0
-
-
-async def test_event_bus_failure_at_done_still_answers_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    rig = Rig(events=FakeEventSink(fail_progress=lambda data: data == STREAM_DONE))
-    rig.engines.script(*CHUNKS)
-    task = make_task(STREAMING)
-    with caplog.at_level(logging.ERROR, logger="ray_worker.worker.dispatcher"):
-        await rig.run(task)
-    assert len(rig.events.completions_of(task.task_id)) == 1
-    assert "crashed" not in caplog.text
-    assert rig.completed() == 1
-
-
-async def test_event_bus_failure_mid_stream_stops_generation_and_answers_once(rig: Rig) -> None:
-    chunk = CHUNKS[1]
-    rig.events.fail_progress = lambda data: data is chunk
-    rig.engines.script(*CHUNKS)
-    task = make_task(STREAMING)
-    await rig.run(task)
-    assert rig.engines.calls[0].yielded == 2
-    assert len(rig.events.completions_of(task.task_id)) == 1
-    assert rig.events.completions_of(task.task_id)[0]["status_code"] == 500
-
-
-# -- capacity and metrics --------------------------------------------------------------------
-
-
-async def test_capacity_is_released_after_every_task(rig: Rig) -> None:
-    rig.engines.script(RESPONSE)
-    rig.engines.script(InvalidTaskError("bad"))
-    rig.engines.script(CHUNKS[0], ReplicaUnavailableError("gone"))
-    tasks = [
-        make_task(CALLBACK, level=1),
-        make_task(BLOCKING),
-        make_task(STREAMING),
-        make_task(CALLBACK, expire_in_ms=-1),
-        make_task(BLOCKING, model="unknown"),
-    ]
-    for task in tasks:
-        assert rig.submit(task)
-    assert rig.in_flight() == len(tasks)
-    await rig.idle()
-    assert rig.capacity.model("m").in_flight == {Level.ONLINE: 0, Level.OFFLINE: 0}
-    assert rig.completed() == len(tasks)
-    assert all(len(rig.answers(t)) == 1 for t in tasks)
-
-
-async def test_completion_metrics_by_mode_and_status(rig: Rig) -> None:
-    await rig.run(make_task(BLOCKING))
-    await rig.run(make_task(CALLBACK, expire_in_ms=-1))
-    assert rig.completed(mode="blocking", status="2xx") == 1
-    assert rig.completed(mode="callback", status="4xx") == 1
 
 
 # -- drain -----------------------------------------------------------------------------------
@@ -683,88 +469,125 @@ async def test_drain_with_nothing_in_flight(rig: Rig) -> None:
 
 
 async def test_drain_waits_for_tasks_that_finish_in_time(rig: Rig) -> None:
-    rig.engines.script(Delay(0.01), RESPONSE)
-    task = make_task(CALLBACK)
+    task = make_task(CALLBACK, level=1)
     assert rig.submit(task)
     assert await rig.dispatcher.drain(10) == 0
     assert rig.only_answer(task)["status_code"] == 200
 
 
-async def test_drain_answers_cut_short_tasks_503_once_each(rig: Rig) -> None:
-    never = asyncio.Event()
-    rig.engines.script(CHUNKS[0], never)
-    rig.engines.script(never)
-    rig.engines.script(never)
-    rig.engines.script(RESPONSE)
-    held = [make_task(STREAMING), make_task(BLOCKING), make_task(CALLBACK, level=1)]
-    quick = make_task(CALLBACK)
-    for task in [*held, quick]:
+@pytest.mark.parametrize(("mode", "level"), [(STREAMING, 0), (CALLBACK, 1)])
+async def test_drain_leaves_a_task_in_a_replica_call_to_its_replica(
+    rig: Rig, mode: ResponseMode, level: int
+) -> None:
+    gate = asyncio.Event()
+    rig.engine.script(CHUNKS[0], gate, CHUNKS[1])
+    task = make_task(mode, level=level)
+    assert rig.submit(task)
+    await until(lambda: rig.engine.active == 1)
+
+    assert await rig.dispatcher.drain(0.01) == 1
+    assert rig.answers(task) == []  # not answered by the poller
+    assert rig.dispatcher.in_flight == 0
+    assert rig.released(task) == [("m", level_of(task), task.task_id)]
+
+    gate.set()  # the replica finishes the task and answers it, once
+    await rig.idle()
+    assert rig.only_answer(task)["status_code"] == 200
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 0
+    assert len(rig.released(task)) == 1
+
+
+async def test_drain_answers_tasks_not_in_a_call_503_online_and_leaves_level_1() -> None:
+    rig = Rig(overload_retry_initial_s=30, overload_retry_max_s=30)
+    online = [make_task(STREAMING), make_task(BLOCKING), make_task(CALLBACK, level=0)]
+    offline = [make_task(CALLBACK, level=1), make_task(BATCH, level=1)]
+    rig.replicas.script(*(EngineOverloadedError("queue full") for _ in range(5)))
+    for task in [*online, *offline]:
         assert rig.submit(task)
-    await until(lambda: rig.engines.active == 3 and not rig.dispatcher.holds(quick.task_id))
+    await until(lambda: len(rig.replicas.calls) == 5)
+    await settle()
 
-    assert await rig.dispatcher.drain(0.01) == 3
+    assert await rig.dispatcher.drain(0.01) == 5
 
-    assert rig.only_answer(quick)["status_code"] == 200
-    for task in held:
+    for task in online:
         answer = rig.only_answer(task)
         assert answer["status_code"] == 503
         assert error_code(answer) == "overloaded"
-    stream_events = rig.events.for_task(held[0].task_id)
-    assert [(e.kind, e.event_id) for e in stream_events] == [
-        ("progress", "0"),
-        ("progress", "1"),
-        ("completion", None),
-    ]
-    assert all(call.cancelled for call in rig.engines.calls if not call.finished)
-    assert rig.dispatcher.in_flight == 0
+        assert "shutting down" in answer["body"]["error"]["message"]
+    assert kinds_and_ids(rig, online[0]) == [("progress", "0"), ("completion", None)]
+    for task in offline:
+        assert rig.answers(task) == []  # the server redelivers it after process_timeout
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 2
+    assert rig.dispatcher.answered == {"2xx": 0, "4xx": 0, "5xx": 3}
+    assert rig.engine.calls == []
     assert rig.in_flight() == 0
-    assert rig.completed() == 4
+    assert sorted(r[2] or "" for r in rig.releases) == sorted(
+        t.task_id for t in [*online, *offline]
+    )
 
 
-async def test_submit_after_drain_is_answered_503_without_running(rig: Rig) -> None:
+@pytest.mark.parametrize(("mode", "level", "status"), [(BLOCKING, 0, 503), (CALLBACK, 0, 503)])
+async def test_submit_after_drain_is_answered_503_without_a_call(
+    rig: Rig, mode: ResponseMode, level: int, status: int
+) -> None:
     await rig.dispatcher.drain(0)
-    task = make_task(CALLBACK)
-    rig.submit(task)
-    await rig.idle()
-    assert rig.engines.calls == []
-    assert rig.only_answer(task)["status_code"] == 503
-    assert rig.in_flight() == 0
-
-
-@pytest.mark.parametrize("mode", [BLOCKING, CALLBACK])
-async def test_drain_lets_an_answer_being_sent_finish(mode: ResponseMode) -> None:
-    rig = Rig()
-    gate = asyncio.Event()
-    sent: list[str] = []
-
-    async def slow_completion(instance_id: str, task_id: str, result: Any) -> None:
-        await gate.wait()
-        sent.append(task_id)
-
-    async def slow_complete(task_id: str, result: Any) -> None:
-        await gate.wait()
-        sent.append(task_id)
-
-    rig.events.completion = slow_completion  # type: ignore[method-assign]
-    rig.completer.complete = slow_complete  # type: ignore[method-assign]
-    task = make_task(mode)
+    task = make_task(mode, level=level)
     assert rig.submit(task)
-    await until(lambda: rig.engines.calls and rig.engines.active == 0)
-    await settle()
-    draining = asyncio.create_task(rig.dispatcher.drain(0))
-    await settle()
-    gate.set()
-    assert await draining == 1
-    assert sent == [task.task_id]  # the task's one answer went out, not a second 503
+    await rig.idle()
+    assert rig.replicas.calls == []
+    assert rig.only_answer(task)["status_code"] == status
     assert rig.in_flight() == 0
 
 
-async def test_streaming_embeddings_send_the_response_as_the_one_chunk(rig: Rig) -> None:
-    response = {"object": "list", "data": [{"embedding": [0.1]}]}
-    rig.engines.script(response)
-    task = make_task(STREAMING, endpoint="/v1/embeddings", data={"input": "x"})
-    await rig.run(task)
-    progress = [e for e in rig.events.events if e.kind == "progress"]
-    assert [(e.event_id, e.data) for e in progress] == [("0", response), ("1", "[DONE]")]
-    completions = [e for e in rig.events.events if e.kind == "completion"]
-    assert [c.data for c in completions] == [{"status_code": 200, "request_id": task.task_id}]
+@pytest.mark.parametrize("mode", [CALLBACK, BATCH])
+async def test_level_1_submit_after_drain_is_left_for_redelivery(
+    rig: Rig, mode: ResponseMode
+) -> None:
+    await rig.dispatcher.drain(0)
+    task = make_task(mode, level=1)
+    assert rig.submit(task)
+    await rig.idle()
+    assert rig.replicas.calls == []
+    assert rig.answers(task) == []
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 1
+    assert rig.in_flight() == 0
+
+
+# -- capacity --------------------------------------------------------------------------------
+
+
+async def test_capacity_is_released_exactly_once_per_task(rig: Rig) -> None:
+    rig.engine.script(RESPONSE)
+    rig.replicas.script(
+        DieAfterAnswering(),
+        *(ReplicaUnavailableError("gone") for _ in range(3)),
+    )
+    tasks = [
+        make_task(STREAMING),  # dies after answering: the poller's 503
+        make_task(BLOCKING),  # retries exhausted: the poller's 503
+        make_task(CALLBACK, level=1),  # runs in a replica
+        make_task(CALLBACK, expire_in_ms=-1),  # 408
+        make_task(BLOCKING, model="unknown"),  # 404
+    ]
+    for task in tasks:
+        assert rig.submit(task)
+    assert rig.in_flight() == len(tasks)
+    duplicate = tasks[2]
+    assert rig.submit(duplicate) is False  # released at once by the caller, not by the dispatcher
+    await rig.idle()
+    assert rig.capacity.model("m").in_flight == {Level.ONLINE: 0, Level.OFFLINE: 0}
+    assert rig.in_flight() == 0
+    for task in tasks:
+        expected = 2 if task is duplicate else 1
+        assert rig.released(task) == [("m", level_of(task), task.task_id)] * expected
+        assert len(rig.answers(task)) == 1
+    # A replica's late report still listing them does not count them as held by others.
+    rig.capacity.report(
+        {
+            "replica_id": "r-m",
+            "model_id": "m",
+            "max_num_seqs": 64,
+            "held_ids": [t.task_id for t in tasks],
+        }
+    )
+    assert rig.capacity.in_flight("m") == 0

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from fakes import (
     FakeCompleter,
-    FakeEngines,
+    FakeEngine,
     FakeEventSink,
+    FakeReplicas,
     FakeTaker,
     by_queue,
     make_task,
@@ -34,7 +35,8 @@ ERR_0, ERR_MAX = 0.001, 0.004
 
 
 class PollRig:
-    """A poller over a fake taker, a real dispatcher on fake engines, and a capacity tracker."""
+    """A poller over a fake taker, a real dispatcher on fake replicas (real task runners on a
+    fake engine), and a capacity tracker."""
 
     def __init__(
         self,
@@ -61,11 +63,12 @@ class PollRig:
         if max_num_seqs is not None:
             for model in models:
                 self.report(model, max_num_seqs)
-        self.engines = FakeEngines(default=engine_default)
+        self.engine = FakeEngine(default=engine_default)
         self.events = FakeEventSink()
         self.completer = FakeCompleter()
+        self.replicas = FakeReplicas(models, self.events, self.completer, engine=self.engine)
         self.dispatcher = Dispatcher(
-            engines=self.engines,
+            replicas=self.replicas,
             events=self.events,
             completer=self.completer,
             capacity=self.capacity,
@@ -98,6 +101,11 @@ class PollRig:
         )
 
     @property
+    def engines(self) -> FakeEngine:
+        """The engine under the name ``test_autoscaling`` still uses."""
+        return self.engine
+
+    @property
     def pool(self) -> Pool:
         return self.pools[0]
 
@@ -112,6 +120,8 @@ class PollRig:
     async def close(self) -> None:
         await self.poller.stop()
         await self.dispatcher.drain(0)
+        for runner in self.replicas.runners.values():
+            await runner.drain(0)
 
 
 @pytest.fixture
@@ -246,7 +256,7 @@ async def test_taken_tasks_hold_capacity_until_answered(make: Any) -> None:
     rig = make(engine_default=[gate, {"id": "r"}])
     rig.taker.add(tasks_of(4))
     rig.poller.start()
-    await until(lambda: rig.engines.active == 4)
+    await until(lambda: rig.engine.active == 4)
     await rig.takes(2)
     assert rig.capacity.model("m").in_flight[Level.OFFLINE] == 4
     assert rig.requests[1].size == 2  # offline room left: 6 - 4
@@ -337,8 +347,36 @@ async def test_duplicates_are_released(make: Any) -> None:
     assert rig.dispatcher.metrics.total("duplicates") == 1
     gate.set()
     await until(lambda: rig.capacity.model("m").total_in_flight == 0)
-    assert len(rig.engines.calls) == 1
+    assert len(rig.engine.calls) == 1
     assert len(rig.completer.completes) == 1
+
+
+# -- odd levels ------------------------------------------------------------------------------
+
+
+async def test_a_task_of_an_unknown_level_is_dispatched_as_offline(make: Any) -> None:
+    gate = asyncio.Event()
+    rig = make(["q:1"], engine_default=[gate, {"id": "r"}])
+    odd = make_task("callback", queue="q", level=7)
+    assert odd.level == 7
+    rig.taker.add({"q:1": [odd]}, tasks_of(1))
+    rig.poller.start()
+    await until(lambda: rig.engine.active == 2)
+    assert rig.poller.alive  # no crash on Level(7)
+    assert rig.taker.served[:2] == ["tasks:1", "tasks:1"]
+    assert rig.capacity.model("m").in_flight == {Level.ONLINE: 0, Level.OFFLINE: 2}
+    assert [(c.model_id, c.task_id) for c in rig.replicas.calls_for(odd.task_id)] == [
+        ("m", odd.task_id)
+    ]
+    (call,) = rig.engine.calls_for(odd.task_id)
+    assert call.priority == 1  # offline priority
+    gate.set()
+    await until(lambda: len(rig.completer.completes) == 2)
+    assert [c["status_code"] for c in rig.completer.of(odd.task_id)] == [200]
+    assert rig.events.events == []
+    await until(lambda: rig.capacity.model("m").total_in_flight == 0)
+    await rig.takes(4)
+    assert rig.poller.alive
 
 
 # -- several pools ---------------------------------------------------------------------------
