@@ -36,7 +36,6 @@ __all__ = [
     "PollerConfig",
     "PublisherOptions",
     "QueueSpec",
-    "RunnerSettings",
     "WorkerAppArgs",
     "load_app_args",
 ]
@@ -245,7 +244,10 @@ class PublisherOptions(_Frozen):
 
 
 class RunnerSettings(_Frozen):
-    """What each LLM replica's task runner needs to answer tasks itself (from ``WorkerAppArgs``)."""
+    """What each LLM replica's task runner needs to answer tasks itself.
+
+    Derived from ``WorkerAppArgs`` by ``runner_settings()``; operators never write it.
+    """
 
     queue_url: str = Field(description="Bella-Queue base URL (HTTP complete, event-bus lookup).")
     eventbus_url: str | None = Field(

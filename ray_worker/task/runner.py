@@ -259,16 +259,8 @@ class TaskRunner:
         try:
             result = await self._execute(task, run)
         except asyncio.CancelledError:
-            if task.level != 0 and not task.is_online:
-                # The server redelivers it after process_timeout; an answer now would be final.
-                logger.warning(
-                    "stopping: a level-1 task is left for the server's redelivery",
-                    extra=task_context(task),
-                )
-                self.metrics.inc("left_for_redelivery")
-                # Only drain cancels a job, and it wants this outcome rather than the error.
-                return _outcome(task, duration_s=time.monotonic() - run.started)
-            answering = self._answer_error(task, ShuttingDownAnswer(), run)
+            # Only drain cancels a job, and it wants this outcome rather than the error.
+            return await self._stopped(task, run)
         except TaskError as err:
             answering = self._answer_error(task, err, run)
         except Exception as err:
@@ -287,7 +279,20 @@ class TaskRunner:
         return await to_the_end(answering)
 
     async def _refuse(self, task: Task) -> Outcome:
-        return await self._answer_error(task, ShuttingDownAnswer(), _Run(None))
+        return await self._stopped(task, _Run(None))
+
+    async def _stopped(self, task: Task, run: _Run) -> Outcome:
+        """A stop cut ``task`` short (or came before it): 503 online and at level 0; left
+        unanswered at level 1, where the server redelivers it after ``process_timeout`` (an
+        answer now would be final)."""
+        if task.level != 0 and not task.is_online:
+            logger.warning(
+                "stopping: a level-1 task is left for the server's redelivery",
+                extra=task_context(task),
+            )
+            self.metrics.inc("left_for_redelivery")
+            return _outcome(task, duration_s=time.monotonic() - run.started)
+        return await to_the_end(self._answer_error(task, ShuttingDownAnswer(), run))
 
     async def _execute(self, task: Task, run: _Run) -> dict[str, Any]:
         """Run the engine call; return the success result or raise a ``TaskError``."""

@@ -144,8 +144,10 @@ class CapacityTracker:
         counts[level] = max(0, counts[level] - n)
         if task_id is not None:
             self._mine.discard(task_id)
-            self._recent[task_id] = self._clock()
+            now = self._clock()
+            self._recent[task_id] = now
             self._recent.move_to_end(task_id)
+            self._forget_released(now)
         self._notify()
 
     def _forget_released(self, now: float) -> None:

@@ -699,11 +699,6 @@ async def test_start_after_drain_is_answered_503_without_running(rig: Rig) -> No
     assert rig.runner.in_flight == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: TaskRunner._refuse answers 503 at every level; a level-1 task given to a "
-    "draining replica should be left for redelivery like one cut short by drain",
-)
 async def test_level_1_start_after_drain_is_left_for_redelivery(rig: Rig) -> None:
     await rig.runner.drain(0)
     task = make_task(BATCH, level=1)
