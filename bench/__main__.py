@@ -1,10 +1,10 @@
-"""``python -m bench [--quick]``: the publisher, worker and capacity benchmarks, in that order.
+"""``python -m bench [--quick]``: the publisher, worker, capacity and CPU benchmarks, in order.
 
 Each prints its JSON object; the publisher's goes to ``bench/results/publisher.json``, the
-worker's to ``bench/results/worker.json`` and the capacity one's to
-``bench/results/capacity.json``. ``--quick`` is passed on to the worker benchmark (it then
-skips the tiny-model part) and to the capacity benchmark (a shorter window). This module only
-sequences them; it measures nothing.
+worker's to ``bench/results/worker.json``, the capacity one's to
+``bench/results/capacity.json`` and the CPU one's to ``bench/results/cpu.json``. ``--quick``
+is passed on to the worker benchmark (it then skips the tiny-model part) and to the capacity
+benchmark (a shorter window). This module only sequences them; it measures nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         timeout=1200,
         check=False,
     )
-    return capacity.returncode
+    # CPU per streamed event in each Ray process of the worker (its own Ray, started last).
+    cpu = subprocess.run([sys.executable, "-m", "bench.bench_cpu"], timeout=900, check=False)
+    return capacity.returncode or cpu.returncode
 
 
 if __name__ == "__main__":

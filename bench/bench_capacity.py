@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import os
@@ -42,19 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.bench_worker import pct, summary_ms, timed_stream, wait_ready
+from bench.harness import RESULTS_DIR, emit, local_stack, pct, summary_ms, timed_stream, wait_ready
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
-from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
-from ray_worker.testing.ray_cluster import LocalRayCluster
-from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.serve_run import deployed_worker
 
 APIKEY = "bench-key"
 MODEL = "sim-gpu-like"
 CHAT = "/v1/chat/completions"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPLICAS = 2
 MAX_NUM_SEQS = 64
 TTFT_S = 0.2
@@ -243,8 +239,6 @@ async def measure(
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from ray import serve
-
     result: dict[str, Any] = {
         "benchmark": "capacity",
         "quick": args.quick,
@@ -265,25 +259,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "online_tasks": args.online_tasks,
         },
     }
-    redis = RedisServer().start()
-    emulator: EmulatorServer | None = None
-    cluster = LocalRayCluster(num_cpus=16)
-    try:
-        emulator = EmulatorServer(
-            EmulatorConfig(
-                redis_url=redis.url,
-                apikeys=(APIKEY,),
-                port=0,
-                profile="bench",
-                callback_retry_delays_s=(0.2, 0.5, 1.0),
-            )
-        ).start()
-        await asyncio.to_thread(cluster.start)
-        cluster.connect()
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    async with local_stack(APIKEY, callback_retry_delays_s=(0.2, 0.5, 1.0)) as stack:
         args.queue = f"cap-{uuid.uuid4().hex[:6]}"
         with deployed_worker(
-            worker_args(emulator.url, args.queue), "bench-capacity", APIKEY
+            worker_args(stack.emulator.url, args.queue), "bench-capacity", APIKEY
         ) as handle:
             ready = await wait_ready(handle, args.ready_timeout_s)
             # Both replicas must report before the backlog arrives, or the first takes are
@@ -294,25 +273,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     raise TimeoutError(f"{REPLICAS} replicas not reporting")
                 await asyncio.sleep(0.5)
                 ready = await handle.status.remote()
-            result.update(await measure(handle, emulator, args))
+            result.update(await measure(handle, stack.emulator, args))
         emit(result, args.out)  # before tear-down, whatever happens there
-    finally:
-        # Everything that logs from its own thread (the emulator) stops before Ray: once this
-        # driver is disconnected, Ray's log filter ends the process (status 1) at the next
-        # record, and the Ray head would be left running.
-        if emulator is not None:
-            emulator.stop()
-        redis.close()
-        await asyncio.to_thread(cluster.stop)
     return result
-
-
-def emit(result: dict[str, Any], out: Path) -> None:
-    """Print the figures and write them to ``out``."""
-    text = json.dumps(result, indent=2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

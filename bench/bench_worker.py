@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +40,15 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from bench.harness import (
+    RESULTS_DIR,
+    emit,
+    local_stack,
+    ratio,
+    summary_ms,
+    timed_stream,
+    wait_ready,
+)
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import (
     PutRequest,
@@ -52,16 +60,13 @@ from ray_worker.bella.protocol import (
     result_body,
     stream_key,
 )
-from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
-from ray_worker.testing.ray_cluster import LocalRayCluster
-from ray_worker.testing.redis_server import RedisServer, free_port
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.serve_run import deployed_worker
 
 APIKEY = "bench-key"
 SIM_MODEL = "sim-model"
 TINY_MODEL = "tiny-llama"
 CHAT = "/v1/chat/completions"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENGINE_KWARGS: dict[str, Any] = {
     "dtype": "float32",
     "max_model_len": 512,
@@ -69,27 +74,6 @@ ENGINE_KWARGS: dict[str, Any] = {
     "enforce_eager": True,
 }
 JAVA_EMPTY_DELAY_S = 0.1
-
-
-def pct(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def summary_ms(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    return {
-        "n": len(ms),
-        "p50": round(pct(ms, 0.5), 2),
-        "p99": round(pct(ms, 0.99), 2),
-        "mean": round(statistics.mean(ms), 2),
-        "max": round(max(ms), 2),
-    }
-
-
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
 
 
 def chat(content: str, model: str, **extra: Any) -> dict[str, Any]:
@@ -133,67 +117,6 @@ def vllm_args(queue_url: str, queue: str, model_dir: Path) -> dict[str, Any]:
             }
         ],
     }
-
-
-async def wait_ready(handle: Any, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status: dict[str, Any] = await handle.status.remote()
-        if status["state"] == "running" and status["pools"][0]["capacity"].get("replicas", 0) > 0:
-            return status
-        if status.get("startup_error"):
-            raise RuntimeError(f"worker start-up failed: {status['startup_error']}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker not running after {timeout_s} s: {status['state']}")
-        await asyncio.sleep(0.5)
-
-
-def has_content(data: str) -> bool:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return False
-    choices = chunk.get("choices") if isinstance(chunk, dict) else None
-    return bool(choices and (choices[0].get("delta") or {}).get("content"))
-
-
-def usage_tokens(data: str) -> int | None:
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        usage = json.loads(data).get("usage")
-        if usage:
-            return int(usage["completion_tokens"])
-    return None
-
-
-class StreamTiming:
-    """put → first SSE chunk, put → first chunk with content, content chunks, usage tokens."""
-
-    def __init__(self) -> None:
-        self.first_s: float | None = None
-        self.first_content_s: float | None = None
-        self.end_s = 0.0
-        self.content_chunks = 0
-        self.usage_tokens: int | None = None
-        self.last_data = ""
-
-
-async def timed_stream(client: QueueClient, request: PutRequest) -> StreamTiming:
-    timing = StreamTiming()
-    start = time.perf_counter()
-    async for event in client.put_streaming(request):
-        now = time.perf_counter() - start
-        if timing.first_s is None:
-            timing.first_s = now
-        if has_content(event.data):
-            timing.content_chunks += 1
-            if timing.first_content_s is None:
-                timing.first_content_s = now
-        tokens = usage_tokens(event.data)
-        if tokens is not None:
-            timing.usage_tokens = tokens
-        timing.last_data = event.data
-    timing.end_s = time.perf_counter() - start
-    return timing
 
 
 class JavaLikeLoop:
@@ -499,8 +422,6 @@ async def publisher_figures() -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from ray import serve
-
     result: dict[str, Any] = {
         "benchmark": "worker",
         "quick": args.quick,
@@ -519,20 +440,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         result["tiny_model"] = {"direct_vllm": direct}
 
-    redis = RedisServer().start()
-    emulator: EmulatorServer | None = None
-    cluster = LocalRayCluster(num_cpus=16)
-    try:
-        emulator = EmulatorServer(
-            EmulatorConfig(redis_url=redis.url, apikeys=(APIKEY,), port=0, profile="bench")
-        ).start()
-        await asyncio.to_thread(cluster.start)
-        cluster.connect()
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    async with local_stack(APIKEY) as stack:
+        emulator = stack.emulator
         args.sim_queue = f"sim-{uuid.uuid4().hex[:6]}"
         with deployed_worker(sim_args(emulator.url, args.sim_queue), "bench-sim", APIKEY) as handle:
             await wait_ready(handle, args.ready_timeout_s)
-            result["idle_pickup"] = await idle_pickup(handle, emulator, redis.url, args)
+            result["idle_pickup"] = await idle_pickup(handle, emulator, stack.redis.url, args)
         if model_dir is not None:
             worker = await through_worker(emulator, model_dir, args)
             direct = result["tiny_model"]["direct_vllm"]
@@ -547,11 +460,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 result["tiny_model"]["ratio_ttft_mean_worker_vs_direct"] = ratio(
                     worker["ttft_ms"]["mean"], direct["ttft_ms"]["mean"]
                 )
-    finally:
-        await asyncio.to_thread(cluster.stop)
-        if emulator is not None:
-            emulator.stop()
-        redis.close()
     return result
 
 
@@ -583,10 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         async with asyncio.timeout(args.max_seconds):
             return await main_async(args)
 
-    text = json.dumps(asyncio.run(bounded()), indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    emit(asyncio.run(bounded()), args.out)
 
 
 if __name__ == "__main__":
