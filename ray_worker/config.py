@@ -185,14 +185,6 @@ class DispatcherConfig(_Frozen):
     complete_backoff_max_s: float = Field(
         default=10.0, gt=0, description="Longest wait between complete attempts."
     )
-    stream_batch_interval_ms: float = Field(
-        default=20.0,
-        ge=0,
-        description=(
-            "Replicas send a stream's first chunk at once and coalesce later ones for up to "
-            "this long (one Ray object per batch); 0 sends every chunk on its own."
-        ),
-    )
     remember_completed: int = Field(
         default=4096,
         ge=0,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
-from typing import Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import SecretStr
 from ray import serve
@@ -37,11 +37,13 @@ from ray_worker.errors import (
 )
 from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
-from ray_worker.serve.autoscaling import POLICY_PATH
 from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
 from ray_worker.worker.poller import Poller, make_pools
+
+if TYPE_CHECKING:
+    from ray.serve.llm import LLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -234,79 +236,57 @@ class QueuePoller:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Typed app builder for ``serve run``: validates ``args`` as ``WorkerAppArgs``."""
+    """Typed app builder for ``serve run``: validates ``args`` as ``WorkerAppArgs``.
+
+    Each ``llm_configs`` entry is parsed into an ``LLMConfig`` once; every default the worker
+    derives from it (``ray_worker.serve.llm_config``) reads that parsed config.
+    """
+    from ray_worker.serve.llm_config import as_llm_config, with_backlog_autoscaling
     from ray_worker.serve.llm_server import build_llm_deployment
 
     app_args = WorkerAppArgs.model_validate(args).resolved()
     apikey = EnvSettings().require_apikey()
     configs = [
-        with_backlog_autoscaling(c, app_args.capacity.target_ratio) for c in app_args.llm_configs
+        with_backlog_autoscaling(as_llm_config(c), app_args.capacity.target_ratio)
+        for c in app_args.llm_configs
     ]
     if app_args.engine == "vllm":
         configs = [_local_model_source(c) for c in configs]
-    app_args = app_args.model_copy(update={"llm_configs": configs})
     runner = app_args.runner_settings().model_dump(mode="json")
     llm_apps = {
-        model_id: build_llm_deployment(
+        cfg.model_id: build_llm_deployment(
             cfg,
             engine=app_args.engine,
             load_report_interval_s=app_args.capacity.load_report_interval_s,
             bella=runner,
             apikey=apikey,
         )
-        for model_id, cfg in zip(app_args.model_ids(), app_args.llm_configs, strict=True)
+        for cfg in configs
     }
     # Serve's decorator hides .bind from the type checker; the bound graph is an Application.
     poller = cast(Any, QueuePoller).bind(app_args.model_dump(mode="json"), apikey, llm_apps)
     return cast(Application, poller)
 
 
-def _local_model_source(llm_config: dict[str, Any]) -> dict[str, Any]:
+def _local_model_source(llm_config: LLMConfig) -> LLMConfig:
     """Resolve a relative local ``model_source`` against the cwd of ``serve run``.
 
     Ray workers run elsewhere, so they need an absolute path. A missing local path is a clear
     error that says how to build the tiny test model (the worker never builds models itself).
     """
-    loading = dict(llm_config.get("model_loading_config") or {})
-    source = loading.get("model_source")
+    loading = llm_config.model_loading_config
+    source = loading.get("model_source") if isinstance(loading, dict) else loading.model_source
     if not isinstance(source, str) or not source.startswith((".", "/", "~")):
         return llm_config  # a hub id or an object-store URI: vLLM resolves it
-    from pathlib import Path
-
     path = Path(source).expanduser().resolve()
     if not (path / "config.json").exists():
         raise ConfigError(
             f"model_source {source!r} does not exist ({path}); "
             "for the tiny test model run `make tiny-model` or `ray-worker tiny-model`"
         )
-    loading["model_source"] = str(path)
-    return {**llm_config, "model_loading_config": loading}
-
-
-def with_backlog_autoscaling(llm_config: dict[str, Any], target_ratio: float) -> dict[str, Any]:
-    """Default an autoscaled LLM deployment to the backlog policy and the worker's target.
-
-    Only where the operator chose neither: an explicit ``policy`` or
-    ``target_ongoing_requests`` in ``autoscaling_config`` is kept as written.
-    """
-    deployment = dict(llm_config.get("deployment_config") or {})
-    autoscaling = deployment.get("autoscaling_config")
-    if not isinstance(autoscaling, dict):
-        return llm_config
-    autoscaling = dict(autoscaling)
-    autoscaling.setdefault("policy", {"policy_function": POLICY_PATH})
-    if "target_ongoing_requests" not in autoscaling:
-        autoscaling["target_ongoing_requests"] = max(
-            1, math.ceil(_max_num_seqs(llm_config) * target_ratio)
-        )
-    deployment["autoscaling_config"] = autoscaling
-    return {**llm_config, "deployment_config": deployment}
-
-
-def _max_num_seqs(llm_config: dict[str, Any]) -> int:
-    experimental = llm_config.get("experimental_configs") or {}
-    sim = experimental.get("bella_sim_engine") if isinstance(experimental, dict) else None
-    if isinstance(sim, dict) and "max_num_seqs" in sim:
-        return int(sim["max_num_seqs"])
-    engine_kwargs = llm_config.get("engine_kwargs") or {}
-    return int(engine_kwargs.get("max_num_seqs", 256))  # vLLM's default
+    resolved: Any = (
+        {**loading, "model_source": str(path)}
+        if isinstance(loading, dict)
+        else loading.model_copy(update={"model_source": str(path)})
+    )
+    return llm_config.model_copy(update={"model_loading_config": resolved})

@@ -2,7 +2,7 @@
 
 This module owns ``SimEngine``, a stand-in for Ray LLM's ``VLLMEngine`` that ``BellaLLMServer``
 starts instead of vLLM when its ``LLMConfig.experimental_configs`` holds ``bella_sim_engine``
-(``ray_worker.serve.llm_server.SIM_ENGINE_KEY``). The server's ``run_task``, ``abort`` and
+(``ray_worker.serve.llm_config.SIM_ENGINE_KEY``). The server's ``run_task``, ``abort`` and
 ``get_load`` then run unchanged on top of it. The engine models:
 
 - capacity: at most ``max_num_seqs`` requests run; the rest wait, lower ``priority`` first,
@@ -38,8 +38,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_worker.serve.llm_config import SIM_ENGINE_KEY
+
 __all__ = [
-    "SIM_ENGINE_KEY",
     "SimEngine",
     "SimEngineSettings",
     "SimFailure",
@@ -48,9 +49,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SIM_ENGINE_KEY = "bella_sim_engine"
-"""Same key as ``ray_worker.serve.llm_server.SIM_ENGINE_KEY`` (kept here: this module stays
-light)."""
 
 _WORDS: list[str] = (  # noqa: SIM905 (a word list reads better as text)
     "the queue worker takes a task and the replica streams tokens back to the caller while "

@@ -18,7 +18,9 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
-from ray_worker.serve.llm_server import PRIORITY_OFFLINE, build_llm_deployment, cpu_llm_config
+from ray_worker.serve.llm_config import cpu_llm_config
+from ray_worker.serve.llm_server import build_llm_deployment
+from ray_worker.task.runner import PRIORITY_OFFLINE
 from ray_worker.testing.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -16,12 +16,9 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
-from ray_worker.serve.llm_server import (
-    PRIORITY_OFFLINE,
-    PRIORITY_ONLINE,
-    build_llm_deployment,
-    sim_llm_config,
-)
+from ray_worker.serve.llm_config import sim_llm_config
+from ray_worker.serve.llm_server import build_llm_deployment
+from ray_worker.task.runner import PRIORITY_OFFLINE, PRIORITY_ONLINE
 from ray_worker.testing.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -161,20 +158,3 @@ async def test_online_priority_overtakes_waiting_offline_tasks(handle: Any) -> N
 
 async def _waiting_is(handle: Any, n: int) -> bool:
     return bool((await load(handle))["waiting"] == n)
-
-
-async def test_batched_stream_through_the_handle(handle: Any) -> None:
-    call = handle.options(stream=True).run_task_batched.remote(
-        CHAT, chat(stream=True, max_tokens=40), request_id="batched", interval_ms=100
-    )
-    batches = [batch async for batch in call]
-    assert len(batches[0]) == 1
-    chunks = [c for b in batches for c in b]
-    assert len(chunks) == 41
-    assert len(batches) < len(chunks)
-    call = handle.options(stream=True).run_task_batched.remote(
-        CHAT, chat(stream=True, max_tokens=1_000), request_id="batched-cancel"
-    )
-    await call.__anext__()
-    call.cancel()
-    await wait_for(lambda: _running_is(handle, 0), 20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,12 +10,16 @@ import pytest
 from fakes import Delay, until
 from test_poller import make, rigs, tasks_of  # noqa: F401 - fixtures
 
-from ray_worker.serve.app import with_backlog_autoscaling
 from ray_worker.serve.autoscaling import (
     BACKLOG_METRIC,
     POLICY_PATH,
     backlog_policy,
     desired_replicas,
+)
+from ray_worker.serve.llm_config import (
+    VLLM_DEFAULT_MAX_NUM_SEQS,
+    with_backlog_autoscaling,
+    with_worker_defaults,
 )
 
 
@@ -66,29 +71,54 @@ def test_policy_at_zero_defers_to_serve_cold_start() -> None:
 
 
 def test_app_defaults_autoscaled_deployments_to_the_backlog_policy() -> None:
-    cfg = {
-        "model_loading_config": {"model_id": "m"},
-        "engine_kwargs": {"max_num_seqs": 64},
-        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
-    }
+    from ray.serve.llm import LLMConfig
+
+    cfg = LLMConfig.model_validate(
+        {
+            "model_loading_config": {"model_id": "m"},
+            "engine_kwargs": {"max_num_seqs": 64},
+            "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
+        }
+    )
     out = with_backlog_autoscaling(cfg, 1.25)
-    autoscaling = out["deployment_config"]["autoscaling_config"]
+    autoscaling = out.deployment_config["autoscaling_config"]
     assert autoscaling["policy"] == {"policy_function": POLICY_PATH}
     assert autoscaling["target_ongoing_requests"] == 80
-    assert cfg["deployment_config"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
-    chosen = {
-        **cfg,
-        "deployment_config": {
-            "autoscaling_config": {
-                "target_ongoing_requests": 5,
-                "policy": {"policy_function": "x:y"},
+    assert cfg.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    chosen = cfg.model_copy(
+        update={
+            "deployment_config": {
+                "autoscaling_config": {
+                    "target_ongoing_requests": 5,
+                    "policy": {"policy_function": "x:y"},
+                }
             }
-        },
-    }
-    kept = with_backlog_autoscaling(chosen, 1.25)["deployment_config"]["autoscaling_config"]
+        }
+    )
+    kept = with_backlog_autoscaling(chosen, 1.25).deployment_config["autoscaling_config"]
     assert kept == {"target_ongoing_requests": 5, "policy": {"policy_function": "x:y"}}
-    fixed = {"model_loading_config": {"model_id": "m"}, "deployment_config": {"num_replicas": 2}}
-    assert with_backlog_autoscaling(fixed, 1.25) == fixed
+    fixed = LLMConfig.model_validate(
+        {"model_loading_config": {"model_id": "m"}, "deployment_config": {"num_replicas": 2}}
+    )
+    assert with_backlog_autoscaling(fixed, 1.25).deployment_config == {"num_replicas": 2}
+
+
+def test_default_max_num_seqs_has_one_home() -> None:
+    # With max_num_seqs unset, the autoscaling target and Serve's max_ongoing_requests derive
+    # from the same vLLM default, so the target always fits under the max.
+    from ray.serve.llm import LLMConfig
+
+    cfg = LLMConfig.model_validate(
+        {
+            "model_loading_config": {"model_id": "m"},
+            "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}},
+        }
+    )
+    out = with_worker_defaults(with_backlog_autoscaling(cfg, 1.25))
+    target = out.deployment_config["autoscaling_config"]["target_ongoing_requests"]
+    assert target == math.ceil(VLLM_DEFAULT_MAX_NUM_SEQS * 1.25)
+    assert out.deployment_config["max_ongoing_requests"] == 2 * VLLM_DEFAULT_MAX_NUM_SEQS + 8
+    assert target <= out.deployment_config["max_ongoing_requests"]
 
 
 class _StatsTaker:

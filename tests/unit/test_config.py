@@ -85,7 +85,6 @@ def test_dispatcher_defaults() -> None:
         "max_task_time_s": 600.0,
         "complete_attempts": 6,
         "complete_backoff_max_s": 10.0,
-        "stream_batch_interval_ms": 20.0,
         "remember_completed": 4096,
     }
 

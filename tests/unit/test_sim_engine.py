@@ -21,7 +21,8 @@ from ray_worker.errors import (
     InvalidTaskError,
     ModelNotFoundError,
 )
-from ray_worker.serve.llm_server import _TaskServingMixin, error_from_openai_body
+from ray_worker.serve.engine_io import error_from_openai_body
+from ray_worker.serve.llm_server import _TaskServingMixin
 from ray_worker.serve.sim_engine import SimEngine, SimEngineSettings
 from ray_worker.testing.waiting import wait_for
 
@@ -269,7 +270,7 @@ class _FakeLLMServer:
         self._engine_cls = engine_cls or self._get_default_engine_class()
 
     def _get_default_engine_class(self) -> Any:
-        raise AssertionError("the mixin must pick the simulated engine")
+        raise AssertionError("the simulated engine is passed in as engine_cls")
 
     async def __del__(self) -> None:
         pass
@@ -291,7 +292,7 @@ class _Config:
 
 async def make_server() -> Any:
     server = _Server.__new__(_Server)
-    await server.__init__(_Config())  # type: ignore[misc]
+    await server.__init__(_Config(), engine_cls=SimEngine)  # type: ignore[misc]
     return server
 
 
@@ -382,37 +383,3 @@ async def test_server_priority_reaches_the_engine() -> None:
         ):
             pass
     assert request_priorities == [0, 1]
-
-
-async def test_batched_run_task_sends_the_first_chunk_alone_then_coalesces() -> None:
-    server = await make_server()
-    body = chat_body(stream=True, max_tokens=40, stream_options={"include_usage": True})
-    server.engine.settings = SimEngineSettings(max_num_seqs=2, ttft_s=0.0, tokens_per_s=400.0)
-    batches = [b async for b in server.run_task_batched(CHAT, body, request_id="b", interval_ms=50)]
-    assert len(batches[0]) == 1
-    assert batches[0][0]["choices"][0]["delta"]["role"] == "assistant"
-    chunks = [c for b in batches for c in b]
-    assert len(chunks) == 1 + 40 + 1  # role chunk, tokens, usage
-    assert len(batches) < len(chunks)  # later chunks travelled together
-    for chunk in chunks:
-        ChatCompletionChunk.model_validate(chunk)
-
-
-async def test_batched_run_task_flushes_before_an_error_and_aborts_on_close() -> None:
-    server = await make_server()
-    body = chat_body(stream=True, max_tokens=10, sim_fail={"after_tokens": 3})
-    got: list[dict[str, Any]] = []
-
-    async def consume() -> None:
-        async for batch in server.run_task_batched(CHAT, body, request_id="f", interval_ms=1000):
-            got.extend(batch)
-
-    with pytest.raises(EngineError):
-        await consume()
-    assert sum(1 for c in got if c["choices"][0]["delta"].get("content")) == 3
-
-    gen = server.run_task_batched(CHAT, chat_body(stream=True, max_tokens=500), request_id="g")
-    await gen.__anext__()
-    assert (await server.get_load())["running"] == 1
-    await gen.aclose()
-    assert (await server.get_load())["running"] == 0

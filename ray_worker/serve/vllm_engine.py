@@ -1,0 +1,151 @@
+"""The vLLM engine of the LLM replicas: Ray's ``VLLMEngine`` plus what Bella tasks need.
+
+``BellaVLLMEngine`` adds request parsing, abort by request id and a stat logger for the load
+report. Importing vLLM costs seconds and hundreds of MB, so the class is made on first
+attribute access (module ``__getattr__``), which also keeps it picklable by reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ray_worker.serve.llm_config import VLLM_DEFAULT_MAX_NUM_SEQS
+
+if TYPE_CHECKING:
+    BellaVLLMEngine: type
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BellaVLLMEngine", "engine_class"]
+
+
+def _make_vllm_engine_class() -> type:
+    from ray.llm._internal.serve.core.configs.openai_api_models import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        EmbeddingChatRequest,
+        EmbeddingCompletionRequest,
+    )
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+
+    class _LoadStatLogger(AggregateStatLoggerBase):
+        """Keeps the latest scheduler stats per engine (vLLM only hands them to stat loggers)."""
+
+        def __init__(self, vllm_config: Any, engine_indexes: list[int]) -> None:
+            self.latest: dict[int, Any] = {}
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                self.latest[engine_idx] = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    request_models: dict[str, Any] = {
+        "/v1/chat/completions": ChatCompletionRequest,
+        "/v1/completions": CompletionRequest,
+    }
+
+    class BellaVLLMEngine(VLLMEngine):
+        """Ray's ``VLLMEngine`` plus what Bella tasks need: request parsing, abort, load."""
+
+        supports_priority = False
+        _max_num_seqs = VLLM_DEFAULT_MAX_NUM_SEQS
+        _load_logger: Any = None
+
+        def _start_async_llm_engine(
+            self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
+        ) -> Any:
+            client = super()._start_async_llm_engine(
+                vllm_engine_args, vllm_engine_config, placement_group
+            )
+            scheduler = vllm_engine_config.scheduler_config
+            self._max_num_seqs = int(scheduler.max_num_seqs)
+            self.supports_priority = str(scheduler.policy) == "priority"
+            manager = getattr(client, "logger_manager", None)
+            if manager is not None:
+                self._load_logger = _LoadStatLogger(vllm_engine_config, [0])
+                manager.stat_loggers.append(self._load_logger)
+            else:
+                logger.warning(
+                    "vLLM runs without stats (disable_log_stats); the load report has no "
+                    "KV-cache usage"
+                )
+            return client
+
+        def parse_request(
+            self, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
+        ) -> Any:
+            body = {**data, "request_id": request_id, "priority": priority}
+            model = request_models.get(endpoint)
+            if model is None:
+                model = EmbeddingChatRequest if "messages" in body else EmbeddingCompletionRequest
+            return model.model_validate(body)
+
+        async def abort(self, request_id: str) -> None:
+            client = self._engine_client
+            if client is None:
+                return
+            prefixes = [f"{p}-{request_id}" for p in ("chatcmpl", "cmpl", "embd")]
+            known = getattr(client.output_processor, "external_req_ids", None)
+            if known is None:
+                ids = prefixes
+            else:
+                # Multi-prompt requests get "-<i>" / "_<i>" suffixes on the external id.
+                ids = [
+                    rid
+                    for rid in list(known)
+                    if any(rid == p or rid.startswith((p + "-", p + "_")) for p in prefixes)
+                ]
+            if ids:
+                await client.abort(ids)
+
+        def get_load(self) -> dict[str, Any]:
+            client = self._engine_client
+            in_flight = (
+                0 if client is None else client.output_processor.get_num_unfinished_requests()
+            )
+            stats = None
+            if self._load_logger is not None and self._load_logger.latest:
+                stats = self._load_logger.latest.get(0) or next(
+                    iter(self._load_logger.latest.values())
+                )
+            if stats is not None:
+                running = min(int(stats.num_running_reqs), in_flight)
+                kv = float(stats.kv_cache_usage) if in_flight else 0.0
+            else:
+                running = min(in_flight, self._max_num_seqs)
+                kv = 0.0
+            return {
+                "running": running,
+                "waiting": in_flight - running,
+                "kv_cache_usage": min(1.0, max(0.0, kv)),
+                "max_num_seqs": self._max_num_seqs,
+                "engine": "vllm",
+            }
+
+    BellaVLLMEngine.__module__ = __name__
+    BellaVLLMEngine.__qualname__ = "BellaVLLMEngine"
+    return BellaVLLMEngine
+
+
+def engine_class() -> type:
+    """``BellaVLLMEngine`` (imports vLLM on first call)."""
+    cls: type = globals().get("BellaVLLMEngine") or __getattr__("BellaVLLMEngine")
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name != "BellaVLLMEngine":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = _make_vllm_engine_class()
+    globals()[name] = cls
+    return cls
