@@ -17,8 +17,12 @@ sys) of each Ray process of the worker, found in Ray's actor table (pid, class n
 Figures per process and per role: CPU seconds, the SSE events the producers received, and
 microseconds of CPU per event; ``net_*`` subtract the process's idle CPU rate (measured over
 ``--idle-s`` before the bursts) times the burst's window. ``ratio_poller_cpu_4x_vs_1x`` is the
-poller's CPU at 4N streams over N (about 4 while every token crosses the poller; flat is the
-goal once none does). ``driver`` is this process (the emulator and the producers), for scale.
+poller's CPU at 4N streams over N (flat is the goal once no token crosses the poller; but a
+larger burst also lasts longer on a saturated machine, and a poller's own loops cost CPU per
+second, so ``cpu_s_per_s`` per role, the CPU rate over the burst's window, and
+``ratio_poller_cpu_per_s_4x_vs_1x`` are printed beside it; ``net_*`` can come out negative
+when the idle loop costs more than the busy one). ``driver`` is this process (the emulator and
+the producers), for scale.
 
 The actors come from ``ray.util.state.list_actors(detail=True)`` when Ray's dashboard (the
 state API server) runs, else from the GCS actor table (``actor_source`` says which;
@@ -114,7 +118,7 @@ def role_of(class_name: str, name: str) -> str | None:
     """``poller``, ``llm``, ``publisher``, or None for an actor that is not the worker's."""
     if "QueuePoller" in class_name:
         return "poller"
-    if "RedisPublisher" in class_name or name.startswith("bella-publisher"):
+    if "RedisPublisher" in class_name or name.startswith(("bella-publisher", "event-publisher")):
         return "publisher"
     if class_name.startswith(f"ServeReplica:{APP}:"):
         return "llm"
@@ -338,6 +342,7 @@ async def measured_burst(
             "net_cpu_s": round(net_total, 3),
             "cpu_us_per_event": _us_per_event(total, events),
             "net_cpu_us_per_event": _us_per_event(net_total, events),
+            "cpu_s_per_s": round(total / window_s, 4),
         }
     return {
         **figures,
@@ -437,6 +442,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["ratio_poller_cpu_4x_vs_1x"] = ratio(poller_4["cpu_s"], poller_1["cpu_s"])
         result["ratio_poller_net_cpu_4x_vs_1x"] = ratio(
             poller_4["net_cpu_s"], poller_1["net_cpu_s"]
+        )
+        result["ratio_poller_cpu_per_s_4x_vs_1x"] = ratio(
+            poller_4["cpu_s_per_s"], poller_1["cpu_s_per_s"]
         )
         result["ratio_poller_cpu_per_event_4x_vs_1x"] = ratio(
             poller_4["cpu_us_per_event"] or 0.0, poller_1["cpu_us_per_event"] or 0.0
