@@ -484,4 +484,3 @@ def _outcome(task: Task, **fields: Any) -> Outcome:
     )
     out.update(fields)  # type: ignore[typeddict-item]
     return out
-

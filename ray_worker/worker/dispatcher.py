@@ -139,9 +139,7 @@ class Dispatcher:
         recently answered (a redelivery). Once ``drain`` has begun, a new task is not run:
         it is answered 503 at once, or left for redelivery at level 1.
         """
-        if task.task_id in self._running or (
-            task.is_online and task.task_id in self._completed
-        ):
+        if task.task_id in self._running or (task.is_online and task.task_id in self._completed):
             self.metrics.inc("duplicates")
             logger.info("ignoring a redelivered task", extra=task_context(task))
             return False
@@ -314,4 +312,3 @@ class Dispatcher:
         self._completed.move_to_end(task.task_id)
         while len(self._completed) > limit:
             self._completed.popitem(last=False)
-
