@@ -11,7 +11,8 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install tiny-model redis-server lint typecheck check test test-unit test-integration test-e2e demo bench clean
+.PHONY: install tiny-model redis-server lint typecheck check test test-unit test-integration test-e2e demo bench \
+	check-gpu-stack clean
 
 install: $(STAMP)
 
@@ -73,5 +74,27 @@ demo: install tiny-model redis-server
 bench: install tiny-model redis-server
 	$(PY) -m bench
 
+# The production stack (the gpu extra: ray[llm] and the CUDA vLLM and torch it pins) in its own
+# venv: builds the app of configs/deepseek.yaml (with a small local Ray, no GPU, no engine) and
+# checks the real server and engine classes and the pinned versions. Several GB: not in test.
+GPU_VENV := .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.installed
+GPU_CONFIG ?= configs/deepseek.yaml
+# pip's find-links (from the environment or a pip config file) are replaced by an empty folder:
+# a local CPU build such as torch 2.13.0+cpu sorts above PyPI's CUDA 2.13.0 and would win.
+GPU_PIP := PIP_FIND_LINKS=$(CURDIR)/$(GPU_VENV)/no-find-links $(GPU_PY) -m pip
+
+$(GPU_STAMP): pyproject.toml
+	@test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
+	@mkdir -p $(GPU_VENV)/no-find-links
+	$(GPU_PIP) install -q --upgrade pip
+	$(GPU_PIP) install -q -e '.[gpu]'
+	-$(GPU_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(GPU_STAMP)
+
+check-gpu-stack: $(GPU_STAMP)
+	$(GPU_PY) -m ray_worker.dev.check_gpu_stack $(GPU_CONFIG)
+
 clean:
-	rm -rf $(VENV) .models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_VENV) .models .pytest_cache .mypy_cache .ruff_cache
