@@ -56,7 +56,6 @@ __all__ = [
     "RedisPublisher",
     "node_publisher",
     "publisher_name",
-    "start_publisher_actor",
 ]
 
 PUBLISHER_NAMESPACE = "bella-ray-worker"
@@ -164,24 +163,13 @@ class RedisPublisher:
         if not self._leases and self._idle_since is None:
             self._idle_since = time.monotonic()
 
-    async def publish(
-        self,
-        client_id: str | Batch,
-        batch_seq: int | None = None,
-        batch: Batch | None = None,
-    ) -> str:
+    async def publish(self, client_id: str, batch_seq: int, batch: Batch) -> str:
         """Buffer ``batch`` in order unless ``batch_seq`` was already applied for the client.
 
         Returns ``"ok"`` (buffered), ``"duplicate"`` (a resend, acknowledged, not buffered
         again) or ``"exiting"`` (not taken: resend to the node's next publisher). Waits
-        while the buffer is full. ``publish(batch)`` alone (no client, no dedup) is the
-        poller's older form, kept until ``serve/app.py`` moves to ``EventBusClient``.
+        while the buffer is full.
         """
-        if batch is None and batch_seq is None and isinstance(client_id, list):
-            await self._require().publish(client_id)
-            return ACCEPTED
-        if not isinstance(client_id, str) or batch_seq is None or batch is None:
-            raise TypeError("publish(client_id: str, batch_seq: int, batch: list)")
         if self._exiting:
             return EXITING
         lock = self._locks.get(client_id)
@@ -333,20 +321,6 @@ def node_publisher(
                 + (f": {_describe(error)}" if error else " (the old one is still exiting)")
             )
         time.sleep(0.1)
-
-
-def start_publisher_actor(
-    url: str | None = None,
-    topic: str = "",
-    options: PublisherOptions | None = None,
-    drain_timeout_s: float = 20.0,
-) -> Any:
-    """Start an unnamed ``RedisPublisher`` owned by the caller (dies with it); its handle.
-
-    The poller's older arrangement, kept until ``serve/app.py`` uses ``EventBusClient``.
-    """
-    actor_cls: Any = ray.remote(num_cpus=0, max_concurrency=1000)(RedisPublisher)  # type: ignore[call-overload]
-    return actor_cls.remote(url, topic, options, drain_timeout_s)
 
 
 class EventBusClient:

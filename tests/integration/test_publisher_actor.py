@@ -23,9 +23,9 @@ from ray_worker.config import PublisherOptions
 from ray_worker.eventbus.actor import (
     PUBLISHER_NAMESPACE,
     EventBusClient,
+    RedisPublisher,
     node_publisher,
     publisher_name,
-    start_publisher_actor,
 )
 from ray_worker.eventbus.batcher import PublisherClient
 from ray_worker.testing.redis_server import RedisServer
@@ -108,10 +108,13 @@ async def test_actor_publishes_in_order_and_drains_on_close(
     import ray
 
     topic = new_topic()
-    actor = start_publisher_actor(redis_server.url, topic, PublisherOptions(max_buffered=5000))
+    actor_cls: Any = ray.remote(num_cpus=0, max_concurrency=1000)(RedisPublisher)
+    actor = actor_cls.remote(redis_server.url, topic, PublisherOptions(max_buffered=5000))
     try:
         assert await actor.topic.remote() == topic
-        client = PublisherClient(lambda batch: actor.publish.remote(batch), topic=topic)
+        client = PublisherClient(
+            send_seq=lambda seq, batch: actor.publish.remote("test", seq, batch), topic=topic
+        )
         tasks, events = 8, 25
 
         async def stream(t: int) -> None:
