@@ -180,10 +180,45 @@ class DispatcherConfig(_Frozen):
         description="Deadline of a task whose expire_time is unset (online tasks: 600 s at most).",
     )
     complete_attempts: int = Field(
-        default=6, ge=1, description="Attempts of one HTTP complete on retryable faults."
+        default=6,
+        ge=1,
+        description=(
+            "Attempts of one HTTP complete sent by the poller (tasks that never reached a "
+            "replica); a replica's answers are retried from its outbox until the task expires."
+        ),
+    )
+    complete_backoff_initial_s: float = Field(
+        default=0.5, gt=0, description="First wait before retrying a failed HTTP complete."
     )
     complete_backoff_max_s: float = Field(
-        default=10.0, gt=0, description="Longest wait between complete attempts."
+        default=10.0,
+        gt=0,
+        description="Longest wait between complete attempts (jittered, doubling up to it).",
+    )
+    complete_max_retry_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description=(
+            "How long a replica retries the answer of a task without expire_time; a task with "
+            "one is retried until it expires."
+        ),
+    )
+    complete_max_connections: int = Field(
+        default=32,
+        ge=1,
+        description="HTTP connections for completes, a pool apart from takes and other calls.",
+    )
+    outbox_max_entries: int = Field(
+        default=10_000,
+        ge=1,
+        description="Answers a replica's outbox holds while Bella-Queue is away; then new "
+        "answers wait for room (backpressure: the task stays held, nothing is dropped).",
+    )
+    outbox_max_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Bytes (JSON size of the results) a replica's outbox holds; then new answers "
+        "wait for room. One answer larger than this is still sent, alone.",
     )
     remember_completed: int = Field(
         default=4096,

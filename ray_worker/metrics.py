@@ -36,6 +36,10 @@ METRIC_NAMES = {
     "duplicates": "bella_worker_duplicate_tasks_total",
     "left_for_redelivery": "bella_worker_left_for_redelivery_total",
     "replica_failures": "bella_worker_replica_failures_total",
+    "outbox_entries": "bella_worker_outbox_entries",
+    "outbox_bytes": "bella_worker_outbox_bytes",
+    "outbox_backpressure": "bella_worker_outbox_backpressure_total",
+    "complete_given_up": "bella_worker_complete_given_up_total",
 }
 
 
@@ -127,6 +131,22 @@ class WorkerMetrics:
                 n["replica_failures"],
                 "Tasks whose replica died mid-way (answered 503 by the poller).",
                 tag_keys=(),
+            ),
+            "outbox_entries": rm.Gauge(
+                n["outbox_entries"], "Answers waiting in a replica's outbox.", tag_keys=()
+            ),
+            "outbox_bytes": rm.Gauge(
+                n["outbox_bytes"], "JSON bytes of the answers in a replica's outbox.", tag_keys=()
+            ),
+            "outbox_backpressure": rm.Counter(
+                n["outbox_backpressure"],
+                "Answers that waited for room in a full outbox (their task stayed held).",
+                tag_keys=(),
+            ),
+            "complete_given_up": rm.Counter(
+                n["complete_given_up"],
+                "Answers the outbox gave up: expired, rejected (4xx), undelivered_at_stop.",
+                tag_keys=("reason",),
             ),
         }
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["QueuePoller", "build_app"]
 
 _STATUS_GAUGE_PERIOD_S = 1.0
+_OUTBOX_KEYS = ("outbox_", "complete_")
+"""Keys of a replica's load report that are its outbox figures (``Outbox.stats``)."""
 
 
 @serve.deployment(
@@ -84,8 +87,11 @@ class QueuePoller:
             queue_url,
             apikey,
             timeout_s=self.args.poller.take_timeout_s,
+            complete_max_connections=dispatch.complete_max_connections,
             complete_retry=RetryPolicy(
-                attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
+                base_delay_s=dispatch.complete_backoff_initial_s,
+                attempts=dispatch.complete_attempts,
+                max_delay_s=dispatch.complete_backoff_max_s,
             ),
         )
         # The poller answers only what never reached a replica, through its node's publisher.
@@ -121,6 +127,8 @@ class QueuePoller:
         )
         self.state = "starting"
         self._complete_retries_seen = 0
+        self._outboxes: dict[str, tuple[str, float, dict[str, Any]]] = {}
+        """replica id -> (model id, monotonic time, outbox figures of its last load report)."""
         self.startup_error: str | None = None
         self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
         self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
@@ -186,16 +194,42 @@ class QueuePoller:
         """
         self.capacity.report(load)
         model_id = str(load.get("model_id", ""))
+        if "outbox_entries" in load:
+            figures = {k: v for k, v in load.items() if k.startswith(_OUTBOX_KEYS)}
+            self._outboxes[str(load.get("replica_id"))] = (model_id, time.monotonic(), figures)
         return {"backlog": self.poller.backlog(model_id) if model_id else 0}
 
+    def _outbox_status(self, model_id: str) -> dict[str, Any]:
+        """The outboxes of ``model_id``'s replicas reporting lately, summed (and per replica)."""
+        horizon = time.monotonic() - self.args.capacity.load_stale_after_s
+        for rid in [r for r, (_, at, _) in self._outboxes.items() if at < horizon]:
+            del self._outboxes[rid]  # a replica gone (its last report is stale)
+        replicas = {
+            rid: figures
+            for rid, (model, at, figures) in self._outboxes.items()
+            if model == model_id and at >= horizon
+        }
+        total: dict[str, Any] = {}
+        for figures in replicas.values():
+            for key, value in figures.items():
+                if isinstance(value, int | float) and not key.startswith("outbox_max_"):
+                    total[key] = total.get(key, 0) + value
+        total.pop("outbox_oldest_age_s", None)
+        ages = [f.get("outbox_oldest_age_s") for f in replicas.values()]
+        total["outbox_oldest_age_s"] = max((a for a in ages if a is not None), default=None)
+        return {**total, "replicas": replicas}
+
     async def status(self) -> dict[str, Any]:
-        """The worker's state: per pool take state and capacity."""
+        """The worker's state: per pool take state, capacity and the replicas' outboxes."""
+        polled = self.poller.status()
+        for pool in polled.get("pools", []):
+            pool["outbox"] = self._outbox_status(str(pool.get("model", "")))
         return {
             "state": self.state,
             "startup_error": self.startup_error,
             "queues": [q.name for q in self.args.queues],
             "strategy": self.args.poller.strategy.value,
-            **self.poller.status(),
+            **polled,
             "answered": dict(self.dispatcher.answered),
             "tokens": dict(self.dispatcher.tokens),
             "duplicates": int(self.metrics.total("duplicates")),

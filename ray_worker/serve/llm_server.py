@@ -335,6 +335,7 @@ class _TaskServingMixin:
         out: dict[str, Any] = dict(load)
         if self._tasks is not None:
             out.update(self._tasks.held())
+            out.update(self._tasks.outbox_load())
         return out
 
     # -- helpers ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Hosting the task runner inside an LLM replica: its clients, its start and its stop.
 
 This module owns what an LLM replica needs to run and answer whole Bella tasks: the
-replica's ``QueueClient`` (HTTP complete), its ``EventBusClient`` (the node's publisher
+replica's ``QueueClient`` (HTTP complete, one attempt per call) behind its ``Outbox`` (which
+retries each answer until its task expires), its ``EventBusClient`` (the node's publisher
 actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner``, and the
 ``run`` stream the poller calls: ``{"phase": "answering"}`` right before the task's first
 event or answer leaves, then ``{"phase": "done", "outcome": ...}``. The task's work is
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -26,6 +28,7 @@ from ray_worker.bella.protocol import Task
 from ray_worker.config import RunnerSettings
 from ray_worker.errors import EngineError, WorkerError
 from ray_worker.metrics import WorkerMetrics
+from ray_worker.task.outbox import Outbox
 from ray_worker.task.runner import Outcome, TaskRunner
 from ray_worker.worker.dispatcher import ANSWERING, DONE
 
@@ -67,16 +70,17 @@ class ReplicaTasks:
             self.settings.queue_url,
             apikey,
             timeout_s=self.settings.request_timeout_s,
-            complete_retry=RetryPolicy(
-                attempts=dispatch.complete_attempts, max_delay_s=dispatch.complete_backoff_max_s
-            ),
+            complete_max_connections=dispatch.complete_max_connections,
+            # One attempt per call: the outbox owns the retries and their deadline.
+            complete_retry=RetryPolicy(attempts=1),
         )
         self.events = EventBusClient(app_name, client_id, self.settings.publisher)
         self.metrics = WorkerMetrics()
+        self.outbox = Outbox(self.client, dispatch, metrics=self.metrics)
         self.runner = TaskRunner(
             engine=_Engine(stream),
             events=self.events,
-            completer=self.client,
+            completer=self.outbox,
             config=dispatch,
             metrics=self.metrics,
         )
@@ -107,6 +111,8 @@ class ReplicaTasks:
     async def run(self, task_wire: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Run one task given by the poller; see the module docstring for what it yields."""
         task = Task.model_validate(dict(task_wire))
+        if not task.is_online:
+            self.outbox.expect(task)
         if task.is_online and not self._bus_ready.is_set():
             # The answer has nowhere to go yet; the start-up retries until the bus answers.
             await self._bus_ready.wait()
@@ -129,16 +135,32 @@ class ReplicaTasks:
         """The tasks running here (part of the load report)."""
         return self.runner.held()
 
+    def outbox_load(self) -> dict[str, Any]:
+        """The outbox's figures (entries, bytes, give-ups; part of the load report)."""
+        return self.outbox.stats()
+
     def check_health(self) -> None:
         """Raise when start-up died."""
         if self._start.done() and not self._start.cancelled() and self._start.exception():
             raise EngineError(f"event-bus start-up failed: {self._start.exception()!r}")
 
     async def aclose(self) -> None:
-        """Drain the runner (within ``drain_timeout_s``), then close the clients."""
-        cut = await self.runner.drain(self.settings.drain_timeout_s)
+        """Drain the runner, then the outbox, both within ``drain_timeout_s``; close the
+        clients. Answers the outbox could not deliver are logged at ERROR per task id."""
+        budget_s = self.settings.drain_timeout_s
+        started = time.monotonic()
+        cut = await self.runner.drain(budget_s)
         if cut:
             logger.warning("%d tasks were cut short by the replica's stop", cut)
+        # The outbox delivered all along; what is left gets the rest of the budget (at least
+        # a moment, for the answers of the tasks the runner's drain just cut short).
+        left_s = max(budget_s - (time.monotonic() - started), min(2.0, budget_s))
+        undelivered = await self.outbox.drain(left_s)
+        if undelivered:
+            logger.error(
+                "%d answers were not delivered before the replica stopped (see the errors above)",
+                undelivered,
+            )
         self._start.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.events.aclose(), 10)

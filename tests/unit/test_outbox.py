@@ -1,0 +1,250 @@
+"""Unit tests of ``ray_worker.task.outbox``: answers retried until delivered or expired,
+bounded by bytes with backpressure, drained at a stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from ray_worker.bella.protocol import Task
+from ray_worker.config import DispatcherConfig
+from ray_worker.errors import BadRequestError, QueueUnavailableError
+from ray_worker.task.outbox import Outbox
+from ray_worker.testing.waiting import wait_for
+
+FAST = DispatcherConfig(complete_backoff_initial_s=0.01, complete_backoff_max_s=0.02)
+
+
+class FlakyCompleter:
+    """Fails every call while ``down``; records what it accepted."""
+
+    def __init__(self, *, fail_first: int = 0, error: Exception | None = None) -> None:
+        self.fail_first = fail_first
+        self.down = False
+        self.error = error or QueueUnavailableError("connection refused")
+        self.calls = 0
+        self.accepted: list[tuple[str, dict[str, Any]]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def complete(self, task_id: str, result: Mapping[str, Any]) -> None:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down or self.calls <= self.fail_first:
+            raise self.error
+        self.accepted.append((task_id, dict(result)))
+
+
+def _task(task_id: str, level: int = 1, expire_in_s: float | None = 60.0) -> Task:
+    now = int(time.time() * 1000)
+    expire = 0 if expire_in_s is None else now + int(expire_in_s * 1000)
+    return Task.model_validate(
+        {
+            "task_id": task_id,
+            "endpoint": "/v1/chat/completions",
+            "queue": "q",
+            "level": level,
+            "data": {},
+            "response_mode": "callback",
+            "start_time": now,
+            "expire_time": expire,
+        }
+    )
+
+
+async def _settled(outbox: Outbox) -> None:
+    async def empty() -> bool:
+        return outbox.entries == 0
+
+    await wait_for(empty, timeout=10, interval=0.005, message="outbox empty")
+
+
+async def test_a_failing_complete_is_retried_until_it_succeeds() -> None:
+    completer = FlakyCompleter(fail_first=7)
+    outbox = Outbox(completer, FAST)
+    outbox.expect(_task("T1"))
+    await outbox.complete("T1", {"status_code": 200, "request_id": "T1"})
+    assert outbox.entries == 1  # complete() returned at once; delivery runs behind
+    await _settled(outbox)
+    assert completer.accepted == [("T1", {"status_code": 200, "request_id": "T1"})]
+    assert outbox.counters.retries == 7
+    assert outbox.counters.delivered == 1
+    assert outbox.metrics.total("complete_retries") == 7
+    assert outbox.bytes == 0
+
+
+async def test_an_outage_longer_than_the_old_retry_budget_loses_nothing() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    for i in range(20):
+        outbox.expect(_task(f"T{i}", level=i % 2))
+        await outbox.complete(f"T{i}", {"status_code": 200})
+    await asyncio.sleep(0.5)  # many backoff rounds (cap 20 ms), far past 6 attempts
+    assert completer.calls > 20 * 6
+    assert outbox.entries == 20
+    assert outbox.stats()["outbox_entries"] == 20
+    completer.down = False
+    await _settled(outbox)
+    assert sorted(t for t, _ in completer.accepted) == sorted(f"T{i}" for i in range(20))
+    assert outbox.counters.expired == 0
+
+
+async def test_success_after_failures_wakes_the_others() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, DispatcherConfig(complete_backoff_initial_s=30))
+    for i in range(3):
+        await outbox.complete(f"T{i}", {"status_code": 200})
+    await asyncio.sleep(0.05)
+    completer.down = False
+    await outbox.complete("T9", {"status_code": 200})  # its first attempt succeeds
+    await _settled(outbox)  # the others did not wait out their 15-30 s backoff
+    assert len(completer.accepted) == 4
+
+
+async def test_an_answer_is_given_up_when_its_task_expired(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    outbox.expect(_task("T-EXP", level=0, expire_in_s=0.2))
+    with caplog.at_level(logging.ERROR, logger="ray_worker.task.outbox"):
+        await outbox.complete("T-EXP", {"status_code": 200})
+        await _settled(outbox)
+    assert completer.accepted == []
+    assert outbox.counters.expired == 1
+    assert outbox.metrics.total("complete_given_up", reason="expired") == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.task_id == "T-EXP"  # type: ignore[attr-defined]
+    assert "level-0" in record.getMessage()
+
+
+async def test_a_task_without_expire_time_retries_for_the_configured_max() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    config = FAST.model_copy(update={"complete_max_retry_s": 0.2})
+    outbox = Outbox(completer, config)
+    outbox.expect(_task("T0", expire_in_s=None))
+    await outbox.complete("T0", {"status_code": 200})
+    await asyncio.sleep(0.1)
+    assert outbox.entries == 1
+    await _settled(outbox)
+    assert outbox.counters.expired == 1
+
+
+async def test_a_permanent_refusal_is_not_retried() -> None:
+    completer = FlakyCompleter(fail_first=1, error=BadRequestError("bad task id"))
+    outbox = Outbox(completer, FAST)
+    await outbox.complete("TASK-bad", {"status_code": 200})
+    await _settled(outbox)
+    assert completer.calls == 1
+    assert outbox.counters.rejected == 1
+
+
+async def test_the_byte_bound_holds_new_answers_back_until_there_is_room() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    config = FAST.model_copy(update={"outbox_max_bytes": 300, "outbox_max_entries": 100})
+    outbox = Outbox(completer, config)
+    big = {"status_code": 200, "body": {"text": "x" * 100}}
+    await outbox.complete("A", big)
+    await outbox.complete("B", big)
+    assert outbox.bytes > 200
+    waiting = asyncio.create_task(outbox.complete("C", big))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # backpressure: the answer waits, nothing is dropped
+    assert outbox.entries == 2
+    assert outbox.counters.backpressured == 1
+    assert outbox.metrics.total("outbox_backpressure") == 1
+    completer.down = False
+    await asyncio.wait_for(waiting, 5)
+    await _settled(outbox)
+    assert sorted(t for t, _ in completer.accepted) == ["A", "B", "C"]
+
+
+async def test_the_entry_bound_holds_new_answers_back() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST.model_copy(update={"outbox_max_entries": 2}))
+    await outbox.complete("A", {})
+    await outbox.complete("B", {})
+    waiting = asyncio.create_task(outbox.complete("C", {}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    completer.down = False
+    await asyncio.wait_for(waiting, 5)
+    await _settled(outbox)
+    assert len(completer.accepted) == 3
+
+
+async def test_an_answer_larger_than_the_bound_still_goes_alone() -> None:
+    completer = FlakyCompleter()
+    outbox = Outbox(completer, FAST.model_copy(update={"outbox_max_bytes": 10}))
+    await asyncio.wait_for(outbox.complete("BIG", {"body": "y" * 1000}), 1)
+    await _settled(outbox)
+    assert completer.accepted[0][0] == "BIG"
+
+
+async def test_backpressure_ends_in_a_visible_give_up_when_the_task_expires() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST.model_copy(update={"outbox_max_entries": 1}))
+    outbox.expect(_task("A", expire_in_s=30))
+    await outbox.complete("A", {})
+    outbox.expect(_task("B", expire_in_s=0.1))
+    with pytest.raises(QueueUnavailableError):
+        await outbox.complete("B", {})
+    assert outbox.counters.expired == 1
+
+
+async def test_drain_delivers_what_it_can_within_its_time() -> None:
+    completer = FlakyCompleter(fail_first=3)
+    # A long backoff: the drain cuts it short (it caps the waits and wakes every answer).
+    outbox = Outbox(completer, DispatcherConfig(complete_backoff_initial_s=5))
+    await outbox.complete("T1", {"status_code": 200})
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    assert await outbox.drain(10) == 0
+    assert time.monotonic() - started < 8
+    assert [t for t, _ in completer.accepted] == ["T1"]
+
+
+async def test_drain_gives_up_visibly_what_it_could_not_deliver(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    outbox.expect(_task("L1", level=1))
+    await outbox.complete("L1", {"status_code": 200})
+    outbox.expect(_task("L0", level=0))
+    await outbox.complete("L0", {"status_code": 200})
+    with caplog.at_level(logging.ERROR, logger="ray_worker.task.outbox"):
+        assert await outbox.drain(0.2) == 2
+    assert outbox.counters.undelivered_at_stop == 2
+    assert outbox.metrics.total("complete_given_up", reason="undelivered_at_stop") == 2
+    messages = {r.task_id: r.getMessage() for r in caplog.records}  # type: ignore[attr-defined]
+    assert "redelivers" in messages["L1"]
+    assert "lost" in messages["L0"]
+    # A complete after the stop does not wait for room forever: refused, counted.
+    with pytest.raises(QueueUnavailableError):
+        await outbox.complete("LATE", {})
+
+
+async def test_a_second_answer_for_a_task_replaces_the_first() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    await outbox.complete("T", {"n": 1})
+    await outbox.complete("T", {"n": 2})
+    assert outbox.entries == 1
+    completer.down = False
+    await _settled(outbox)
+    assert completer.accepted == [("T", {"n": 2})]
