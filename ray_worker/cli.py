@@ -147,7 +147,8 @@ def _apikey() -> tuple[SecretStr | None, Check]:
 
 
 def _queue_error(err: WorkerError, base_url: str) -> str:
-    """A Bella-Queue failure in operator terms."""
+    """A Bella-Queue failure in operator terms (the URL's credentials hidden)."""
+    base_url = redact_url(base_url)
     if isinstance(err, AuthenticationError):
         return f"{APIKEY_HINT} ({base_url} rejected the key)"
     if isinstance(err, BadRequestError):
@@ -207,7 +208,11 @@ async def _check(config: Path, app: str | None, timeout_s: float) -> tuple[list[
                 reached = True
                 secrets.append(_url_password(eventbus.url))
                 checks.append(
-                    Check("bella-queue", "ok", f"{base_url} answered GET /v1/queue/eventbus")
+                    Check(
+                        "bella-queue",
+                        "ok",
+                        f"{redact_url(base_url)} answered GET /v1/queue/eventbus",
+                    )
                 )
             for base in bases:
                 checks.append(await _check_queue(client, base, args, config, reached, base_url))

@@ -49,6 +49,8 @@ from ray_worker.bella.protocol import (
     TakeRequest,
     TakeResponse,
     Task,
+    describe_validation,
+    redact_url,
 )
 from ray_worker.errors import AuthenticationError, BadRequestError, QueueUnavailableError
 
@@ -146,14 +148,26 @@ def online_wait_s(request: PutRequest) -> float:
 
 
 def _parse_body(response: httpx.Response) -> Any:
-    """JSON if it parses, else the raw text; ``None`` for an empty body."""
+    """JSON if it parses, else the raw text; ``None`` for an empty body.
+
+    Invalid UTF-8 is decoded with replacement characters (httpx's ``text``); JSON nested too
+    deeply for the parser counts as not JSON.
+    """
     text = response.text
     if not text.strip():
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """``obj`` as httpx would send it, except that a lone surrogate (e.g. echoed from a task)
+    goes out as its JSON escape ``\\udXXX`` instead of failing the request: the body stays
+    valid UTF-8 and valid JSON."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _is_error_body(body: Any) -> bool:
@@ -181,13 +195,7 @@ def _error_message(body: Any, status_code: int, what: str) -> str:
     return f"HTTP {status_code} from {what}"
 
 
-def _describe_validation(exc: ValidationError) -> str:
-    """The locations and messages of a ValidationError, never its input values (secrets)."""
-    parts = [
-        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-        for err in exc.errors()[:5]
-    ]
-    return "; ".join(parts)
+_describe_validation = describe_validation
 
 
 class QueueClient:
@@ -209,10 +217,16 @@ class QueueClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+            raise ValueError(
+                f"base_url must start with http:// or https://, got {redact_url(base_url)!r}"
+            )
         if max_connections < 1 or complete_max_connections < 1:
             raise ValueError("max_connections and complete_max_connections must be at least 1")
         self.base_url = base_url.rstrip("/")
+        self.shown_url = redact_url(self.base_url)
+        """``base_url`` with its credentials hidden: what logs and errors show."""
+        scheme_rest = self.base_url.partition("://")[2]
+        self._userinfo = scheme_rest.rsplit("@", 1)[0] if "@" in scheme_rest else ""
         self._apikey = apikey if isinstance(apikey, SecretStr) else SecretStr(apikey)
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -240,7 +254,7 @@ class QueueClient:
         )
 
     def __repr__(self) -> str:
-        return f"QueueClient(base_url={self.base_url!r})"
+        return f"QueueClient(base_url={self.shown_url!r})"
 
     __str__ = __repr__
 
@@ -277,14 +291,22 @@ class QueueClient:
         return httpx.Timeout(max(self.timeout_s, wait_s), connect=self.connect_timeout_s)
 
     def _raise_transport(self, exc: httpx.HTTPError, what: str) -> NoReturn:
-        # httpx messages carry no headers, so the key cannot leak through them.
+        # httpx messages carry no headers, so the key cannot leak through them; a URL with
+        # credentials could, so every message goes through _scrub.
         if isinstance(exc, httpx.TimeoutException):
             message = f"{what} timed out ({type(exc).__name__})"
         elif isinstance(exc, httpx.ConnectError):
-            message = f"cannot connect to Bella-Queue at {self.base_url}: {exc}"
+            message = f"cannot connect to Bella-Queue at {self.shown_url}: {exc}"
         else:
             message = f"{what} failed: {type(exc).__name__}: {exc}"
-        raise QueueUnavailableError(message) from exc
+        raise QueueUnavailableError(self._scrub(message)) from exc
+
+    def _scrub(self, text: str) -> str:
+        """``text`` with the base URL's credentials hidden."""
+        text = text.replace(self.base_url, self.shown_url)
+        if self._userinfo:
+            text = text.replace(self._userinfo, "***")
+        return text
 
     async def _request(
         self,
@@ -300,15 +322,20 @@ class QueueClient:
     ) -> httpx.Response:
         """Send one request; raise the mapped error for transport faults and non-2xx answers."""
         what = f"{method} {path}"
+        all_headers = self._headers(headers)
+        content: bytes | None = None
+        if json_body is not None:
+            content = _json_bytes(json_body)
+            all_headers["Content-Type"] = "application/json"
         try:
             response = await (client or self._client).request(
                 method,
                 path,
-                json=json_body,
+                content=content,
                 params=params,
                 files=files,
                 data=data,
-                headers=self._headers(headers),
+                headers=all_headers,
             )
         except httpx.HTTPError as exc:
             self._raise_transport(exc, what)
@@ -456,31 +483,28 @@ class QueueClient:
     async def take(self, request: TakeRequest) -> TakeResponse:
         """``POST /v1/queue/take`` (§1.4).
 
-        A task the models cannot read is logged (without its content) and skipped, so one
-        bad entry does not lose the rest of the answer; the server has already popped it.
+        Parsed one entry at a time: an entry the Task model cannot read lands in
+        ``TakeResponse.rejected`` (the server has already popped it; the caller answers or
+        logs it), and the rest of the answer is kept.
         """
         what = "POST /v1/queue/take"
         response = await self._request("POST", "/v1/queue/take", json_body=request.to_wire())
         body = self._json_object(response, what)
-        tasks: dict[str, list[Task]] = {}
         for queue, entries in body.items():
             if not isinstance(entries, list):
                 self._bad_body(response, what, f"queue {queue!r} maps to a non-list")
-            parsed: list[Task] = []
-            for entry in entries:
-                try:
-                    parsed.append(Task.model_validate(entry))
-                except ValidationError as exc:
-                    task_id = entry.get("task_id") if isinstance(entry, dict) else None
-                    logger.error(
-                        "skipping unreadable task %s from %s: %s",
-                        task_id,
-                        queue,
-                        _describe_validation(exc),
-                        extra={"task_id": task_id, "queue": queue},
-                    )
-            tasks[queue] = parsed
-        return TakeResponse(tasks=tasks)
+        parsed = TakeResponse.from_wire(body)
+        for invalid in parsed.rejected:
+            task_id = invalid.raw.get("task_id") if isinstance(invalid.raw, dict) else None
+            task_id = task_id if isinstance(task_id, str) else None
+            logger.error(
+                "skipping unreadable task %r from %r: %s",
+                task_id,
+                invalid.queue,
+                invalid.reason,
+                extra={"task_id": task_id, "queue": invalid.queue},
+            )
+        return parsed
 
     async def complete(self, task_id: str, result: Mapping[str, Any]) -> None:
         """``POST /v1/queue/{task_id}/complete``, retried on retryable faults (§1.5).

@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,7 +26,9 @@ from pydantic import (
     Field,
     SecretStr,
     SerializationInfo,
+    ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
 
@@ -46,6 +49,11 @@ DEFAULT_PUT_TIMEOUT_S = 300
 PROGRESS_EVENT = "task-progress-event"
 COMPLETION_EVENT = "task-completion-event"
 STREAM_DONE = "[DONE]"
+JAVA_LONG_MAX = 2**63 - 1
+"""The server keeps times as Java ``long``s: an inbound time beyond this is out of range."""
+JAVA_INT_MIN, JAVA_INT_MAX = -(2**31), 2**31 - 1
+TASK_ID_MAX_LEN = 256
+"""An inbound ``task_id`` or ``instance_id`` longer than this is not one the server minted."""
 
 
 def now_ms() -> int:
@@ -284,27 +292,48 @@ class TakeRequest(WireModel):
     endpoint: str | None = Field(default=None, description="Sent by the SDK; ignored.")
 
 
+_JavaTime = Annotated[int, Field(ge=0, le=JAVA_LONG_MAX)]
+"""An epoch-millisecond time as the server stores it (a non-negative Java ``long``)."""
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Task(InboundModel):
     """A task as ``take`` returns it (§2.1). ``ak`` is the producer's key: a secret."""
 
-    task_id: str
+    task_id: str = Field(min_length=1, max_length=TASK_ID_MAX_LEN)
     ak: SecretStr | None = None
     endpoint: str = ""
     queue: str = ""
-    level: int = 0
+    level: int = Field(default=0, ge=JAVA_INT_MIN, le=JAVA_INT_MAX)
     data: dict[str, Any] = Field(default_factory=dict)
     status: str | None = None
     result: Any = None
-    instance_id: str | None = None
+    instance_id: str | None = Field(default=None, max_length=TASK_ID_MAX_LEN)
     batch_id: str | None = None
     trace_id: str | None = None
     custom_id: str | None = None
-    start_time: int = 0
-    running_time: int = 0
-    expire_time: int = 0
-    completed_time: int = 0
+    start_time: _JavaTime = 0
+    running_time: _JavaTime = 0
+    expire_time: _JavaTime = 0
+    completed_time: _JavaTime = 0
     callback_url: str | None = None
     response_mode: ResponseMode = ResponseMode.CALLBACK
+
+    @field_validator("task_id", "instance_id", "queue")
+    @classmethod
+    def _encodable(cls, value: str | None) -> str | None:
+        # Ids go into URLs and stream keys, the queue into metric tags: a lone surrogate
+        # could not be sent back.
+        if value is not None and not _is_utf8(value):
+            raise ValueError("must be valid Unicode (no lone surrogates)")
+        return value
 
     @field_serializer("ak")
     def _dump_ak(self, ak: SecretStr | None, info: SerializationInfo) -> str | None:
@@ -328,22 +357,101 @@ class Task(InboundModel):
         return self.expire_time > 0 and (now_ms() if at_ms is None else at_ms) >= self.expire_time
 
 
-class TakeResponse(BaseModel):
-    """``take`` answers ``{"<queue>:<level>": [Task, ...]}`` (§1.4); ``{}`` when empty."""
+def describe_validation(exc: ValidationError) -> str:
+    """The locations and messages of a ValidationError, never its input values (secrets)."""
+    parts = [
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False)[:5]
+    ]
+    return "; ".join(parts)
 
-    model_config = ConfigDict(frozen=True)
+
+@dataclass(frozen=True)
+class InvalidTask:
+    """An entry of a take answer that is not a readable Task (§1.4).
+
+    The server already popped it, so it is answered 400 when :func:`task_return_path` finds
+    its id and return path, and logged otherwise. ``raw`` may hold the producer's ``ak``: it
+    is left out of ``repr`` and must never be logged.
+    """
+
+    queue: str
+    reason: str
+    raw: Any = field(default=None, repr=False)
+
+
+def task_return_path(raw: Any) -> Task | None:
+    """A minimal Task with only ``raw``'s id and return path, or None when either is unknown.
+
+    Online (``blocking``/``streaming``) tasks are answered on the event bus, which needs a
+    valid ``instance_id``; any other mode, unknown or absent ones included (the server's
+    default is ``callback``), is answered by HTTP complete, which needs only the ``task_id``.
+    """
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        mode = ResponseMode(str(raw.get("response_mode")))
+    except ValueError:
+        mode = ResponseMode.CALLBACK
+    stub: dict[str, Any] = {"task_id": raw.get("task_id"), "response_mode": mode}
+    if mode.is_online:
+        stub["instance_id"] = raw.get("instance_id")
+        if not isinstance(stub["instance_id"], str) or not stub["instance_id"]:
+            return None
+    for name in ("queue", "level"):
+        # Kept for logs and metrics when readable; never needed to answer.
+        value = raw.get(name)
+        if (name == "queue" and isinstance(value, str) and _is_utf8(value)) or (
+            name == "level" and type(value) is int and JAVA_INT_MIN <= value <= JAVA_INT_MAX
+        ):
+            stub[name] = value
+    try:
+        return Task.model_validate(stub)
+    except ValidationError:
+        return None
+
+
+class TakeResponse(BaseModel):
+    """``take`` answers ``{"<queue>:<level>": [Task, ...]}`` (§1.4); ``{}`` when empty.
+
+    ``rejected`` holds the entries that could not be read as tasks (see :meth:`from_wire`).
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     tasks: dict[str, list[Task]] = Field(default_factory=dict)
+    rejected: list[InvalidTask] = Field(default_factory=list)
 
     @classmethod
-    def from_wire(cls, body: Mapping[str, Any]) -> TakeResponse:
-        """Parse the raw map the server sends."""
-        return cls(
-            tasks={key: [Task.model_validate(t) for t in value] for key, value in body.items()}
-        )
+    def from_wire(cls, body: Any) -> TakeResponse:
+        """Parse the raw map the server sends, one entry at a time.
+
+        Tolerant: an entry that is not a valid Task goes to ``rejected`` (with a reason that
+        names fields, never values), as does a queue mapped to something else than a list;
+        the other tasks are kept. A body that is not an object parses as empty, rejected.
+        """
+        if not isinstance(body, Mapping):
+            return cls(rejected=[InvalidTask("", "the take answer is not a JSON object", body)])
+        tasks: dict[str, list[Task]] = {}
+        rejected: list[InvalidTask] = []
+        for key, value in body.items():
+            queue = key if isinstance(key, str) and _is_utf8(key) else repr(key)
+            if not isinstance(value, list):
+                rejected.append(InvalidTask(queue, "the queue maps to a non-list", value))
+                continue
+            parsed: list[Task] = []
+            for entry in value:
+                try:
+                    parsed.append(Task.model_validate(entry))
+                except ValidationError as exc:
+                    rejected.append(InvalidTask(queue, describe_validation(exc), entry))
+                except RecursionError:
+                    rejected.append(InvalidTask(queue, "the task is nested too deeply", entry))
+            tasks[queue] = parsed
+        return cls(tasks=tasks, rejected=rejected)
 
     def to_wire(self) -> dict[str, Any]:
-        """The raw map, secrets revealed, as the server sends it."""
+        """The raw map of the readable tasks, secrets revealed, as the server sends it."""
         return {key: [t.to_wire() for t in value] for key, value in self.tasks.items()}
 
     def all_tasks(self) -> list[Task]:
@@ -364,8 +472,28 @@ class EventBusConfig(InboundModel):
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a ``redis://user:pw@host`` URL for logs."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    """``url`` with its credentials hidden, for logs, errors and status pages.
+
+    ``scheme://user:password@host/...`` becomes ``scheme://user:***@host/...`` and a lone
+    ``scheme://token@host`` becomes ``scheme://***@host``. The userinfo ends at the LAST ``@``
+    of the URL: a password may hold ``@``, ``/``, ``:``, ``?`` or ``#`` unescaped, which
+    ``urlsplit`` would cut at the wrong place (``redis://:ab/cd@h``). An ``@`` inside a path
+    or query is so over-redacted, which is the safe side. A URL without ``@`` is unchanged.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    userinfo, host = rest.rsplit("@", 1)
+    user, colon, _password = userinfo.partition(":")
+    shown = f"{user}:***" if colon and not _has_delims(user) else "***"
+    return f"{scheme}{sep}{shown}@{host}"
+
+
+def _has_delims(user: str) -> bool:
+    # A "user" holding a path or query delimiter means the userinfo guess is off: hide it all.
+    return any(c in user for c in "/?#")
 
 
 # --------------------------------------------------------------------------------------
@@ -609,6 +737,7 @@ class BatchOutputLine(WireModel):
 __all__ = [
     "COMPLETION_EVENT",
     "FIFO_TAKE_CAP",
+    "JAVA_LONG_MAX",
     "PROGRESS_EVENT",
     "STREAM_DONE",
     "Batch",
@@ -619,6 +748,7 @@ __all__ = [
     "BellaResponse",
     "CompletionEvent",
     "EventBusConfig",
+    "InvalidTask",
     "Level",
     "OpenAIErrorBody",
     "OpenAIErrorDetail",
@@ -634,6 +764,7 @@ __all__ = [
     "TaskResult",
     "completion_fields",
     "decode_event",
+    "describe_validation",
     "dumps",
     "event_minid",
     "full_queue_name",
@@ -647,5 +778,6 @@ __all__ = [
     "result_body",
     "sse_data",
     "stream_key",
+    "task_return_path",
     "validate_queue_name",
 ]

@@ -70,7 +70,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import DataError, RedisError, ResponseError
 
 from ray_worker.bella.protocol import COMPLETION_EVENT, event_minid, redact_url
 from ray_worker.config import PublisherOptions
@@ -94,6 +94,9 @@ MARKER_PREFIX = "bella-ray-worker:evbatch:"
 """Prefix of each publisher's idempotency marker key (see the module docstring)."""
 
 _FAILURES = (RedisError, OSError)
+_UNENCODABLE = (UnicodeError, DataError)
+"""What redis-py's encoder raises for a value it cannot encode: that entry's fault, not
+Redis's (``DataError`` is a ``RedisError``, so it is caught before ``_FAILURES``)."""
 
 # KEYS[1] = high-water mark key, KEYS[2..] = stream key of each entry, in order.
 # ARGV[1] = seq of the first entry (seqs are consecutive), ARGV[2] = MINID, ARGV[3] = "~" or
@@ -220,6 +223,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _escaped(text: str, encoding: str) -> str:
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+
+
 def _jittered(delay_s: float) -> float:
     return delay_s / 2 + random.uniform(0, delay_s / 2)
 
@@ -263,6 +270,10 @@ class EventPublisher:
             client_name="bella-ray-worker-publisher",
             # RESP2: what every Redis speaks, and redis-py parses it measurably faster.
             protocol=2,
+            # A lone surrogate (e.g. a task's text echoed into an error message) goes out as
+            # the six characters \udXXX instead of killing the writer: inside a JSON string,
+            # where dumps() puts every text, that is the JSON escape of the same character.
+            encoding_errors="backslashreplace",
         )
         self._queue: deque[_Pending] = deque()
         self._seq = 0
@@ -421,6 +432,9 @@ class EventPublisher:
                 continue
             try:
                 await self._write_round()
+            except _UNENCODABLE as exc:
+                if not self._escape_unencodable(exc):
+                    raise
             except _FAILURES as exc:
                 self._on_failure(exc)
                 await asyncio.sleep(_jittered(delay))
@@ -462,6 +476,33 @@ class EventPublisher:
             # Redis refused an entry for a reason that may pass (OOM, READONLY, ...): the
             # entries before it are applied and acknowledged, the rest is retried.
             raise ResponseError(_text(stop))
+
+    def _escape_unencodable(self, exc: Exception) -> bool:
+        """Rewrite the next round's entries the client's encoder refuses (an injected client
+        with strict encoding errors) as their backslash-escaped text; True if any was.
+
+        Rewritten rather than dropped: the Lua script needs consecutive sequence numbers, and
+        the escaped text is still the same event (see ``encoding_errors`` above).
+        """
+        encoder = self._redis.get_encoder()  # type: ignore[no-untyped-call]
+        escaped = 0
+        for entry in itertools.islice(self._queue, self.options.max_batch):
+            try:
+                encoder.encode(entry.key)
+                for name, value in entry.fields.items():
+                    encoder.encode(name)
+                    encoder.encode(value)
+            except _UNENCODABLE:
+                escaped += 1
+                entry.key = _escaped(entry.key, encoder.encoding)
+                entry.fields = {
+                    _escaped(k, encoder.encoding): _escaped(v, encoder.encoding)
+                    for k, v in entry.fields.items()
+                }
+        if escaped:
+            self._stats.last_error = _describe(exc)
+            logger.warning("escaped %d event(s) Redis could not encode: %s", escaped, exc)
+        return escaped > 0
 
     def _ack(self, last_seq: int, rejected: Mapping[int, Exception]) -> None:
         now = time.monotonic()

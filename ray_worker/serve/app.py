@@ -246,12 +246,18 @@ class QueuePoller:
         return JSONResponse(await self.status())
 
     async def check_health(self) -> None:
-        """Serve health check: fails when start-up or a take loop died."""
+        """Serve health check: fails when start-up or a take loop died, or when this node's
+        event-bus publisher actor reports its writer (or lease watchdog) dead."""
         if self._main.done() and not self._main.cancelled() and self._main.exception():
             raise RuntimeError(f"start-up failed: {self._main.exception()!r}")
         failure = self.poller.failure()
         if failure is not None:
             raise RuntimeError(f"a take loop died: {failure!r}")
+        if self.events.started and self.events.actor is not None:
+            try:
+                await asyncio.wait_for(self.events.actor.check_health.remote(), 10)
+            except Exception as exc:
+                raise RuntimeError(f"the event-bus publisher is unhealthy: {exc!r}") from None
 
     async def __del__(self) -> None:
         """Drain: stop taking, wait a while for the tasks in flight (their replicas answer

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from ray_worker.bella.protocol import Level, Task, now_ms
+from ray_worker.bella.protocol import Level, Task, now_ms, task_return_path
 from ray_worker.config import DispatcherConfig, QueueSpec
 from ray_worker.errors import (
     EngineOverloadedError,
@@ -131,6 +131,40 @@ class Dispatcher:
     def holds(self, task_id: str) -> bool:
         """Whether the task is in flight here."""
         return task_id in self._running
+
+    def reject(self, raw: Any, reason: str) -> bool:
+        """Answer a taken entry the Task model could not read (``TakeResponse.rejected``).
+
+        When ``protocol.task_return_path`` finds its ``task_id`` and return path, it is
+        answered 400 ``invalid_request_error`` there (``reason`` names fields, never values);
+        otherwise it is logged and counted. It never reached a replica, so no capacity is
+        held. Returns whether an answer was started; never raises. ``raw`` may hold the
+        producer's ``ak``: it is never logged.
+        """
+        self.metrics.inc("invalid_tasks")
+        stub = task_return_path(raw)
+        if stub is None:
+            self.metrics.inc("invalid_tasks_dropped")
+            logger.warning(
+                "dropping an unreadable task with no usable task_id or return path: %s", reason
+            )
+            return False
+        if stub.task_id in self._running or (stub.is_online and stub.task_id in self._completed):
+            self.metrics.inc("duplicates")
+            logger.info("ignoring a redelivered unreadable task", extra=task_context(stub))
+            return False
+        err = InvalidTaskError(f"the task could not be read: {reason}")
+        job = asyncio.create_task(
+            to_the_end(self._answer(stub, err, event_id="0")), name=f"reject-{stub.task_id}"
+        )
+        self._running[stub.task_id] = job
+
+        def rejected(_: asyncio.Task[None]) -> None:
+            self._running.pop(stub.task_id, None)
+            self._remember(stub)
+
+        job.add_done_callback(rejected)
+        return True
 
     def submit(self, task: Task, pool_model: str) -> bool:
         """Start dispatching ``task`` (counted against ``pool_model``'s capacity by the caller).

@@ -227,8 +227,12 @@ class Poller:
             pool.errors_in_a_row = 0
             pool.last_take_at = time.monotonic()
             tasks = response.all_tasks()
-            pool.last_take_count = len(tasks)
-            if not tasks:
+            for invalid in response.rejected:
+                # Popped by the server but unreadable: answered 400 where it can be.
+                self.dispatcher.reject(invalid.raw, invalid.reason)
+            popped = len(tasks) + len(response.rejected)
+            pool.last_take_count = popped
+            if not popped:
                 pool.empty_takes += 1
                 if covers_all:
                     pool.state = "idle"
@@ -244,7 +248,7 @@ class Poller:
             pool.backoff_s = 0.0
             pool.state = "taking"
             pool.tasks_taken += len(tasks)
-            if len(tasks) >= request.size:
+            if popped >= request.size:
                 pool.saturated = True
                 pool.full_takes += 1
             elif covers_all:

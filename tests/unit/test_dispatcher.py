@@ -591,3 +591,87 @@ async def test_capacity_is_released_exactly_once_per_task(rig: Rig) -> None:
         }
     )
     assert rig.capacity.in_flight("m") == 0
+
+
+# --------------------------------------------------------------------------------------
+# reject: a taken entry the Task model could not read
+# --------------------------------------------------------------------------------------
+
+
+def _raw(mode: str, task_id: str, **extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "task_id": task_id,
+        "ak": "sk-secret",
+        "response_mode": mode,
+        "data": ["not", "an", "object"],
+    }
+    if mode in ("blocking", "streaming"):
+        raw["instance_id"] = "10.0.0.5:8080"
+    return raw | extra
+
+
+@pytest.mark.parametrize("mode", ["blocking", "streaming", "callback", "batch", "carrier"])
+async def test_reject_answers_400_on_the_tasks_own_return_path(rig: Rig, mode: str) -> None:
+    task_id = f"T-bad-{mode}"
+    assert rig.dispatcher.reject(_raw(mode, task_id), "data: Input should be a valid dictionary")
+    await rig.idle()
+    online = mode in ("blocking", "streaming")
+    answers = rig.events.completions_of(task_id) if online else rig.completer.of(task_id)
+    assert len(answers) == 1
+    assert answers == rig.events.completions_of(task_id) + rig.completer.of(task_id)
+    (answer,) = answers
+    assert answer["status_code"] == 400
+    error = answer["body"]["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "data: Input should be a valid dictionary" in error["message"]
+    if mode == "streaming":
+        (chunk,) = rig.events.progress_of(task_id)
+        assert (chunk.event_id, chunk.data) == ("0", answer["body"])
+    assert rig.dispatcher.answered["4xx"] == 1
+    assert rig.replicas.calls == []
+    assert rig.releases == []  # no capacity was held for it
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "junk",
+        {"ak": "sk-secret"},
+        {"task_id": 5, "ak": "sk-secret"},
+        {"task_id": "T", "response_mode": "blocking", "ak": "sk-secret"},
+    ],
+)
+async def test_reject_without_id_or_return_path_is_logged_and_counted(
+    rig: Rig, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert rig.dispatcher.reject(raw, "task_id: Field required") is False
+    await settle()
+    assert rig.events.events == []
+    assert rig.completer.completes == []
+    assert rig.dispatcher.metrics.total("invalid_tasks_dropped") == 1
+    assert any("dropping an unreadable task" in r.getMessage() for r in caplog.records)
+    assert all("sk-secret" not in r.getMessage() for r in caplog.records)
+
+
+async def test_reject_does_not_answer_a_task_in_flight_or_answered_online(rig: Rig) -> None:
+    gate = asyncio.Event()
+    rig.replicas.script(gate)
+    task = make_task(BLOCKING)
+    assert rig.submit(task)
+    await settle()
+    raw = _raw("blocking", task.task_id)
+    assert rig.dispatcher.reject(raw, "data: bad") is False
+    gate.set()
+    await rig.idle()
+    assert rig.dispatcher.reject(raw, "data: bad") is False
+    assert [a["status_code"] for a in rig.answers(task)] == [200]
+
+
+async def test_drain_waits_for_rejections(rig: Rig) -> None:
+    rig.events.completion_delay_s = 0.05
+    assert rig.dispatcher.reject(_raw("blocking", "T-slow"), "data: bad")
+    assert rig.dispatcher.in_flight == 1
+    assert await rig.dispatcher.drain(5) == 0
+    assert [a["status_code"] for a in rig.events.completions_of("T-slow")] == [400]

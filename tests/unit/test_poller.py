@@ -486,3 +486,52 @@ def test_status_before_start() -> None:
     assert pool["state"] == "starting"
     assert pool["last_take_age_s"] is None
     assert pool["takes"] == 0
+
+
+# -- unreadable tasks ------------------------------------------------------------------------
+
+
+async def test_unreadable_tasks_are_answered_400_and_the_rest_served(make: Any) -> None:
+    from ray_worker.bella.protocol import TakeResponse
+
+    rig = make(["q:0", "q:1"])
+    good = make_task("callback", queue="q", level=1)
+    online_bad = {
+        "task_id": "T-bad-online",
+        "ak": "sk-secret",
+        "response_mode": "blocking",
+        "instance_id": "10.0.0.5:8080",
+        "data": "not an object",
+    }
+    offline_bad = {"task_id": "T-bad-offline", "response_mode": "carrier", "level": 1}
+    no_id = {"response_mode": "blocking", "data": {}}
+    wire = {"q:0": [online_bad, no_id], "q:1": [good.to_wire(), offline_bad, 42]}
+    rig.taker.add(TakeResponse.from_wire(wire))
+    rig.poller.start()
+    await until(lambda: rig.completer.of(good.task_id) and rig.completer.of("T-bad-offline"))
+    await until(lambda: rig.events.completions_of("T-bad-online"))
+    assert rig.poller.alive
+    assert [a["status_code"] for a in rig.completer.of(good.task_id)] == [200]
+    for task_id, answers in (
+        ("T-bad-online", rig.events.completions_of("T-bad-online")),
+        ("T-bad-offline", rig.completer.of("T-bad-offline")),
+    ):
+        assert [a["status_code"] for a in answers] == [400], task_id
+        assert answers[0]["body"]["error"]["type"] == "invalid_request_error"
+    assert rig.dispatcher.metrics.total("invalid_tasks") == 4
+    assert rig.dispatcher.metrics.total("invalid_tasks_dropped") == 2
+    assert rig.pool.tasks_taken == 1
+    # Nothing is left holding capacity.
+    await until(lambda: rig.capacity.in_flight("m") == 0)
+
+
+async def test_a_take_of_only_unreadable_tasks_is_not_an_empty_take(make: Any) -> None:
+    from ray_worker.bella.protocol import TakeResponse
+
+    rig = make(["q:1"])
+    rig.taker.add(TakeResponse.from_wire({"q:1": [{"task_id": "T-x", "data": 1}]}))
+    rig.poller.start()
+    await rig.takes(2)
+    assert rig.states[1] == "taking"
+    await until(lambda: rig.completer.of("T-x"))
+    assert rig.completer.of("T-x")[0]["status_code"] == 400

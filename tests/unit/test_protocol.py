@@ -600,3 +600,137 @@ def test_completion_round_trip_property(
     assert isinstance(event, CompletionEvent)
     assert event.task_id == task_id
     assert event.result == result
+
+
+# --------------------------------------------------------------------------------------
+# Tolerant take parsing: one entry at a time, the unreadable ones kept aside with a reason
+# --------------------------------------------------------------------------------------
+
+GOOD_TASK = {
+    "task_id": "TASK-7-0-B-250101000000-0001-000001",
+    "ak": "sk-producer",
+    "endpoint": "/v1/chat/completions",
+    "queue": "q",
+    "level": 0,
+    "data": {"messages": [{"role": "user", "content": "hi"}]},
+    "instance_id": "10.0.0.5:8080",
+    "response_mode": "blocking",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"data": [1, 2]}, "data"),
+        ({"data": "text"}, "data"),
+        ({"response_mode": "carrier"}, "response_mode"),
+        ({"response_mode": 3}, "response_mode"),
+        ({"task_id": 17}, "task_id"),
+        ({"task_id": ""}, "task_id"),
+        ({"task_id": "T" * 300}, "task_id"),
+        ({"task_id": "T\udc80"}, "task_id"),
+        ({"instance_id": "i\ud800"}, "instance_id"),
+        ({"queue": "q\udfff"}, "queue"),
+        ({"level": "zero"}, "level"),
+        ({"level": 2**40}, "level"),
+        ({"expire_time": -1}, "expire_time"),
+        ({"start_time": 10**30}, "start_time"),
+        ({"start_time": 1.5}, "start_time"),
+        ({"ak": 5}, "ak"),
+    ],
+)
+def test_from_wire_keeps_the_good_tasks_and_rejects_the_bad_one(
+    change: dict[str, Any], field: str
+) -> None:
+    bad = {**GOOD_TASK, "task_id": "T-bad", **change}
+    good2 = {**GOOD_TASK, "task_id": "T-good-2"}
+    response = TakeResponse.from_wire({"q:0": [GOOD_TASK, bad, good2]})
+    assert [t.task_id for t in response.all_tasks()] == [GOOD_TASK["task_id"], "T-good-2"]
+    assert len(response.rejected) == 1
+    invalid = response.rejected[0]
+    assert invalid.queue == "q:0"
+    assert invalid.reason.startswith(field)
+    assert invalid.raw is bad
+    # Neither the reason nor the repr carries a value of the entry (the ak above all).
+    assert "sk-producer" not in invalid.reason
+    assert "sk-producer" not in repr(invalid)
+    assert "sk-producer" not in repr(response)
+
+
+def test_from_wire_rejects_non_objects_and_non_lists_and_keeps_the_rest() -> None:
+    response = TakeResponse.from_wire(
+        {"q:0": ["junk", None, 5, [GOOD_TASK], GOOD_TASK], "q:1": {"task_id": "x"}}
+    )
+    assert [t.task_id for t in response.all_tasks()] == [GOOD_TASK["task_id"]]
+    assert [r.queue for r in response.rejected] == ["q:0"] * 4 + ["q:1"]
+    assert response.rejected[-1].reason == "the queue maps to a non-list"
+    assert TakeResponse.from_wire(["q:0"]).rejected[0].reason.startswith("the take answer")
+    assert TakeResponse.from_wire({}).all_tasks() == []
+
+
+def test_valid_odd_values_still_parse() -> None:
+    odd = {**GOOD_TASK, "level": 7, "queue": "\u4f60\u597d", "data": {"model": "m\udc80"}}
+    (task,) = TakeResponse.from_wire({"x:7": [odd]}).all_tasks()
+    assert task.level == 7
+    assert task.data["model"] == "m\udc80"  # answered 404 by the dispatcher, not here
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (GOOD_TASK | {"data": 1}, (GOOD_TASK["task_id"], "blocking", "10.0.0.5:8080")),
+        (
+            {"task_id": "T1", "response_mode": "streaming", "instance_id": "i"},
+            ("T1", "streaming", "i"),
+        ),
+        ({"task_id": "T1", "response_mode": "callback", "data": []}, ("T1", "callback", None)),
+        ({"task_id": "T1", "response_mode": "batch"}, ("T1", "batch", None)),
+        # Unknown or absent mode: the server's default (callback) is answered by HTTP complete.
+        ({"task_id": "T1", "response_mode": "carrier"}, ("T1", "callback", None)),
+        ({"task_id": "T1", "response_mode": ["x"]}, ("T1", "callback", None)),
+        ({"task_id": "T1"}, ("T1", "callback", None)),
+    ],
+)
+def test_task_return_path(raw: dict[str, Any], expected: tuple[str, str, str | None]) -> None:
+    stub = protocol.task_return_path(raw)
+    assert stub is not None
+    assert (stub.task_id, stub.response_mode.value, stub.instance_id) == expected
+    assert stub.ak is None
+    assert stub.data == {}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "T1",
+        [GOOD_TASK],
+        {},
+        {"task_id": 5},
+        {"task_id": ""},
+        {"task_id": "T\udc80"},
+        {"task_id": "T" * 300},
+        {"task_id": "T1", "response_mode": "blocking"},  # online without instance_id
+        {"task_id": "T1", "response_mode": "streaming", "instance_id": 5},
+        {"task_id": "T1", "response_mode": "streaming", "instance_id": ""},
+        {"task_id": "T1", "response_mode": "blocking", "instance_id": "i\udc80"},
+    ],
+)
+def test_task_return_path_unknown(raw: Any) -> None:
+    assert protocol.task_return_path(raw) is None
+
+
+def test_task_return_path_keeps_readable_queue_and_level_only() -> None:
+    stub = protocol.task_return_path({"task_id": "T", "queue": "q", "level": 1})
+    assert stub is not None
+    assert stub.full_queue == "q:1"
+    stub = protocol.task_return_path({"task_id": "T", "queue": 5, "level": "x"})
+    assert stub is not None
+    assert stub.full_queue == ":0"
+
+
+@given(raw=st.dictionaries(st.sampled_from([*GOOD_TASK, "x"]), json_values, max_size=8))
+def test_from_wire_never_raises_property(raw: dict[str, Any]) -> None:
+    response = TakeResponse.from_wire({"q:0": [raw, GOOD_TASK]})
+    assert len(response.all_tasks()) + len(response.rejected) == 2
+    assert response.all_tasks()[-1].task_id == GOOD_TASK["task_id"]
