@@ -657,6 +657,38 @@ async def test_complete_sends_the_body() -> None:
     assert delays == []
 
 
+async def test_completes_and_takes_use_separate_connection_pools(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = Recorder(string_literal(200, TASK_ID))
+    client, _ = client_for(recorder, max_connections=4, complete_max_connections=2)
+    assert client._complete_client is not client._client
+    used: list[str] = []
+    for name in ("_client", "_complete_client"):
+        http = getattr(client, name)
+        original = http.request
+
+        async def tracked(
+            *args: Any, _name: str = name, _original: Any = original, **kw: Any
+        ) -> Any:
+            used.append(_name)
+            return await _original(*args, **kw)
+
+        monkeypatch.setattr(http, "request", tracked)
+    await client.complete(TASK_ID, {"status_code": 200})
+    recorder.answers = [json_response(200, {})]
+    await client.take(TakeRequest(queues=["q:0"], size=1))
+    assert used == ["_complete_client", "_client"]
+    await client.aclose()
+    assert client._client.is_closed
+    assert client._complete_client.is_closed
+
+
+def test_complete_max_connections_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="complete_max_connections"):
+        QueueClient(BASE, KEY, complete_max_connections=0)
+
+
 @pytest.mark.parametrize(
     "fault",
     [
