@@ -235,6 +235,15 @@ class PublisherOptions(_Frozen):
         ge=1,
         description="Entries held while Redis is slow or down; then publish() waits.",
     )
+    send_interval_ms: float = Field(
+        default=20.0,
+        ge=0,
+        description=(
+            "Callers (LLM replicas, the poller) send their events to the node's publisher at "
+            "most this often, each send carrying everything gathered since; a stream's first "
+            "chunk and completions leave at once. 0 sends as soon as the previous send returned."
+        ),
+    )
     max_batch: int = Field(default=1000, ge=1, description="Most entries in one transaction.")
     outage_timeout_s: float = Field(
         default=60.0,

@@ -384,6 +384,7 @@ class EventBusClient:
             send_seq=self._send,
             topic=topic,
             send_timeout_s=max(30.0, 3 * self._call_timeout_s),
+            min_interval_s=(self.options or PublisherOptions()).send_interval_ms / 1000,
         )
         self._renewer = asyncio.get_running_loop().create_task(
             self._renew_loop(), name="event-bus-lease-renew"

@@ -5,7 +5,10 @@ uses to ship encoded stream entries without one remote call per token. It must n
 Ray or redis-py, or know where its batches go: the ``send`` function it is given decides.
 
 At most one ``send`` is in flight; the first event after an idle period leaves at once,
-later events gather into the next batch, sent as soon as the in-flight call returns. One
+later events gather into the next batch, sent once the in-flight call returned and
+``min_interval_s`` has passed since the previous send began (each send costs a remote call,
+so coalescing saves far more than it delays). An urgent entry (a stream's first chunk, a
+completion) does not wait for the interval. One
 send in flight ⇒ per-task order holds across the hop. Each batch carries a sequence number
 (1, 2, ... per client, the same on every retry of that batch), so a receiver can
 acknowledge a resent batch without applying it twice (``send_seq``). Failed sends are
@@ -16,6 +19,7 @@ retried with backoff for ``send_timeout_s``, then surfaced to whoever awaits tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -70,12 +74,13 @@ class PublisherClientStats:
 
 
 class _Batch:
-    __slots__ = ("done", "entries", "error")
+    __slots__ = ("done", "entries", "error", "urgent")
 
     def __init__(self) -> None:
         self.entries: Batch = []
         self.done = asyncio.Event()
         self.error: BaseException | None = None
+        self.urgent = False
 
 
 class PublisherClient:
@@ -97,6 +102,7 @@ class PublisherClient:
         send_timeout_s: float = 30.0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 1.0,
+        min_interval_s: float = 0.0,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -117,6 +123,9 @@ class PublisherClient:
         self._space = asyncio.Event()
         self._closed = False
         self._stats = PublisherClientStats()
+        self._min_interval_s = min_interval_s
+        self._last_send = -min_interval_s
+        self._wake = asyncio.Event()
 
     async def emit(self, key: str, fields: dict[str, str]) -> None:
         """Queue one entry; starts a send at once if none is in flight.
@@ -128,10 +137,14 @@ class PublisherClient:
     async def progress(
         self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
     ) -> None:
-        """Encode and queue a progress event (hot path: one per token chunk)."""
+        """Encode and queue a progress event (hot path: one per token chunk).
+
+        A stream's first event (``event_id`` "0") leaves without waiting for the interval.
+        """
         await self._enqueue(
             stream_key(self.topic, instance_id),
             progress_fields(task_id, event_id, event_name, event_data),
+            urgent=event_id == "0",
         )
 
     async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
@@ -140,13 +153,15 @@ class PublisherClient:
         Raises ``EventBusUnavailableError`` if the batch could not be sent.
         """
         batch = await self._enqueue(
-            stream_key(self.topic, instance_id), completion_fields(task_id, result)
+            stream_key(self.topic, instance_id), completion_fields(task_id, result), urgent=True
         )
         await self._wait(batch)
 
     async def flush(self) -> None:
         """Wait until every entry queued so far was sent; raise if any such batch failed."""
         batches = [b for b in (self._inflight, self._next) if b is not None and b.entries]
+        self._next.urgent = True
+        self._wake.set()
         errors = []
         for batch in batches:
             try:
@@ -170,7 +185,7 @@ class PublisherClient:
 
     # ---------------------------------------------------------------- internals
 
-    async def _enqueue(self, key: str, fields: dict[str, str]) -> _Batch:
+    async def _enqueue(self, key: str, fields: dict[str, str], urgent: bool = False) -> _Batch:
         if self._closed:
             raise EventBusUnavailableError("publisher client is closed")
         while len(self._next.entries) >= self._max_pending:
@@ -178,6 +193,9 @@ class PublisherClient:
             await self._space.wait()
         batch = self._next
         batch.entries.append((key, fields))
+        if urgent:
+            batch.urgent = True
+            self._wake.set()
         if self._sender is None:
             self._sender = asyncio.get_running_loop().create_task(
                 self._send_loop(), name="event-bus-client-sender"
@@ -193,7 +211,15 @@ class PublisherClient:
             ) from batch.error
 
     async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._next.entries:
+            wait = self._last_send + self._min_interval_s - loop.time()
+            if wait > 0 and not self._next.urgent:
+                # Gather more: the interval since the previous send has not passed yet.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+            self._last_send = loop.time()
             batch, self._next = self._next, _Batch()
             self._inflight = batch
             self._space.set()

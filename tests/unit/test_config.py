@@ -92,6 +92,7 @@ def test_dispatcher_defaults() -> None:
 def test_publisher_defaults() -> None:
     assert PublisherOptions().model_dump() == {
         "max_buffered": 10_000,
+        "send_interval_ms": 20.0,
         "max_batch": 1000,
         "outage_timeout_s": 60.0,
         "socket_timeout_s": 5.0,

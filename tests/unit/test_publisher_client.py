@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable
 
 import pytest
 
-from ray_worker.bella.protocol import CompletionEvent, ProgressEvent, decode_event
+from ray_worker.bella.protocol import (
+    COMPLETION_EVENT,
+    PROGRESS_EVENT,
+    CompletionEvent,
+    ProgressEvent,
+    decode_event,
+)
 from ray_worker.errors import EventBusUnavailableError
 from ray_worker.eventbus.batcher import PublisherClient
 
@@ -234,3 +241,32 @@ def test_exactly_one_send_function() -> None:
         PublisherClient()
     with pytest.raises(ValueError, match="exactly one"):
         PublisherClient(FakeSend(), send_seq=FakeSend())  # type: ignore[arg-type]
+
+
+async def test_interval_gathers_events_but_first_chunks_and_completions_leave_at_once() -> None:
+    send = FakeSend()
+    # An interval no test run reaches: whatever leaves early left because it was urgent.
+    client = PublisherClient(send, topic="t:", min_interval_s=3600)
+    await client.progress("i", "A", "0", "message", {"n": 0})
+    await wait_for(lambda: len(send.batches) == 1)
+    for n in range(1, 6):
+        await client.progress("i", "A", str(n), "message", {"n": n})
+    await ticks()
+    assert len(send.batches) == 1, "later chunks wait for the interval"
+    await client.progress("i", "B", "0", "message", {"n": 0})  # another stream's first chunk
+    await wait_for(lambda: len(send.batches) == 2)
+    assert [json.loads(f["payload"])["eventId"] for _, f in send.batches[1]] == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "0",
+    ]
+    await client.progress("i", "A", "6", "message", {"n": 6})
+    await asyncio.wait_for(client.completion("i", "A", {"status_code": 200}), 5)
+    assert len(send.batches) == 3
+    assert [f["name"] for _, f in send.batches[2]] == [PROGRESS_EVENT, COMPLETION_EVENT]
+    await client.progress("i", "B", "1", "message", {"n": 1})
+    await asyncio.wait_for(client.flush(), 5)  # flush does not wait for the interval either
+    assert len(send.batches) == 4
