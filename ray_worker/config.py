@@ -179,14 +179,6 @@ class DispatcherConfig(_Frozen):
         gt=0,
         description="Deadline of a task whose expire_time is unset (online tasks: 600 s at most).",
     )
-    complete_attempts: int = Field(
-        default=6,
-        ge=1,
-        description=(
-            "Attempts of one HTTP complete sent by the poller (tasks that never reached a "
-            "replica); a replica's answers are retried from its outbox until the task expires."
-        ),
-    )
     complete_backoff_initial_s: float = Field(
         default=0.5, gt=0, description="First wait before retrying a failed HTTP complete."
     )

@@ -39,6 +39,7 @@ from ray_worker.errors import (
 from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas
+from ray_worker.task.outbox import Outbox
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
 from ray_worker.worker.poller import Poller, make_pools
@@ -88,12 +89,10 @@ class QueuePoller:
             apikey,
             timeout_s=self.args.poller.take_timeout_s,
             complete_max_connections=dispatch.complete_max_connections,
-            complete_retry=RetryPolicy(
-                base_delay_s=dispatch.complete_backoff_initial_s,
-                attempts=dispatch.complete_attempts,
-                max_delay_s=dispatch.complete_backoff_max_s,
-            ),
+            # One attempt per call: the outbox owns the retries and their deadline.
+            complete_retry=RetryPolicy(attempts=1),
         )
+        self.outbox = Outbox(self.client, dispatch, metrics=self.metrics)
         # The poller answers only what never reached a replica, through its node's publisher.
         context = serve.get_replica_context()
         self.events = EventBusClient(
@@ -104,7 +103,7 @@ class QueuePoller:
         self.dispatcher = Dispatcher(
             replicas=ServeReplicas(llm_handles),
             events=self.events,
-            completer=self.client,
+            completer=self.outbox,
             capacity=self.capacity,
             queues=self.args.queues,
             served_models=self.args.model_ids(),
@@ -269,6 +268,9 @@ class QueuePoller:
         left = await self.dispatcher.drain(self.args.poller.drain_timeout_s)
         if left:
             logger.warning("stopped waiting for %d tasks; their replicas answer them", left)
+        undelivered = await self.outbox.drain(10.0)
+        if undelivered:
+            logger.error("%d of the poller's own answers could not be delivered", undelivered)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.events.aclose(), 10)
         await self.client.aclose()

@@ -83,8 +83,12 @@ def test_dispatcher_defaults() -> None:
         "overload_retry_initial_s": 0.1,
         "overload_retry_max_s": 2.0,
         "max_task_time_s": 600.0,
-        "complete_attempts": 6,
         "complete_backoff_max_s": 10.0,
+        "complete_backoff_initial_s": 0.5,
+        "complete_max_retry_s": 86400.0,
+        "complete_max_connections": 32,
+        "outbox_max_entries": 10000,
+        "outbox_max_bytes": 268435456,
         "remember_completed": 4096,
     }
 
