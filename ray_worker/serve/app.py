@@ -233,8 +233,9 @@ class QueuePoller:
             "tokens": dict(self.dispatcher.tokens),
             "duplicates": int(self.metrics.total("duplicates")),
             "latency_mean_s": {
-                name: self.metrics.mean(name)
-                for name in ("take_latency_s", "put_to_start_s", "time_to_first_event_s")
+                "take_latency_s": self.metrics.mean("take_latency_s"),
+                # From the replicas' outcomes: put to run start, run start to first event.
+                **self.dispatcher.timing_means(),
             },
             "complete_retries": self.client.counters.complete_retries,
             "events": self.events.stats(),

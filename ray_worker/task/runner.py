@@ -107,7 +107,10 @@ class Outcome(TypedDict):
     events: int
     prompt_tokens: int
     completion_tokens: int
+    queue_wait_s: float | None
+    """From the task's put (``start_time``) to the run's start here."""
     ttft_s: float | None
+    """From the run's start to the task's first event or answer."""
     duration_s: float
 
 
@@ -135,6 +138,7 @@ class _Run:
         "prompt_tokens",
         "sent",
         "started",
+        "started_ms",
     )
 
     def __init__(self, on_answering: Callable[[], None] | None) -> None:
@@ -143,6 +147,7 @@ class _Run:
         self.answering = False
         self.on_answering = on_answering
         self.started = time.monotonic()
+        self.started_ms = now_ms()
         self.first_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -464,6 +469,9 @@ class TaskRunner:
             events=run.sent,
             prompt_tokens=run.prompt_tokens,
             completion_tokens=run.completion_tokens,
+            queue_wait_s=(
+                max(0.0, (run.started_ms - task.start_time) / 1000) if task.start_time else None
+            ),
             ttft_s=None if run.first_at is None else run.first_at - run.started,
             duration_s=time.monotonic() - run.started,
         )
@@ -479,6 +487,7 @@ def _outcome(task: Task, **fields: Any) -> Outcome:
         events=0,
         prompt_tokens=0,
         completion_tokens=0,
+        queue_wait_s=None,
         ttft_s=None,
         duration_s=0.0,
     )

@@ -120,6 +120,8 @@ class Dispatcher:
         self.answered: dict[str, int] = {"2xx": 0, "4xx": 0, "5xx": 0}
         """Answers by status class: the replicas' (from their outcomes) and the poller's."""
         self.tokens = {"prompt": 0, "completion": 0}
+        self.timings: dict[str, list[Any]] = {}
+        """Per outcome timing: [sum, count] (means in the status)."""
 
     # -- public ---------------------------------------------------------------------------
 
@@ -319,6 +321,21 @@ class Dispatcher:
             self.answered[status] = self.answered.get(status, 0) + 1
         self.tokens["prompt"] += outcome["prompt_tokens"]
         self.tokens["completion"] += outcome["completion_tokens"]
+        for name in ("queue_wait_s", "ttft_s", "duration_s"):
+            value = outcome.get(name)
+            if value is not None:
+                total = self.timings.setdefault(name, [0.0, 0])
+                total[0] += value
+                total[1] += 1
+
+    def timing_means(self) -> dict[str, float | None]:
+        """Means of the replicas' outcome timings so far (for the status)."""
+        return {
+            name: round(total / count, 6) if count else None
+            for name, (total, count) in (
+                (n, self.timings.get(n, [0.0, 0])) for n in ("queue_wait_s", "ttft_s", "duration_s")
+            )
+        }
 
     def _resolve_model(self, task: Task) -> str:
         requested = task.data.get("model")
