@@ -372,6 +372,7 @@ async def through_worker(
                 *(timed_stream(client, request(i)) for i in range(args.requests))
             )
             elapsed = time.perf_counter() - start
+            status = await handle.status.remote()
     chunks = sum(t.content_chunks for t in timings)
     usage = [t.usage_tokens for t in timings]
     tokens = sum(u for u in usage if u is not None) if all(u is not None for u in usage) else None
@@ -391,6 +392,10 @@ async def through_worker(
         "first_content_to_last_sse_ms": summary_ms(
             [t.end_s - (t.first_content_s or 0.0) for t in timings]
         ),
+        # Where a task's time goes, measured inside the worker (means over every task run,
+        # warm-up included): take latency; put to run start in the replica; run start to
+        # first event; run start to the answer.
+        "worker_latency_mean_s": status.get("latency_mean_s"),
     }
 
 
