@@ -291,6 +291,14 @@ class RunnerSettings(_Frozen):
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="HTTP timeout of one call to Bella-Queue."
     )
+    redelivery_window_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "process_timeout_s x (process_max_retries + 1) of level-1 takes: the server answers "
+            "such a task 408 itself by then, so its run stops (0: no such bound)."
+        ),
+    )
 
 
 class WorkerAppArgs(_Frozen):
@@ -414,6 +422,11 @@ class WorkerAppArgs(_Frozen):
             publisher=self.publisher,
             drain_timeout_s=self.poller.drain_timeout_s,
             request_timeout_s=self.poller.take_timeout_s,
+            redelivery_window_s=(
+                self.poller.process_timeout_s * (self.poller.process_max_retries + 1)
+                if self.poller.process_timeout_s > 0 and self.poller.process_max_retries >= 0
+                else 0.0
+            ),
         )
 
     def queue_model(self, queue: QueueSpec) -> str:

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -37,6 +38,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
+from ray_worker.bella.clock import ServerClock
 from ray_worker.bella.protocol import (
     DEFAULT_PUT_TIMEOUT_S,
     ONLINE_MAX_WAIT_S,
@@ -232,6 +234,8 @@ class QueueClient:
         self.connect_timeout_s = connect_timeout_s
         self.complete_retry = complete_retry or RetryPolicy()
         self.counters = QueueClientCounters()
+        self.clock = ServerClock()
+        """The server's clock, from the ``Date`` header of every answer (deadlines use it)."""
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._rng = random.Random()
         self._client = self._http(max_connections, transport)
@@ -327,6 +331,7 @@ class QueueClient:
         if json_body is not None:
             content = _json_bytes(json_body)
             all_headers["Content-Type"] = "application/json"
+        sent_s = time.time()
         try:
             response = await (client or self._client).request(
                 method,
@@ -339,6 +344,7 @@ class QueueClient:
             )
         except httpx.HTTPError as exc:
             self._raise_transport(exc, what)
+        self.clock.observe(response.headers.get("date"), sent_s, time.time())
         self._check_status(response, what)
         return response
 

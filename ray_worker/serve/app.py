@@ -109,6 +109,7 @@ class QueuePoller:
             served_models=self.args.model_ids(),
             config=dispatch,
             metrics=self.metrics,
+            clock=self.client.clock.now_ms,
         )
         pools = make_pools(
             self.args.queues, {q.name: self.args.queue_model(q) for q in self.args.queues}
@@ -231,6 +232,8 @@ class QueuePoller:
             **polled,
             "answered": dict(self.dispatcher.answered),
             "tokens": dict(self.dispatcher.tokens),
+            # Bella-Queue's clock minus ours, from its Date headers (deadlines account for it).
+            "clock_offset_ms": self.client.clock.offset_ms,
             "duplicates": int(self.metrics.total("duplicates")),
             "latency_mean_s": {
                 "take_latency_s": self.metrics.mean("take_latency_s"),

@@ -83,6 +83,8 @@ class ReplicaTasks:
             completer=self.outbox,
             config=dispatch,
             metrics=self.metrics,
+            clock=self.client.clock.now_ms,
+            redelivery_window_s=self.settings.redelivery_window_s,
         )
         self.bus_error: str | None = None
         self._bus_ready = asyncio.Event()

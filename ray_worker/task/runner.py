@@ -114,16 +114,32 @@ class Outcome(TypedDict):
     duration_s: float
 
 
-def deadline_ms(task: Task, max_task_time_s: float) -> int:
-    """When ``task`` stops mattering: its ``expire_time``; online, at most ``ONLINE_MAX_WAIT_S``
-    after its put (the producer waits no longer, §1.3)."""
-    start = task.start_time or now_ms()
+def deadline_ms(
+    task: Task,
+    max_task_time_s: float,
+    *,
+    now: int | None = None,
+    redelivery_window_s: float = 0.0,
+) -> int:
+    """When ``task`` stops mattering, on the server's clock (``now``: its current time).
+
+    Its ``expire_time``; online, at most ``ONLINE_MAX_WAIT_S`` after its put (the producer
+    waits no longer, §1.3). A level-1 offline task taken with redelivery is answered 408 by
+    the server itself ``process_timeout * (process_max_retries + 1)`` after the take
+    (``redelivery_window_s``), so it stops mattering by then too.
+    """
+    now = now_ms() if now is None else now
+    start = task.start_time or now
     if task.expire_time > 0:
+        deadline = task.expire_time
         if task.is_online:
-            return min(task.expire_time, start + ONLINE_MAX_WAIT_S * 1000)
-        return task.expire_time
-    cap_s = min(max_task_time_s, ONLINE_MAX_WAIT_S) if task.is_online else max_task_time_s
-    return start + int(cap_s * 1000)
+            deadline = min(deadline, start + ONLINE_MAX_WAIT_S * 1000)
+    else:
+        cap_s = min(max_task_time_s, ONLINE_MAX_WAIT_S) if task.is_online else max_task_time_s
+        deadline = start + int(cap_s * 1000)
+    if redelivery_window_s > 0 and task.level != 0 and not task.is_online:
+        deadline = min(deadline, now + int(redelivery_window_s * 1000))
+    return deadline
 
 
 class _Run:
@@ -141,13 +157,13 @@ class _Run:
         "started_ms",
     )
 
-    def __init__(self, on_answering: Callable[[], None] | None) -> None:
+    def __init__(self, on_answering: Callable[[], None] | None, started_ms: int) -> None:
         self.sent = 0
         self.overloaded = False
         self.answering = False
         self.on_answering = on_answering
         self.started = time.monotonic()
-        self.started_ms = now_ms()
+        self.started_ms = started_ms
         self.first_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -179,12 +195,17 @@ class TaskRunner:
         completer: Completer,
         config: DispatcherConfig | None = None,
         metrics: WorkerMetrics | None = None,
+        clock: Callable[[], int] = now_ms,
+        redelivery_window_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.events = events
         self.completer = completer
         self.config = config or DispatcherConfig()
         self.metrics = metrics or WorkerMetrics(use_ray=False)
+        self.clock = clock
+        """Epoch ms on the server's clock (deadlines are the server's timestamps)."""
+        self.redelivery_window_s = redelivery_window_s
         self._jobs: dict[str, asyncio.Task[Outcome]] = {}
         self._levels: dict[str, Level] = {}
         self._accepting = True
@@ -222,7 +243,8 @@ class TaskRunner:
             self.metrics.inc("duplicates")
             logger.info("ignoring a task already running here", extra=task_context(task))
             return None
-        work = self._run(task, _Run(on_answering)) if self._accepting else self._refuse(task)
+        run = _Run(on_answering, self.clock())
+        work = self._run(task, run) if self._accepting else self._stopped(task, run)
         job = asyncio.get_running_loop().create_task(work, name=f"task-{task.task_id}")
         self._jobs[task.task_id] = job
         self._levels[task.task_id] = Level.ONLINE if task.level == 0 else Level.OFFLINE
@@ -283,9 +305,6 @@ class TaskRunner:
         # The answer is the task's only one: a stop must not cut it off half sent.
         return await to_the_end(answering)
 
-    async def _refuse(self, task: Task) -> Outcome:
-        return await self._stopped(task, _Run(None))
-
     async def _stopped(self, task: Task, run: _Run) -> Outcome:
         """A stop cut ``task`` short (or came before it): 503 online and at level 0; left
         unanswered at level 1, where the server redelivers it after ``process_timeout`` (an
@@ -301,8 +320,14 @@ class TaskRunner:
 
     async def _execute(self, task: Task, run: _Run) -> dict[str, Any]:
         """Run the engine call; return the success result or raise a ``TaskError``."""
-        deadline = deadline_ms(task, self.config.max_task_time_s)
-        if now_ms() >= deadline:
+        now = self.clock()
+        deadline = deadline_ms(
+            task,
+            self.config.max_task_time_s,
+            now=now,
+            redelivery_window_s=self.redelivery_window_s,
+        )
+        if now >= deadline:
             raise TaskExpiredError("the task expired before it could start")
         endpoint = task.endpoint or "/v1/chat/completions"
         if endpoint not in SUPPORTED_ENDPOINTS:
@@ -325,9 +350,9 @@ class TaskRunner:
         priority = PRIORITY_ONLINE if task.level == 0 else PRIORITY_OFFLINE
         if task.start_time:
             self.metrics.observe(
-                "put_to_start_s", max(0.0, (now_ms() - task.start_time) / 1000), queue=task.queue
+                "put_to_start_s", max(0.0, (now - task.start_time) / 1000), queue=task.queue
             )
-        timeout = asyncio.timeout((deadline - now_ms()) / 1000)
+        timeout = asyncio.timeout((deadline - self.clock()) / 1000)
         response: dict[str, Any] | None = None
         try:
             async with timeout:

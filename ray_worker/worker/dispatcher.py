@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from ray_worker.bella.protocol import Level, Task, now_ms, task_return_path
@@ -104,8 +104,11 @@ class Dispatcher:
         served_models: list[str],
         config: DispatcherConfig | None = None,
         metrics: WorkerMetrics | None = None,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self.replicas = replicas
+        self.clock = clock
+        """Epoch ms on the server's clock (deadlines are the server's timestamps)."""
         self.events = events
         self.completer = completer
         self.capacity = capacity
@@ -215,7 +218,8 @@ class Dispatcher:
 
     async def _run(self, task: Task, job: _Job) -> None:
         try:
-            if now_ms() >= deadline_ms(task, self.config.max_task_time_s):
+            now = self.clock()
+            if now >= deadline_ms(task, self.config.max_task_time_s, now=now):
                 raise TaskExpiredError("the task expired before it could start")
             model_id = self._resolve_model(task)
             outcome = await self._dispatch(task, model_id, job)
@@ -232,7 +236,7 @@ class Dispatcher:
     async def _dispatch(self, task: Task, model_id: str, job: _Job) -> Outcome:
         failures = 0
         overload_wait = self.config.overload_retry_initial_s
-        deadline = deadline_ms(task, self.config.max_task_time_s)
+        deadline = deadline_ms(task, self.config.max_task_time_s, now=self.clock())
         while True:
             job.in_call = True
             try:
@@ -248,7 +252,7 @@ class Dispatcher:
                 # The deployment's queue is full: the call never reached a replica.
                 job.in_call = False
                 wait = overload_wait * random.uniform(0.5, 1.0)
-                if now_ms() + wait * 1000 >= deadline:
+                if self.clock() + wait * 1000 >= deadline:
                     raise EngineOverloadedAnswer(
                         f"the model is overloaded; the task expired while waiting: {err}"
                     ) from None
