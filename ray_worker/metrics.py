@@ -36,6 +36,8 @@ METRIC_NAMES = {
     "duplicates": "bella_worker_duplicate_tasks_total",
     "left_for_redelivery": "bella_worker_left_for_redelivery_total",
     "replica_failures": "bella_worker_replica_failures_total",
+    "prompt_tokens": "bella_worker_prompt_tokens_total",
+    "completion_tokens": "bella_worker_completion_tokens_total",
     "outbox_entries": "bella_worker_outbox_entries",
     "outbox_bytes": "bella_worker_outbox_bytes",
     "outbox_backpressure": "bella_worker_outbox_backpressure_total",
@@ -131,6 +133,16 @@ class WorkerMetrics:
                 n["replica_failures"],
                 "Tasks whose replica died mid-way (answered 503 by the poller).",
                 tag_keys=(),
+            ),
+            "prompt_tokens": rm.Counter(
+                n["prompt_tokens"],
+                "Prompt tokens of answered tasks (the engine's usage).",
+                tag_keys=("queue", "model"),
+            ),
+            "completion_tokens": rm.Counter(
+                n["completion_tokens"],
+                "Completion tokens of answered tasks (the engine's usage).",
+                tag_keys=("queue", "model"),
             ),
             "outbox_entries": rm.Gauge(
                 n["outbox_entries"], "Answers waiting in a replica's outbox.", tag_keys=()

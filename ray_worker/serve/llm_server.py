@@ -130,6 +130,7 @@ class _TaskServingMixin:
                 bella,
                 apikey,
                 stream=self.run_task,
+                model_id=str(self._llm_config.model_id),
                 app_name=serve.get_replica_context().app_name,
                 client_id=f"replica-{self._get_replica_id()}",
             )

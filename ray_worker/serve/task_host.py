@@ -55,6 +55,7 @@ class ReplicaTasks:
         apikey: SecretStr,
         *,
         stream: StreamFn,
+        model_id: str = "",
         app_name: str,
         client_id: str,
     ) -> None:
@@ -85,6 +86,7 @@ class ReplicaTasks:
             metrics=self.metrics,
             clock=self.client.clock.now_ms,
             redelivery_window_s=self.settings.redelivery_window_s,
+            model_id=model_id,
         )
         self.bus_error: str | None = None
         self._bus_ready = asyncio.Event()

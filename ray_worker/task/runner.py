@@ -197,6 +197,7 @@ class TaskRunner:
         metrics: WorkerMetrics | None = None,
         clock: Callable[[], int] = now_ms,
         redelivery_window_s: float = 0.0,
+        model_id: str = "",
     ) -> None:
         self.engine = engine
         self.events = events
@@ -206,6 +207,8 @@ class TaskRunner:
         self.clock = clock
         """Epoch ms on the server's clock (deadlines are the server's timestamps)."""
         self.redelivery_window_s = redelivery_window_s
+        self.model_id = model_id
+        """The model this replica serves (the tag of the token metrics and usage lines)."""
         self._jobs: dict[str, asyncio.Task[Outcome]] = {}
         self._levels: dict[str, Level] = {}
         self._accepting = True
@@ -486,7 +489,14 @@ class TaskRunner:
             mode=task.response_mode.value,
             status=status_class(status),
         )
-        return _outcome(
+        model = self.model_id or str(task.data.get("model") or "")
+        if run.prompt_tokens:
+            self.metrics.inc("prompt_tokens", run.prompt_tokens, queue=task.queue, model=model)
+        if run.completion_tokens:
+            self.metrics.inc(
+                "completion_tokens", run.completion_tokens, queue=task.queue, model=model
+            )
+        outcome = _outcome(
             task,
             status_code=status,
             answered=True,
@@ -500,6 +510,26 @@ class TaskRunner:
             ttft_s=None if run.first_at is None else run.first_at - run.started,
             duration_s=time.monotonic() - run.started,
         )
+        # One structured line per answered task (never the producer's ak).
+        logger.info(
+            "task %s answered %d: %d prompt + %d completion tokens",
+            task.task_id,
+            status,
+            run.prompt_tokens,
+            run.completion_tokens,
+            extra={
+                **task_context(task),
+                "model": model,
+                "status": status,
+                "delivered": delivered,
+                "prompt_tokens": run.prompt_tokens,
+                "completion_tokens": run.completion_tokens,
+                "queue_wait_s": outcome["queue_wait_s"],
+                "ttft_s": outcome["ttft_s"],
+                "generation_s": outcome["duration_s"],
+            },
+        )
+        return outcome
 
 
 def _outcome(task: Task, **fields: Any) -> Outcome:

@@ -734,3 +734,27 @@ async def test_drain_lets_an_answer_being_sent_finish(mode: ResponseMode) -> Non
     assert await draining == 1
     assert sent == [task.task_id]  # the task's one answer went out, not a second 503
     assert rig.runner.in_flight == 0
+
+
+async def test_answered_task_logs_one_usage_line_and_counts_tokens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    rig = Rig()
+    rig.runner.model_id = "m"
+    rig.engine.default = [{**RESPONSE, "usage": usage}]
+    task = make_task(CALLBACK, level=1)
+    with caplog.at_level(logging.INFO, logger="ray_worker.task.runner"):
+        outcome = await rig.run(task)
+    lines = [r for r in caplog.records if getattr(r, "prompt_tokens", None) is not None]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line.task_id, line.model, line.status) == (task.task_id, "m", 200)
+    assert (line.prompt_tokens, line.completion_tokens) == (7, 3)
+    assert line.queue_wait_s is not None
+    assert line.generation_s >= 0
+    assert "ak-secret" not in caplog.text
+    assert outcome["prompt_tokens"] == 7
+    metrics = rig.runner.metrics
+    assert metrics.total("prompt_tokens", queue=task.queue, model="m") == 7
+    assert metrics.total("completion_tokens", queue=task.queue, model="m") == 3
