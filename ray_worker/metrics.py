@@ -36,6 +36,7 @@ METRIC_NAMES = {
     "duplicates": "bella_worker_duplicate_tasks_total",
     "left_for_redelivery": "bella_worker_left_for_redelivery_total",
     "replica_failures": "bella_worker_replica_failures_total",
+    "tasks_given_up": "bella_worker_tasks_given_up_total",
     "prompt_tokens": "bella_worker_prompt_tokens_total",
     "completion_tokens": "bella_worker_completion_tokens_total",
     "outbox_entries": "bella_worker_outbox_entries",
@@ -132,6 +133,11 @@ class WorkerMetrics:
             "replica_failures": rm.Counter(
                 n["replica_failures"],
                 "Tasks whose replica died mid-way (answered 503 by the poller).",
+                tag_keys=(),
+            ),
+            "tasks_given_up": rm.Counter(
+                n["tasks_given_up"],
+                "Online tasks whose events the publisher gave up whole after a Redis outage.",
                 tag_keys=(),
             ),
             "prompt_tokens": rm.Counter(

@@ -103,6 +103,7 @@ class RedisPublisher:
         self._exit_grace_s = exit_grace_s
         self._topic = topic
         self._metrics = WorkerMetrics()
+        self._exported: dict[str, int] = {}
         self._publisher = self._make(url) if url else None
         self._leases: dict[str, float] = {}  # client id -> expiry (monotonic)
         self._lease_ttls: dict[str, float] = {}
@@ -237,6 +238,7 @@ class RedisPublisher:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(min(_LEASE_CHECK_INTERVAL_S, max(self._exit_grace_s, 0.01)))
+            self._export_drops()
             now = time.monotonic()
             for client_id, expires in list(self._leases.items()):
                 if expires <= now:
@@ -255,6 +257,26 @@ class RedisPublisher:
         )
         await self.aclose()
         ray.get_runtime_context().current_actor._exit.remote()
+
+    def _export_drops(self) -> None:
+        """What the writer gave up, as counters operators see (``publish_failures`` by kind,
+        ``tasks_given_up``)."""
+        if self._publisher is None:
+            return
+        stats = self._publisher.stats()
+        for name, kind in (
+            ("dropped_progress", "progress"),
+            ("dropped_completions", "completion"),
+            ("dropped_tasks", None),
+        ):
+            delta = int(stats.get(name, 0)) - self._exported.get(name, 0)
+            if delta <= 0:
+                continue
+            self._exported[name] = self._exported.get(name, 0) + delta
+            if kind is None:
+                self._metrics.inc("tasks_given_up", delta)
+            else:
+                self._metrics.inc("publish_failures", delta, kind=kind)
 
     def _watchdog_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -62,7 +62,7 @@ import logging
 import random
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -94,6 +94,9 @@ MARKER_PREFIX = "bella-ray-worker:evbatch:"
 """Prefix of each publisher's idempotency marker key (see the module docstring)."""
 
 _FAILURES = (RedisError, OSError)
+
+_GIVEN_UP_MAX = 100_000
+"""Tasks remembered as given up (their later events are dropped)."""
 _UNENCODABLE = (UnicodeError, DataError)
 """What redis-py's encoder raises for a value it cannot encode: that entry's fault, not
 Redis's (``DataError`` is a ``RedisError``, so it is caught before ``_FAILURES``)."""
@@ -116,7 +119,7 @@ local out = {}
 for k = 2, #KEYS do
   local seq = first + k - 2
   local nf = tonumber(ARGV[pos])
-  if seq > done then
+  if seq > done and nf > 0 then
     local args = {KEYS[k], 'MINID', ARGV[3], ARGV[2], '*'}
     for j = pos + 1, pos + 2 * nf do
       args[#args + 1] = ARGV[j]
@@ -154,6 +157,8 @@ class PublisherStats:
     reconnects: int = 0
     dropped_progress: int = 0
     dropped_completions: int = 0
+    dropped_tasks: int = 0
+    """Tasks whose events were given up (each whole: none of its later events is written)."""
     rejected: int = 0
     buffered: int = 0
     last_error: str | None = None
@@ -276,6 +281,8 @@ class EventPublisher:
             encoding_errors="backslashreplace",
         )
         self._queue: deque[_Pending] = deque()
+        self._given_up: OrderedDict[str, None] = OrderedDict()
+        """Tasks given up: their later events are dropped too, until their completion."""
         self._seq = 0
         self._progress = asyncio.Event()
         self._wake = asyncio.Event()
@@ -302,6 +309,8 @@ class EventPublisher:
         self._check_usable()
         for key, fields in entries:
             _check_entry(key, fields)
+        if self._given_up:
+            entries = [e for e in entries if not self._drop_if_given_up(e[1])]
         self._ensure_writer()
         queue = self._queue
         limit = self.options.max_buffered
@@ -512,6 +521,8 @@ class EventPublisher:
         oldest = 0.0
         while queue and queue[0].seq <= last_seq:
             entry = queue.popleft()
+            if not entry.fields:
+                continue  # given up in place (counted then); the script skipped it
             error = rejected.get(entry.seq) if rejected else None
             if error is None:
                 if not published:
@@ -561,18 +572,62 @@ class EventPublisher:
             self._give_up(count, f"Redis unavailable for {now - self._down_since:.1f} s")
 
     def _give_up(self, count: int, reason: str) -> None:
-        """Drop the ``count`` oldest entries, logging and counting each kind."""
+        """Drop the ``count`` oldest entries, and every task they belong to whole.
+
+        A task whose event is dropped loses the rest of its events too (those buffered and
+        those still to come, until its completion): a stream with a gap must not end as a
+        success. Each kind is logged and counted, and so is each task given up.
+        """
         progress = 0
-        for _ in range(count):
-            entry = self._queue.popleft()
+        tasks: set[str] = set()
+        finished: set[str] = set()
+
+        def drop(entry: _Pending, task_id: str) -> None:
+            nonlocal progress
             if _is_completion(entry.fields):
+                finished.add(task_id)
                 self._count_dropped(entry, reason)
             else:
                 progress += 1
+
+        for _ in range(count):
+            entry = self._queue.popleft()
+            if not entry.fields:
+                continue  # given up in place earlier, already counted
+            task_id = _task_id_of(entry.fields)
+            tasks.add(task_id)
+            drop(entry, task_id)
+        for entry in self._queue:
+            if not entry.fields:
+                continue
+            task_id = _task_id_of(entry.fields)
+            if task_id in tasks:
+                drop(entry, task_id)
+                # Given up in place (no fields): the script skips it, seqs stay consecutive.
+                entry.fields = {}
+        for task_id in tasks - finished:
+            self._given_up[task_id] = None
+            self._given_up.move_to_end(task_id)
+        while len(self._given_up) > _GIVEN_UP_MAX:
+            self._given_up.popitem(last=False)
+        self._stats.dropped_tasks += len(tasks)
         if progress:
             self._stats.dropped_progress += progress
-            logger.warning("dropped %d progress events: %s", progress, reason)
+        logger.warning(
+            "gave up %d tasks whole (%d progress events): %s", len(tasks), progress, reason
+        )
         self._notify()
+
+    def _drop_if_given_up(self, fields: Mapping[str, str]) -> bool:
+        """True (and counted) when ``fields`` is an event of a task given up whole."""
+        task_id = _task_id_of(fields)
+        if task_id not in self._given_up:
+            return False
+        entry = _Pending(0, "", fields, 0.0)
+        if _is_completion(fields):
+            del self._given_up[task_id]
+        self._count_dropped(entry, "its task was given up after an outage")
+        return True
 
     def _count_dropped(self, entry: _Pending, reason: str) -> None:
         if _is_completion(entry.fields):

@@ -242,7 +242,20 @@ class QueuePoller:
             },
             "complete_retries": self.client.counters.complete_retries,
             "events": self.events.stats(),
+            "publisher": await self._publisher_stats(),
         }
+
+    async def _publisher_stats(self) -> dict[str, Any] | None:
+        """This node's publisher actor: buffered, published, and what it gave up (tasks whole,
+        events by kind) after Redis outages. None while it is not reachable."""
+        actor = self.events.actor if self.events.started else None
+        if actor is None:
+            return None
+        try:
+            stats: dict[str, Any] = await asyncio.wait_for(actor.stats.remote(), 5)
+        except Exception:
+            return None
+        return stats
 
     async def __call__(self, request: Request) -> JSONResponse:
         """``GET /<route_prefix>``: the status as JSON."""

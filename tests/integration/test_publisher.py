@@ -303,6 +303,56 @@ async def test_give_up_after_outage_counts_dropped_completions(
     await pub.aclose()
 
 
+async def test_a_task_is_given_up_whole_never_with_a_gap(server: RedisServer) -> None:
+    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    server.kill()
+    # A's head is buffered when Redis goes away and is given up after the outage limit.
+    await pub.publish([progress("gw", "TASK-A", i) for i in range(3)])
+    await wait_for(lambda: pub.stats()["dropped_tasks"] == 1)
+    # A's later events arrive after its head was given up: dropped too, completion included.
+    await pub.publish([progress("gw", "TASK-A", i) for i in range(3, 6)])
+    await pub.publish([completion("gw", "TASK-A")])
+    await asyncio.to_thread(server.start)
+    # B starts after the outage and is delivered whole.
+    await pub.publish([progress("gw", "TASK-B", i) for i in range(4)])
+    await pub.publish([completion("gw", "TASK-B")])
+    assert await pub.flush(10)
+    got = labels(await read_stream(server, TOPIC + "gw"))
+    assert got == {"TASK-B": ["0", "1", "2", "3", "done"]}, "A must not end as a success"
+    stats = pub.stats()
+    assert (stats["dropped_tasks"], stats["dropped_progress"]) == (1, 6)
+    assert stats["dropped_completions"] == 1
+    # A later task that reuses nothing of A is not affected.
+    await pub.publish([progress("gw", "TASK-C", 0), completion("gw", "TASK-C")])
+    assert await pub.flush(10)
+    assert labels(await read_stream(server, TOPIC + "gw"))["TASK-C"] == ["0", "done"]
+    await pub.aclose()
+
+
+async def test_events_of_a_given_up_task_are_dropped_wherever_they_wait(
+    server: RedisServer,
+) -> None:
+    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    server.kill()
+    await pub.publish([progress("gm", "TASK-OLD", 0)])
+    await asyncio.sleep(0.35)  # OLD's event is past the outage limit; the next ones are not
+    await pub.publish(
+        [
+            progress("gm", "TASK-NEW", 0),
+            progress("gm", "TASK-OLD", 1),
+            progress("gm", "TASK-NEW", 1),
+            completion("gm", "TASK-OLD"),
+            completion("gm", "TASK-NEW"),
+        ]
+    )
+    await wait_for(lambda: pub.stats()["dropped_tasks"] == 1)
+    await asyncio.to_thread(server.start)
+    assert await pub.flush(10)
+    got = labels(await read_stream(server, TOPIC + "gm"))
+    assert got == {"TASK-NEW": ["0", "1", "done"]}
+    await pub.aclose()
+
+
 async def test_rejected_entry_is_counted_and_the_rest_applied(
     server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
