@@ -14,10 +14,9 @@ It must not talk to Ray, Redis or httpx: the event bus is an ``EventSink`` and B
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from ray_worker.bella.protocol import ResponseMode, Task, result_body
 from ray_worker.errors import TaskError
@@ -33,10 +32,7 @@ __all__ = [
     "answer_error",
     "deliver",
     "task_context",
-    "to_the_end",
 ]
-
-_T = TypeVar("_T")
 
 STREAM_EVENT_NAME = "message"
 """``eventName`` of every streaming progress event (what the Java SDK's workers send)."""
@@ -122,14 +118,3 @@ async def answer_error(
 def task_context(task: Task) -> dict[str, Any]:
     """``extra=`` of a log line about ``task`` (never its ``ak``)."""
     return {"task_id": task.task_id, "queue": task.full_queue, "mode": task.response_mode.value}
-
-
-async def to_the_end(work: Awaitable[_T]) -> _T:
-    """Await ``work`` to its end even if the caller is cancelled meanwhile (then re-raise):
-    an answer half sent is worse than a stop that waits for it."""
-    job = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(job)
-    except asyncio.CancelledError:
-        await job
-        raise

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypedDict
 
+from ray_worker.aio import cut_short, to_the_end
 from ray_worker.bella.protocol import (
     ONLINE_MAX_WAIT_S,
     STREAM_DONE,
@@ -55,7 +56,6 @@ from ray_worker.task.answers import (
     answer_error,
     deliver,
     task_context,
-    to_the_end,
 )
 
 logger = logging.getLogger(__name__)
@@ -266,15 +266,7 @@ class TaskRunner:
         (503 online and at level 0, left for redelivery at level 1). Returns how many were cut.
         """
         self._accepting = False
-        running = list(self._jobs.values())
-        pending: set[asyncio.Task[Outcome]] = set()
-        if running:
-            _, pending = await asyncio.wait(running, timeout=timeout_s)
-        for job in pending:
-            job.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=10)
-        return len(pending)
+        return await cut_short(list(self._jobs.values()), timeout_s)
 
     # -- one task -------------------------------------------------------------------------
 

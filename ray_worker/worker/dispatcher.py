@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
+from ray_worker.aio import cut_short, to_the_end
 from ray_worker.bella.protocol import Level, Task, now_ms, task_return_path
 from ray_worker.config import DispatcherConfig, QueueSpec
 from ray_worker.errors import (
@@ -41,7 +42,6 @@ from ray_worker.task.answers import (
     ShuttingDownAnswer,
     answer_error,
     task_context,
-    to_the_end,
 )
 from ray_worker.task.runner import Outcome, deadline_ms
 from ray_worker.worker.capacity import CapacityTracker
@@ -195,15 +195,7 @@ class Dispatcher:
         waiting for it. Returns how many were left so.
         """
         self._accepting = False
-        running = list(self._running.values())
-        pending: set[asyncio.Task[None]] = set()
-        if running:
-            _, pending = await asyncio.wait(running, timeout=timeout_s)
-        for job in pending:
-            job.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=10)
-        return len(pending)
+        return await cut_short(list(self._running.values()), timeout_s)
 
     # -- one task -------------------------------------------------------------------------
 
