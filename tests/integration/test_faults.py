@@ -25,6 +25,7 @@ from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for
+from ray_worker.testing.worker_args import sim_worker_args
 
 pytestmark = pytest.mark.integration
 
@@ -34,28 +35,13 @@ APP = "worker-faults"
 
 
 def _app_args(queue_url: str, queue: str) -> dict[str, Any]:
-    return {
-        "queue_url": queue_url,
-        "queues": [f"{queue}:0", f"{queue}:1"],
-        "register_queues": True,
-        "engine": "simulated",
-        "poller": {"process_timeout_s": 60, "process_max_retries": 1},
-        "llm_configs": [
-            {
-                "model_loading_config": {"model_id": MODEL, "model_source": MODEL},
-                "accelerator_config": {"kind": "cpu"},
-                "experimental_configs": {
-                    "bella_sim_engine": {
-                        "max_num_seqs": 16,
-                        "ttft_s": 0.05,
-                        "tokens_per_s": 40,
-                        "max_model_len": 8192,
-                    }
-                },
-                "deployment_config": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-            }
-        ],
-    }
+    return sim_worker_args(
+        queue_url,
+        queue,
+        model=MODEL,
+        sim={"max_num_seqs": 16, "ttft_s": 0.05, "tokens_per_s": 40, "max_model_len": 8192},
+        poller={"process_timeout_s": 60, "process_max_retries": 1},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for
+from ray_worker.testing.worker_args import sim_worker_args
 
 pytestmark = pytest.mark.integration
 
@@ -35,32 +36,17 @@ TASKS_PER_LEVEL = 4
 
 
 def _app_args(queue_url: str, queue: str, backoff_max_s: float) -> dict[str, Any]:
-    return {
-        "queue_url": queue_url,
-        "queues": [f"{queue}:0", f"{queue}:1"],
-        "register_queues": True,
-        "engine": "simulated",
-        "poller": {"error_backoff_max_s": 1.0},
-        "dispatcher": {
+    return sim_worker_args(
+        queue_url,
+        queue,
+        model=MODEL,
+        sim={"max_num_seqs": 16, "ttft_s": 0.05, "tokens_per_s": 40, "max_model_len": 8192},
+        poller={"error_backoff_max_s": 1.0},
+        dispatcher={
             "complete_backoff_initial_s": min(0.2, backoff_max_s),
             "complete_backoff_max_s": backoff_max_s,
         },
-        "llm_configs": [
-            {
-                "model_loading_config": {"model_id": MODEL, "model_source": MODEL},
-                "accelerator_config": {"kind": "cpu"},
-                "experimental_configs": {
-                    "bella_sim_engine": {
-                        "max_num_seqs": 16,
-                        "ttft_s": 0.05,
-                        "tokens_per_s": 40,
-                        "max_model_len": 8192,
-                    }
-                },
-                "deployment_config": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-            }
-        ],
-    }
+    )
 
 
 @pytest.fixture(scope="module")
