@@ -36,9 +36,14 @@ __all__ = [
     "PollerConfig",
     "PublisherOptions",
     "QueueSpec",
+    "ReasoningField",
     "WorkerAppArgs",
     "load_app_args",
 ]
+
+
+ReasoningField = Literal["reasoning_content", "reasoning", "both"]
+"""Where chat answers carry a model's thinking: DeepSeek's name, vLLM's, or both."""
 
 
 class _Frozen(BaseModel):
@@ -216,6 +221,14 @@ class DispatcherConfig(_Frozen):
         default=4096,
         ge=0,
         description="How many completed task ids are remembered to recognise redeliveries.",
+    )
+    reasoning_field: ReasoningField = Field(
+        default="reasoning_content",
+        description=(
+            "Where chat answers carry a reasoning model's thinking (engine_kwargs "
+            "reasoning_parser): reasoning_content (DeepSeek's API), reasoning (vLLM's name) "
+            "or both, in messages and streamed deltas alike."
+        ),
     )
 
 

@@ -2,8 +2,10 @@
 
 This module owns the test model: a byte-level BPE tokenizer trained on a small corpus generated
 in code, a 2-layer Llama (hidden 128, 4 heads of 32: vLLM's CPU attention needs head_dim >= 32)
-with seeded random weights, saved as safetensors with a ChatML chat template, so that vLLM serves
-``/v1/chat/completions`` and ``/v1/completions`` from it. Nothing is downloaded.
+with seeded random weights, saved as safetensors with a ChatML chat template that renders tools,
+so that vLLM serves ``/v1/chat/completions`` and ``/v1/completions`` from it. The tokenizer holds
+``<think>``/``</think>`` and ``<tool_call>``/``</tool_call>`` as single tokens, for vLLM's
+``deepseek_r1`` reasoning parser and ``hermes`` tool parser. Nothing is downloaded.
 
 It must not be imported by the worker's serving path: it pulls in torch and transformers, and a
 production deployment points its ``LLMConfig`` at a real model instead.
@@ -42,7 +44,7 @@ _MARKER = "bella-tiny-model.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 MODEL_SPEC: dict[str, Any] = {
-    "format_version": 1,
+    "format_version": 2,
     "seed": 1234,
     "vocab_size": 2048,
     "hidden_size": 128,
@@ -58,13 +60,25 @@ _BOS, _EOS, _PAD = "<s>", "</s>", "<pad>"
 _IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
 _SPECIAL_TOKENS = [_PAD, _BOS, _EOS, _IM_START, _IM_END]
 
-# ChatML. Content parts (lists) are flattened by vLLM before rendering ("string" format).
+# ChatML. Content parts (lists) are flattened by vLLM before rendering ("string" format). Tools
+# render Hermes-style (a system block listing them, ``<tool_call>`` JSON in assistant turns),
+# so vLLM's ``hermes`` tool parser fits; an assistant turn with only tool calls has no content.
 _CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n<tools>' + (tools | tojson) + '</tools><|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# Plain added tokens (decoded as text, matched by structured outputs), one id each: vLLM's
+# ``deepseek_r1`` reasoning parser and ``hermes`` tool parser look these markers up by id.
+_MARKER_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 
 _WORDS: list[str] = (  # noqa: SIM905 (a word list reads better as text)
     "the a an queue task worker model token stream replica engine request response "
@@ -146,6 +160,7 @@ def build_tiny_model(out: Path, *, force: bool = False) -> Path:
     started = time.monotonic()
     import torch
     import transformers
+    from tokenizers import AddedToken
 
     # transformers' own annotations are partial; treat its classes as Any.
     llama_config: Any = transformers.LlamaConfig
@@ -166,6 +181,9 @@ def build_tiny_model(out: Path, *, force: bool = False) -> Path:
             pad_token=_PAD,
             additional_special_tokens=[_IM_START, _IM_END],
             model_max_length=spec["max_position_embeddings"],
+        )
+        tokenizer.add_tokens(
+            [AddedToken(t, special=False, normalized=False) for t in _MARKER_TOKENS]
         )
         tokenizer.chat_template = _CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)

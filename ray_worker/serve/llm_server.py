@@ -35,9 +35,11 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
+from ray_worker.config import ReasoningField
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
 from ray_worker.serve.engine_io import check_body, decode_item, map_exception
 from ray_worker.serve.llm_config import sim_settings, with_worker_defaults
+from ray_worker.serve.reasoning import apply_reasoning_field
 from ray_worker.task.runner import PRIORITY_ONLINE, SUPPORTED_ENDPOINTS
 
 if TYPE_CHECKING:
@@ -101,6 +103,8 @@ class _TaskServingMixin:
 
     engine: Any
     _llm_config: Any
+    # The worker app's DispatcherConfig.reasoning_field; DeepSeek's name elsewhere.
+    _reasoning_field: ReasoningField = "reasoning_content"
 
     # -- construction -----------------------------------------------------------------------
 
@@ -134,6 +138,7 @@ class _TaskServingMixin:
                 app_name=serve.get_replica_context().app_name,
                 client_id=f"replica-{self._get_replica_id()}",
             )
+            self._reasoning_field = self._tasks.settings.dispatcher.reasoning_field
         if load_report_interval_s:
             from ray_worker.serve.handles import LoadReporter
 
@@ -274,6 +279,8 @@ class _TaskServingMixin:
         entry = _Inflight()
         self._inflight[request_id] = entry
         stream = getattr(self.engine, method)(request)
+        # vLLM names a reasoning model's thinking ``reasoning``; answers use the configured name.
+        reasoning_field: ReasoningField = self._reasoning_field if method == "chat" else "reasoning"
         finished = False
         try:
             try:
@@ -281,7 +288,7 @@ class _TaskServingMixin:
                     for out in decode_item(item):
                         if entry.aborted:
                             break
-                        yield out
+                        yield apply_reasoning_field(out, reasoning_field)
                     if entry.aborted:
                         break
             except (asyncio.CancelledError, GeneratorExit):

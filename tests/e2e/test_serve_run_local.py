@@ -5,11 +5,8 @@ process behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import subprocess
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,93 +14,27 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.bella.client import QueueClient
-from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
+from ray_worker.bella.protocol import BatchRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.serve_run import ServeRun
-from ray_worker.testing.waiting import wait_for, wait_for_sync
+from ray_worker.testing.waiting import wait_for
+from tests.e2e.conftest import MODEL, REPO, chat, put, serve_worker
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-APIKEY = "test-key"
-MODEL = "tiny-llama"
-
-
-def _session_processes(sid: int) -> list[str]:
-    out = subprocess.run(
-        ["ps", "-eo", "pid,sid,comm"], capture_output=True, text=True, check=True
-    ).stdout
-    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
-    return [" ".join(r) for r in rows if len(r) == 3 and r[1] == str(sid)]
-
-
-@pytest.fixture(scope="module")
-def queue() -> str:
-    return f"e2e-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
 def worker(tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-    run = ServeRun(
-        REPO / "configs" / "local.yaml",
-        env={
-            "BELLA_QUEUE_URL": emulator.url,
-            "BELLA_QUEUE_APIKEY": APIKEY,
-            "BELLA_QUEUE_QUEUES": f"{queue}:0,{queue}:1",
-        },
-        log_path=REPO / ".run" / "e2e-serve-run.log",
-        cwd=REPO,
-    ).start()
-    try:
-        run.wait_ready(timeout_s=420)
-    except Exception:
-        print(run.log_tail())
-        run.stop()
-        raise
-    yield run
-    assert run.proc is not None
-    sid = run.proc.pid
-    run.stop()
-    assert run.proc.returncode is not None
-    leftovers = wait_for_sync_empty(lambda: _session_processes(sid))
-    assert leftovers == [], f"serve run left processes behind: {leftovers}"
-
-
-def wait_for_sync_empty(probe: Any, timeout_s: float = 30) -> list[str]:
-    """Wait until ``probe()`` is empty; return what it last found."""
-    with contextlib.suppress(TimeoutError):
-        wait_for_sync(lambda: not probe(), timeout=timeout_s, interval=0.5)
-    result: list[str] = probe()
-    return result
-
-
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
-        yield c
-
-
-def _chat(content: str, max_tokens: int = 8) -> dict[str, Any]:
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-    }
-
-
-def _put(queue: str, mode: ResponseMode, data: dict[str, Any], **kw: Any) -> PutRequest:
-    return PutRequest(
-        endpoint="/v1/chat/completions", queue=queue, response_mode=mode, data=data, **kw
-    )
+    with serve_worker(REPO / "configs" / "local.yaml", emulator, queue, "e2e-serve-run.log") as run:
+        yield run
 
 
 async def test_streaming(worker: ServeRun, client: QueueClient, queue: str) -> None:
     events = [
         e
         async for e in client.put_streaming(
-            _put(queue, ResponseMode.STREAMING, _chat("stream please", 8), timeout=120)
+            put(queue, ResponseMode.STREAMING, chat("stream please", 8), timeout=120)
         )
     ]
     assert events[-1].data == "[DONE]"
@@ -116,7 +47,7 @@ async def test_streaming(worker: ServeRun, client: QueueClient, queue: str) -> N
 
 async def test_blocking(worker: ServeRun, client: QueueClient, queue: str) -> None:
     result = await client.put_blocking(
-        _put(queue, ResponseMode.BLOCKING, _chat("block please", 6), timeout=120)
+        put(queue, ResponseMode.BLOCKING, chat("block please", 6), timeout=120)
     )
     assert result.status_code == 200
     completion = ChatCompletion.model_validate(result.body)
@@ -125,8 +56,8 @@ async def test_blocking(worker: ServeRun, client: QueueClient, queue: str) -> No
 
 
 async def test_unknown_model_is_404(worker: ServeRun, client: QueueClient, queue: str) -> None:
-    data = {**_chat("x"), "model": "gpt-nope"}
-    result = await client.put_blocking(_put(queue, ResponseMode.BLOCKING, data, timeout=120))
+    data = {**chat("x"), "model": "gpt-nope"}
+    result = await client.put_blocking(put(queue, ResponseMode.BLOCKING, data, timeout=120))
     assert result.status_code == 404
     assert result.body["error"]["code"] == "model_not_found"
 
@@ -135,10 +66,10 @@ async def test_unknown_model_is_404(worker: ServeRun, client: QueueClient, queue
 async def test_callback(worker: ServeRun, client: QueueClient, queue: str, level: int) -> None:
     with CallbackReceiver() as receiver:
         task_id = await client.put(
-            _put(
+            put(
                 queue,
                 ResponseMode.CALLBACK,
-                _chat(f"callback {level}", 4),
+                chat(f"callback {level}", 4),
                 level=level,
                 callback_url=receiver.url + "/cb",
                 timeout=120,
@@ -159,7 +90,7 @@ async def test_batch(worker: ServeRun, client: QueueClient, queue: str) -> None:
             "custom_id": f"b{i}",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": _chat(f"batch {i}", 3),
+            "body": chat(f"batch {i}", 3),
         }
         for i in range(2)
     ]

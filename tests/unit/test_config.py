@@ -90,6 +90,7 @@ def test_dispatcher_defaults() -> None:
         "outbox_max_entries": 10000,
         "outbox_max_bytes": 268435456,
         "remember_completed": 4096,
+        "reasoning_field": "reasoning_content",
     }
 
 
