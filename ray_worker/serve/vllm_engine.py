@@ -3,11 +3,29 @@
 ``BellaVLLMEngine`` adds request parsing, abort by request id and a stat logger for the load
 report. Importing vLLM costs seconds and hundreds of MB, so the class is made on first
 attribute access (module ``__getattr__``), which also keeps it picklable by reference.
+
+The engine's processes (``VLLM::EngineCore`` and its ``VLLM::Worker``, started with
+``multiprocessing``) die with their parent: vLLM only stops them from a live parent
+(``AsyncLLM.shutdown``, finalizers), so a replica killed with SIGKILL, or one that Ray tears
+down when ``serve run`` aborts on SIGTERM, would leave them running with the GPU memory held.
+``_die_with_parent`` makes every process started while the engine starts, and every process
+those start, ask the kernel for SIGKILL when its parent thread goes
+(``prctl(PR_SET_PDEATHSIG)``, Linux only; elsewhere nothing changes). The engine is started on
+the replica's long-lived event-loop thread, which lives as long as the replica.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
+import multiprocessing.process
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ray_worker.serve.llm_config import VLLM_DEFAULT_MAX_NUM_SEQS
@@ -18,6 +36,69 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["BellaVLLMEngine", "engine_class"]
+
+_PR_SET_PDEATHSIG = 1
+_start_lock = threading.Lock()
+_ORIGINAL_START = multiprocessing.process.BaseProcess.start
+_hook_installed = False
+
+
+def _set_parent_death_signal() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent goes (Linux); True if set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _child_main(parent_pid: int, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The target of an engine process: die with the parent, pass that on, run ``target``."""
+    if _set_parent_death_signal() and os.getppid() != parent_pid:
+        os._exit(1)  # the parent went before the signal was set
+    _install_start_hook()  # the processes this one starts (vLLM's Workers) die with it
+    return target(*args, **kwargs)
+
+
+def _start_dying_with_parent(self: multiprocessing.process.BaseProcess) -> None:
+    target = getattr(self, "_target", None)
+    wrapped = isinstance(target, functools.partial) and target.func is _child_main
+    if target is not None and not wrapped:
+        self._target = functools.partial(_child_main, os.getpid(), target)  # type: ignore[attr-defined]
+    _ORIGINAL_START(self)
+
+
+def _install_start_hook() -> bool:
+    """Wrap ``multiprocessing`` process starts in this process (once); False off Linux."""
+    global _hook_installed
+    if not sys.platform.startswith("linux"):
+        return False
+    with _start_lock:
+        if not _hook_installed:
+            multiprocessing.process.BaseProcess.start = _start_dying_with_parent  # type: ignore[method-assign]
+            _hook_installed = True
+    return True
+
+
+def _uninstall_start_hook() -> None:
+    global _hook_installed
+    with _start_lock:
+        if _hook_installed:
+            multiprocessing.process.BaseProcess.start = _ORIGINAL_START  # type: ignore[method-assign]
+            _hook_installed = False
+
+
+@contextlib.contextmanager
+def _die_with_parent() -> Iterator[None]:
+    """Processes started (with ``multiprocessing``) inside this block die with this process."""
+    installed_here = not _hook_installed and _install_start_hook()
+    try:
+        yield
+    finally:
+        if installed_here:
+            _uninstall_start_hook()
 
 
 def _make_vllm_engine_class() -> type:
@@ -64,9 +145,10 @@ def _make_vllm_engine_class() -> type:
         def _start_async_llm_engine(
             self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
         ) -> Any:
-            client = super()._start_async_llm_engine(
-                vllm_engine_args, vllm_engine_config, placement_group
-            )
+            with _die_with_parent():
+                client = super()._start_async_llm_engine(
+                    vllm_engine_args, vllm_engine_config, placement_group
+                )
             scheduler = vllm_engine_config.scheduler_config
             self._max_num_seqs = int(scheduler.max_num_seqs)
             self.supports_priority = str(scheduler.policy) == "priority"
@@ -80,6 +162,16 @@ def _make_vllm_engine_class() -> type:
                     "KV-cache usage"
                 )
             return client
+
+        async def shutdown(self) -> None:
+            """Ray's shutdown, then the engine's processes (Ray's leaves them running)."""
+            try:
+                await super().shutdown()
+            finally:
+                client = self._engine_client
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        client.shutdown()
 
         def parse_request(
             self, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
