@@ -134,7 +134,9 @@ async def test_abort_through_the_handle(handle: Any) -> None:
 async def test_online_priority_overtakes_waiting_offline_tasks(handle: Any) -> None:
     stream = handle.options(stream=True)
     blockers = [
-        stream.run_task.remote(CHAT, chat(stream=True, max_tokens=1_000), request_id=f"b{i}")
+        # Long enough (2,000 tokens at 50/s) never to end by themselves on a loaded machine:
+        # a blocker finishing on its own would free a slot before the online task arrives.
+        stream.run_task.remote(CHAT, chat(stream=True, max_tokens=2_000), request_id=f"b{i}")
         for i in range(2)
     ]
     for b in blockers:
