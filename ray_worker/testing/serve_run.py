@@ -23,8 +23,9 @@ from typing import Any
 import httpx
 
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
+from ray_worker.testing.waiting import wait_for
 
-__all__ = ["ServeRun", "deployed_worker"]
+__all__ = ["ServeRun", "deployed_worker", "worker_running"]
 
 
 class ServeRun:
@@ -161,3 +162,21 @@ def deployed_worker(args: Mapping[str, Any], name: str, apikey: str) -> Iterator
     finally:
         with contextlib.suppress(Exception):
             serve.delete(name)
+
+
+async def worker_running(handle: Any, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Wait until the deployed worker polls with at least one LLM replica reporting load;
+    returns its status. A status call that fails (the poller replica is being restarted)
+    counts as not running yet."""
+
+    async def running() -> dict[str, Any] | None:
+        try:
+            status: dict[str, Any] = await handle.status.remote()
+        except Exception:
+            return None
+        pool = status["pools"][0]
+        if status["state"] == "running" and pool["capacity"]["replicas"] > 0:
+            return status
+        return None
+
+    return await wait_for(running, timeout=timeout_s, interval=0.25, message="worker running")

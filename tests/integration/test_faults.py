@@ -11,19 +11,18 @@ import asyncio
 import os
 import signal
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from ray_worker.bella.client import QueueClient
-from ray_worker.bella.protocol import CompletionEvent, PutRequest, ResponseMode, decode_event
+from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.event_stream import completions_after, last_entry_id
 from ray_worker.testing.redis_server import RedisServer
-from ray_worker.testing.serve_run import deployed_worker
+from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
@@ -67,18 +66,6 @@ def receiver() -> Iterator[CallbackReceiver]:
         yield r
 
 
-async def _ready(handle: Any) -> None:
-    async def ready() -> bool:
-        try:
-            status: dict[str, Any] = await handle.status.remote()
-        except Exception:  # the poller replica is being restarted
-            return False
-        pool = status["pools"][0]
-        return bool(status["state"] == "running" and pool["capacity"]["replicas"] > 0)
-
-    await wait_for(ready, timeout=180, interval=0.25, message="worker running")
-
-
 def _pids(deployment: str) -> list[int]:
     """Pids of the live replicas of ``deployment`` (Serve names its replica actors
     ``SERVE_REPLICA::<app>#<deployment>#<id>``)."""
@@ -114,31 +101,6 @@ def _put(queue: str, mode: ResponseMode, max_tokens: int, **kw: Any) -> PutReque
         timeout=120,
         **kw,
     )
-
-
-async def _last_id(redis_url: str, stream: str) -> str:
-    redis = Redis.from_url(redis_url)
-    try:
-        last = await redis.xrevrange(stream, count=1)
-    finally:
-        await redis.aclose()
-    return last[0][0].decode() if last else "0-0"
-
-
-async def _completions(redis_url: str, stream: str, after: str) -> Counter[str]:
-    """Completion events per task id written after entry ``after``, read back from the event
-    stream itself."""
-    redis = Redis.from_url(redis_url)
-    try:
-        entries = await redis.xrange(stream, min=f"({after}")
-    finally:
-        await redis.aclose()
-    counts: Counter[str] = Counter()
-    for _, fields in entries:
-        event = decode_event(fields)
-        if isinstance(event, CompletionEvent):
-            counts[event.task_id] += 1
-    return counts
 
 
 async def _engine_running(handle: Any, at_least: int) -> None:
@@ -185,9 +147,9 @@ async def test_poller_sigkill_loses_and_doubles_nothing(
     emulator: EmulatorServer,
     redis_server: RedisServer,
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     stream = emulator.topic + emulator.instance_id
-    start = await _last_id(redis_server.url, stream)
+    start = await last_entry_id(redis_server.url, stream)
     (poller,) = _pids("QueuePoller")
     # 120 tokens at 40/s: about 3 s of generation, so every task runs when the poller dies.
     streams, blocking, callbacks = await _mixed_burst(client, queue, receiver, 120)
@@ -207,13 +169,13 @@ async def test_poller_sigkill_loses_and_doubles_nothing(
         assert [a["status_code"] for a in answers] == [200]
 
     # A new poller replica took over, and takes and answers new tasks.
-    await _ready(worker)
+    await worker_running(worker)
     assert _pids("QueuePoller") != [poller]
     after = await client.put_blocking(_put(queue, ResponseMode.BLOCKING, 5))
     assert after.status_code == 200
 
     # Exactly once: one completion per online task in the stream, one complete per callback.
-    completions = await _completions(redis_server.url, stream, start)
+    completions = await completions_after(redis_server.url, stream, start)
     assert len(completions) == 7, completions  # 3 streaming, 3 blocking, 1 after the restart
     assert set(completions.values()) == {1}, completions
     await asyncio.sleep(1.0)  # a late duplicate complete would have arrived by now
@@ -229,9 +191,9 @@ async def test_llm_replica_sigkill_gives_each_task_one_answer(
     emulator: EmulatorServer,
     redis_server: RedisServer,
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     stream = emulator.topic + emulator.instance_id
-    start = await _last_id(redis_server.url, stream)
+    start = await last_entry_id(redis_server.url, stream)
     (replica,) = _pids(MODEL)
     streams, blocking, callbacks = await _mixed_burst(client, queue, receiver, 200)
     await _engine_running(worker, 9)
@@ -254,11 +216,11 @@ async def test_llm_replica_sigkill_gives_each_task_one_answer(
         assert [a["status_code"] for a in answers] == [200]
 
     # The deployment serves again.
-    await _ready(worker)
+    await worker_running(worker)
     assert _pids(MODEL) != [replica]
     after = await client.put_blocking(_put(queue, ResponseMode.BLOCKING, 5))
     assert after.status_code == 200
-    completions = await _completions(redis_server.url, stream, start)
+    completions = await completions_after(redis_server.url, stream, start)
     assert len(completions) == 7, completions
     assert set(completions.values()) == {1}, completions
     await asyncio.sleep(1.0)

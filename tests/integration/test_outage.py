@@ -24,7 +24,7 @@ from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.redis_server import RedisServer
-from ray_worker.testing.serve_run import deployed_worker
+from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
@@ -84,15 +84,6 @@ async def _status(handle: Any) -> dict[str, Any]:
     return status
 
 
-async def _ready(handle: Any) -> None:
-    async def ready() -> bool:
-        status = await _status(handle)
-        pool = status["pools"][0]
-        return bool(status["state"] == "running" and pool["capacity"]["replicas"] > 0)
-
-    await wait_for(ready, timeout=180, interval=0.25, message="worker running")
-
-
 async def _outage_run(
     handle: Any,
     emulator: EmulatorServer,
@@ -103,7 +94,7 @@ async def _outage_run(
 ) -> dict[str, Any]:
     """Put callback tasks of both levels, stop Bella-Queue while they generate, keep it down
     ``down_s``, start it again; assert one callback per task. Returns figures seen."""
-    await _ready(handle)
+    await worker_running(handle)
     ids = []
     for level in (0, 1):
         for _ in range(TASKS_PER_LEVEL):

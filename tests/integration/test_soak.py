@@ -33,21 +33,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import (
-    COMPLETION_EVENT,
     BatchRequest,
-    CompletionEvent,
     PutRequest,
     ResponseMode,
-    decode_event,
 )
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.event_stream import completions_after, last_entry_id
 from ray_worker.testing.redis_server import RedisServer
-from ray_worker.testing.serve_run import deployed_worker
+from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -136,18 +133,6 @@ def receiver() -> Iterator[CallbackReceiver]:
 
 def _say(*parts: Any) -> None:
     print("[soak]", *parts, flush=True)
-
-
-async def _ready(handle: Any) -> None:
-    async def ready() -> bool:
-        try:
-            status: dict[str, Any] = await handle.status.remote()
-        except Exception:  # the poller replica is being restarted
-            return False
-        pool = status["pools"][0]
-        return bool(status["state"] == "running" and pool["capacity"]["replicas"] > 0)
-
-    await wait_for(ready, timeout=180, interval=0.25, message="worker running")
 
 
 # -- probes: run inside the worker's processes through __ray_call__ ------------------------
@@ -380,37 +365,6 @@ async def _soak(client: QueueClient, queue: str, receiver: CallbackReceiver, tas
     return soak
 
 
-async def _last_id(redis_url: str, stream: str) -> str:
-    redis = Redis.from_url(redis_url)
-    try:
-        last = await redis.xrevrange(stream, count=1)
-    finally:
-        await redis.aclose()
-    return last[0][0].decode() if last else "0-0"
-
-
-async def _completions(redis_url: str, stream: str, after: str) -> Counter[str]:
-    """Completion events per task id written after entry ``after``, read back from the
-    event stream itself (paged)."""
-    redis = Redis.from_url(redis_url)
-    counts: Counter[str] = Counter()
-    cursor = f"({after}"
-    try:
-        while True:
-            entries = await redis.xrange(stream, min=cursor, count=10_000)
-            if not entries:
-                break
-            for _entry_id, fields in entries:
-                if fields.get(b"name") == COMPLETION_EVENT.encode():
-                    event = decode_event(fields)
-                    assert isinstance(event, CompletionEvent)
-                    counts[event.task_id] += 1
-            cursor = f"({entries[-1][0].decode()}"
-    finally:
-        await redis.aclose()
-    return counts
-
-
 async def _batch(client: QueueClient, queue: str, lines: int) -> Any:
     """A batch of ``lines`` chat lines, created now; awaited later with ``_batch_output``."""
     body = "\n".join(
@@ -513,11 +467,11 @@ async def _run_soak(
     label: str,
 ) -> tuple[Soak, Tally]:
     stream = emulator.topic + emulator.instance_id
-    start = await _last_id(redis_server.url, stream)
+    start = await last_entry_id(redis_server.url, stream)
     batch = await _batch(client, queue, BATCH_LINES)
     soak = await _soak(client, queue, receiver, TASKS)
     batch_answers = await _batch_output(client, batch.id)
-    completions = await _completions(redis_server.url, stream, start)
+    completions = await completions_after(redis_server.url, stream, start)
     tally = await _tally(soak, receiver, completions, batch_answers)
     _say(
         f"{label}: {TASKS} tasks in {soak.seconds:.1f} s = {soak.rate:.0f} tasks/s;",
@@ -566,7 +520,7 @@ async def test_soak_fresh_then_after_poller_sigkill(
     emulator: EmulatorServer,
     redis_server: RedisServer,
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     # Warm-up: first-use allocations (connections, imports, caches) belong to the baseline.
     warm = await _soak(client, queue, receiver, WARMUP_TASKS)
     assert not warm.failures, warm.failures[:5]
@@ -595,7 +549,7 @@ async def test_soak_fresh_then_after_poller_sigkill(
     (poller_pid,) = [after["poller"]["pid"]]
     os.kill(poller_pid, signal.SIGKILL)
     await asyncio.sleep(1.0)
-    await _ready(worker)
+    await worker_running(worker)
 
     restarted, restarted_tally = await _run_soak(
         client, queue, receiver, emulator, redis_server, "after poller SIGKILL"

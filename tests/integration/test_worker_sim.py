@@ -20,7 +20,7 @@ from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.redis_server import RedisServer
-from ray_worker.testing.serve_run import deployed_worker
+from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
@@ -38,17 +38,6 @@ def _app_args(queue_url: str, queue: str, **poller: Any) -> dict[str, Any]:
         sim={"max_num_seqs": 8, "ttft_s": 0.02, "tokens_per_s": 200, "max_model_len": 8192},
         poller={"process_timeout_s": 3, "process_max_retries": 1, **poller},
     )
-
-
-async def _ready(handle: Any) -> dict[str, Any]:
-    async def ready() -> dict[str, Any] | None:
-        status: dict[str, Any] = await handle.status.remote()
-        pool = status["pools"][0]
-        if status["state"] == "running" and pool["capacity"]["replicas"] > 0:
-            return status
-        return None
-
-    return await wait_for(ready, timeout=180, interval=0.25, message="worker running")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +89,7 @@ async def _stream_events(client: QueueClient, request: PutRequest) -> list[Any]:
 async def test_streaming_task_streams_chunks_then_done(
     worker: Any, client: QueueClient, queue: str
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     events = await _stream_events(
         client, _put(queue, ResponseMode.STREAMING, _chat(max_tokens=6), timeout=60)
     )
@@ -115,7 +104,7 @@ async def test_streaming_task_streams_chunks_then_done(
 async def test_blocking_task_gets_openai_response(
     worker: Any, client: QueueClient, queue: str
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     result = await client.put_blocking(
         _put(queue, ResponseMode.BLOCKING, _chat(max_tokens=5, stream=True), timeout=60)
     )
@@ -129,7 +118,7 @@ async def test_blocking_task_gets_openai_response(
 async def test_callback_task_is_completed_over_http(
     worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver, level: int
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     task_id = await client.put(
         _put(
             queue,
@@ -147,7 +136,7 @@ async def test_callback_task_is_completed_over_http(
 
 
 async def test_batch_lines_are_answered(worker: Any, client: QueueClient, queue: str) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     lines = [
         {
             "custom_id": f"c{i}",
@@ -213,7 +202,7 @@ async def test_bad_input_is_answered_and_next_task_served(
     status: int,
     code: str | None,
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     bad = await client.put_blocking(_put(queue, ResponseMode.BLOCKING, data, timeout=60))
     assert bad.status_code == status
     error = bad.body["error"]
@@ -230,7 +219,7 @@ async def test_bad_input_is_answered_and_next_task_served(
 async def test_streaming_error_is_sent_as_chunk(
     worker: Any, client: QueueClient, queue: str
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     events = await _stream_events(
         client, _put(queue, ResponseMode.STREAMING, {"model": "nope", "messages": []}, timeout=60)
     )
@@ -241,7 +230,7 @@ async def test_streaming_error_is_sent_as_chunk(
 async def test_deadline_mid_generation_aborts_and_answers(
     worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     # 5000 tokens at 200 tokens/s outlive the 2 s lifetime: the worker must abort the
     # engine request at expire_time, free the slot and answer 408.
     task_id = await client.put(
@@ -279,7 +268,7 @@ async def test_deadline_mid_generation_aborts_and_answers(
 async def test_redelivered_duplicate_runs_once(
     worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
 ) -> None:
-    await _ready(worker)
+    await worker_running(worker)
     before = (await worker.status.remote())["duplicates"]
     # ~5 s of generation against process_timeout 3 s: the emulator redelivers the task while
     # the worker still runs it; the worker must not run it twice.
@@ -308,7 +297,7 @@ async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -
     queue = f"rs-{uuid.uuid4().hex[:6]}"
     try:
         with deployed_worker(_app_args(emulator.url, queue), "worker-restart", APIKEY) as handle:
-            await _ready(handle)
+            await worker_running(handle)
             async with QueueClient(emulator.url, APIKEY) as client:
                 requests = [
                     _put(queue, ResponseMode.STREAMING, _chat(max_tokens=400), timeout=120)
