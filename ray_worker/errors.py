@@ -11,6 +11,7 @@ Ray actor boundaries.
     ├── RetryableError               try again later, with backoff
     │   ├── QueueUnavailableError    Bella-Queue timed out, refused, or answered 5xx
     │   ├── EventBusUnavailableError the event-bus Redis is unreachable
+    │   │   └── EventsGivenUpError   the publisher gave a task's events up (counted there)
     │   ├── EngineOverloadedError    the LLM replicas cannot take more right now (HTTP 503/429)
     │   └── ReplicaUnavailableError  the replica serving a request died or is unreachable
     ├── PermanentError               the same call will fail the same way
@@ -52,6 +53,11 @@ class QueueUnavailableError(RetryableError):
 
 class EventBusUnavailableError(RetryableError):
     """The event-bus Redis is unreachable or refused a write."""
+
+
+class EventsGivenUpError(EventBusUnavailableError):
+    """The publisher gave up a task's completion (a long Redis outage, a rejection, a
+    closing publisher); it logged and counted the drop where it happened."""
 
 
 class EngineOverloadedError(RetryableError):
@@ -179,6 +185,7 @@ __all__ = [
     "EngineError",
     "EngineOverloadedError",
     "EventBusUnavailableError",
+    "EventsGivenUpError",
     "FatalError",
     "InvalidTaskError",
     "ModelNotFoundError",

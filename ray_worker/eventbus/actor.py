@@ -43,7 +43,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ray_worker.bella.protocol import redact_url
 from ray_worker.config import PublisherOptions
-from ray_worker.errors import EventBusUnavailableError
+from ray_worker.errors import EventBusUnavailableError, EventsGivenUpError
 from ray_worker.eventbus.batcher import Batch, PublisherClient
 from ray_worker.eventbus.writer import EventPublisher
 from ray_worker.metrics import WorkerMetrics
@@ -197,6 +197,11 @@ class RedisPublisher:
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything buffered so far is acknowledged or given up."""
         return await self._require().flush(timeout_s)
+
+    async def delivery(self, task_ids: list[str], timeout_s: float) -> dict[str, bool]:
+        """The settled completions among ``task_ids`` (True: Redis acknowledged it; False:
+        given up), waiting up to ``timeout_s`` for a first one; see ``EventPublisher.delivery``."""
+        return await self._require().delivery(task_ids, timeout_s)
 
     async def stats(self) -> dict[str, Any]:
         """Counters, latency summary and leases (``configured`` False before configure)."""
@@ -374,6 +379,9 @@ class EventBusClient:
         self._actor: Any = None
         self._batcher: PublisherClient | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._unconfirmed: dict[str, asyncio.Future[bool]] = {}
+        """Completions handed over, waiting for Redis' acknowledgement (by task id)."""
+        self._confirmer: asyncio.Task[None] | None = None
         self._resolve_lock = asyncio.Lock()
         self._closed = False
         self._counters = {
@@ -381,6 +389,8 @@ class EventBusClient:
             "reattached": 0,
             "duplicates_acked": 0,
             "lease_renew_failures": 0,
+            "confirm_retries": 0,
+            "unconfirmed_lost": 0,
         }
 
     @property
@@ -420,11 +430,28 @@ class EventBusClient:
         await self._require().progress(instance_id, task_id, event_id, event_name, event_data)
 
     async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
-        """Queue a completion event and wait until the actor accepted its batch.
+        """Queue a completion event; return once Redis acknowledged it.
 
-        Raises ``EventBusUnavailableError`` if the batch could not be handed over.
+        The answer counts as delivered only then: until Redis is back (or the publisher gives
+        the task up) the caller holds the task, so the poller takes no more for that slot.
+        Raises ``EventsGivenUpError`` if the publisher gave it up (counted there), and
+        ``EventBusUnavailableError`` if it could not be handed over or its fate is unknown
+        (the publisher died holding it).
         """
         await self._require().completion(instance_id, task_id, result)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._unconfirmed[task_id] = future
+        try:
+            if self._confirmer is None or self._confirmer.done():
+                self._confirmer = asyncio.get_running_loop().create_task(
+                    self._confirm_loop(), name="event-bus-confirm"
+                )
+            delivered = await future
+        finally:
+            if self._unconfirmed.get(task_id) is future:
+                del self._unconfirmed[task_id]
+        if not delivered:
+            raise EventsGivenUpError(f"the publisher gave up the completion of task {task_id}")
 
     async def flush(self) -> None:
         """Wait until everything queued so far was accepted; raise if a batch failed."""
@@ -450,6 +477,7 @@ class EventBusClient:
                 _describe(exc),
             )
         finally:
+            await self._stop_confirming()
             if self._actor is not None:
                 try:
                     await asyncio.wait_for(
@@ -465,6 +493,7 @@ class EventBusClient:
         if self._batcher is not None:
             out.update(self._batcher.stats())
         out.update(self._counters)
+        out["unconfirmed"] = len(self._unconfirmed)
         return out
 
     # ---------------------------------------------------------------- internals
@@ -499,6 +528,56 @@ class EventBusClient:
             if status == DUPLICATE:
                 self._counters["duplicates_acked"] += 1
             return
+
+    async def _confirm_loop(self) -> None:
+        """Ask the publisher, one call at a time for every waiting completion, which ones
+        Redis acknowledged; resolve each caller once its fate is known.
+
+        A call that times out or finds the actor unavailable is repeated. A publisher that
+        died took its buffer with it: the completions it held are failed, not resent (their
+        stream may have lost progress events too, and must not end as a success).
+        """
+        wait_s = min(5.0, self._call_timeout_s / 2)
+        while self._unconfirmed:
+            actor = self._actor
+            ids = list(self._unconfirmed)
+            try:
+                fates = await asyncio.wait_for(
+                    actor.delivery.remote(ids, wait_s), self._call_timeout_s
+                )
+            except (ActorUnavailableError, TimeoutError):
+                self._counters["confirm_retries"] += 1
+                await asyncio.sleep(0.1)
+                continue
+            except Exception as exc:
+                # RayActorError (died), or anything else: the fate cannot be learned.
+                self._counters["unconfirmed_lost"] += len(ids)
+                error = EventBusUnavailableError(
+                    f"the event-bus publisher was lost before Redis acknowledged: {_describe(exc)}"
+                )
+                for task_id in ids:
+                    future = self._unconfirmed.pop(task_id, None)
+                    if future is not None and not future.done():
+                        future.set_exception(error)
+                if isinstance(exc, RayActorError):
+                    with contextlib.suppress(EventBusUnavailableError):
+                        await self._attach(actor)
+                continue
+            for task_id, delivered in fates.items():
+                future = self._unconfirmed.pop(task_id, None)
+                if future is not None and not future.done():
+                    future.set_result(delivered)
+
+    async def _stop_confirming(self) -> None:
+        if self._confirmer is not None:
+            self._confirmer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._confirmer
+        error = EventBusUnavailableError("event-bus client closed before Redis acknowledged")
+        for future in self._unconfirmed.values():
+            if not future.done():
+                future.set_exception(error)
+        self._unconfirmed.clear()
 
     async def _attach(self, dead: Any) -> Any:
         """Resolve the node's publisher and lease it; ``dead`` is the handle that failed.

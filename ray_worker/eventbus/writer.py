@@ -96,6 +96,8 @@ MARKER_PREFIX = "bella-ray-worker:evbatch:"
 _FAILURES = (RedisError, OSError)
 
 _GIVEN_UP_MAX = 100_000
+_FATES_MAX = 65_536
+"""Completion outcomes remembered for ``delivery`` (a caller asks right after handing over)."""
 """Tasks remembered as given up (their later events are dropped)."""
 _UNENCODABLE = (UnicodeError, DataError)
 """What redis-py's encoder raises for a value it cannot encode: that entry's fault, not
@@ -283,6 +285,9 @@ class EventPublisher:
         self._queue: deque[_Pending] = deque()
         self._given_up: OrderedDict[str, None] = OrderedDict()
         """Tasks given up: their later events are dropped too, until their completion."""
+        self._fates: OrderedDict[str, bool] = OrderedDict()
+        """Completion events settled: True once Redis acknowledged, False once given up."""
+        self._fate_waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._seq = 0
         self._progress = asyncio.Event()
         self._wake = asyncio.Event()
@@ -331,6 +336,34 @@ class EventPublisher:
                 self._seq += 1
                 queue.append(_Pending(self._seq, key, fields, time.monotonic()))
                 self._wake.set()
+
+    async def delivery(self, task_ids: Sequence[str], timeout_s: float) -> dict[str, bool]:
+        """Wait up to ``timeout_s`` for the completion events of ``task_ids`` to settle.
+
+        Returns the settled ones: True once Redis acknowledged the completion, False once it
+        was given up (outage, rejection, closed). A task missing from the answer is still
+        buffered (ask again). Each outcome is answered once; it is then forgotten.
+        """
+        settled = {t: self._fates.pop(t) for t in task_ids if t in self._fates}
+        waiting = [t for t in task_ids if t not in settled]
+        if waiting and not settled and timeout_s > 0:
+            loop = asyncio.get_running_loop()
+            futures = []
+            for task_id in waiting:
+                future: asyncio.Future[bool] = loop.create_future()
+                self._fate_waiters.setdefault(task_id, []).append(future)
+                futures.append(future)
+            try:
+                await asyncio.wait(futures, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task_id, future in zip(waiting, futures, strict=True):
+                    waiters = self._fate_waiters.get(task_id, [])
+                    if future in waiters:
+                        waiters.remove(future)
+                        if not waiters:
+                            del self._fate_waiters[task_id]
+            settled = {t: self._fates.pop(t) for t in task_ids if t in self._fates}
+        return settled
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything enqueued so far is acknowledged or given up.
@@ -529,6 +562,8 @@ class EventPublisher:
                     oldest = now - entry.enqueued_at
                 published += 1
                 latency.add(now - entry.enqueued_at)
+                if _is_completion(entry.fields):
+                    self._settle(_task_id_of(entry.fields), True)
             else:
                 self._stats.rejected += 1
                 self._stats.last_error = _describe(error)
@@ -629,9 +664,21 @@ class EventPublisher:
         self._count_dropped(entry, "its task was given up after an outage")
         return True
 
+    def _settle(self, task_id: str, delivered: bool) -> None:
+        """Record a completion's fate for ``delivery`` and wake whoever waits for it."""
+        fates = self._fates
+        fates[task_id] = delivered
+        fates.move_to_end(task_id)
+        while len(fates) > _FATES_MAX:
+            fates.popitem(last=False)
+        for future in self._fate_waiters.pop(task_id, ()):
+            if not future.done():
+                future.set_result(delivered)
+
     def _count_dropped(self, entry: _Pending, reason: str) -> None:
         if _is_completion(entry.fields):
             self._stats.dropped_completions += 1
+            self._settle(_task_id_of(entry.fields), False)
             logger.error(
                 "completion event of task %s NOT delivered to stream %s: %s",
                 _task_id_of(entry.fields),

@@ -48,7 +48,8 @@ class EventSink(Protocol):
         ...
 
     async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
-        """Queue a completion event and wait until it is accepted (raises if it cannot be)."""
+        """Queue a completion event; return once Redis acknowledged it (raise if it never is:
+        ``EventsGivenUpError`` when the publisher gave it up)."""
         ...
 
 

@@ -41,6 +41,7 @@ from ray_worker.config import DispatcherConfig
 from ray_worker.errors import (
     EngineError,
     EngineOverloadedError,
+    EventsGivenUpError,
     InvalidTaskError,
     TaskError,
     TaskExpiredError,
@@ -463,7 +464,9 @@ class TaskRunner:
         return self._done(task, run, int(result["status_code"]), delivered)
 
     def _delivery_failed(self, task: Task, err: Exception) -> None:
-        if task.is_online:
+        if isinstance(err, EventsGivenUpError):
+            pass  # the publisher counted it (publish_failures, tasks_given_up) where it gave up
+        elif task.is_online:
             self.metrics.inc("publish_failures", kind="completion")
         else:
             self.metrics.inc("complete_failures")

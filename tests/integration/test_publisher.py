@@ -473,3 +473,36 @@ async def test_malformed_entry_is_refused_whole(server: RedisServer, redis: Redi
         await pub.publish([progress("bad", "TASK-1", 0), ("k", cast(Any, {"n": 1}))])
     assert pub.counters.buffered == 0
     await pub.aclose()
+
+
+async def test_delivery_settles_each_completion_once_redis_acknowledged_it(
+    server: RedisServer, redis: Redis
+) -> None:
+    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 30}))
+    await pub.publish([progress("dl", "TASK-OK", 0), completion("dl", "TASK-OK")])
+    assert await pub.delivery(["TASK-OK"], 10) == {"TASK-OK": True}
+    assert labels(await xrange(redis, TOPIC + "dl")) == {"TASK-OK": ["0", "done"]}
+    assert await pub.delivery(["TASK-OK"], 0) == {}, "an outcome is answered once"
+    # While Redis is down a buffered completion is not delivered: asking waits, then
+    # answers nothing; once Redis is back it is acknowledged.
+    server.kill()
+    await pub.publish([completion("dl", "TASK-DOWN")])
+    assert await pub.delivery(["TASK-DOWN"], 0.3) == {}
+    waiter = asyncio.create_task(pub.delivery(["TASK-DOWN", "TASK-UNKNOWN"], 20))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    await asyncio.to_thread(server.start)
+    assert await waiter == {"TASK-DOWN": True}
+    await pub.aclose()
+
+
+async def test_delivery_reports_a_completion_given_up_after_an_outage(
+    server: RedisServer, redis: Redis
+) -> None:
+    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    server.kill()
+    await pub.publish([progress("dg", "TASK-G", 0), completion("dg", "TASK-G")])
+    assert await pub.delivery(["TASK-G"], 20) == {"TASK-G": False}
+    assert pub.stats()["dropped_completions"] == 1
+    await asyncio.to_thread(server.start)
+    await pub.aclose()

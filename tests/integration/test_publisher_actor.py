@@ -339,3 +339,38 @@ async def test_sigkill_while_streaming_keeps_order(app: str, redis_server: Redis
         first_seen = list(dict.fromkeys(labels[:-1]))
         assert first_seen == sorted(first_seen, key=int), "order kept within a task"
     await client.aclose()
+
+
+async def test_completion_returns_only_once_redis_acknowledged_it(app: str) -> None:
+    """An answer counts as delivered when Redis has it: while Redis is down ``completion``
+    waits (the task holds its slot); a completion given up after the outage limit raises."""
+    from ray_worker.errors import EventsGivenUpError
+
+    topic = new_topic()
+    with RedisServer() as own:
+        options = PublisherOptions(outage_timeout_s=3.0)
+        await asyncio.to_thread(
+            node_publisher, app, own.url, topic, options, exit_grace_s=0.5
+        )
+        client = EventBusClient(app, "replica-ack", options, call_timeout_s=5.0)
+        await client.start(own.url, topic)
+
+        await client.completion("inst:1", "ACK-1", DONE)
+        assert await read_stream(own.url, topic + "inst:1") == {"ACK-1": ["done"]}
+
+        own.kill()
+        pending = asyncio.create_task(client.completion("inst:1", "ACK-2", DONE))
+        await asyncio.sleep(1.0)
+        assert not pending.done(), "buffered in the actor is not delivered"
+        await asyncio.to_thread(own.start)
+        await asyncio.wait_for(pending, 30)
+        assert (await read_stream(own.url, topic + "inst:1"))["ACK-2"] == ["done"]
+
+        own.kill()
+        with pytest.raises(EventsGivenUpError):
+            await asyncio.wait_for(client.completion("inst:1", "ACK-3", DONE), 60)
+        stats = await client.actor.stats.remote()
+        assert stats["dropped_completions"] == 1
+        assert client.stats()["unconfirmed"] == 0
+        await asyncio.to_thread(own.start)
+        await client.aclose()
