@@ -44,3 +44,7 @@ class ServerClock:
     def now_ms(self) -> int:
         """Epoch milliseconds on the server's clock."""
         return time.time_ns() // 1_000_000 + self.offset_ms
+
+    def now_s(self) -> float:
+        """Epoch seconds on the server's clock (``time.time()`` moved by the offset)."""
+        return time.time() + self.offset_ms / 1000

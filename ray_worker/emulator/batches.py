@@ -190,7 +190,7 @@ class BatchManager:
             first = _parse_line(lines[0][1]) if lines else None
             queue = await route(first[1] if first else {})
 
-        now = now_ms()
+        now = self._store.now_ms()
         serial = int(await self._redis.incr(f"{PREFIX}seq:batch"))
         batch_id = make_batch_id(queue.id, Level.OFFLINE, now, self._instance_number, serial)
         expires_at = now + 1000 * window_s
@@ -313,7 +313,7 @@ class BatchManager:
         if not await self._redis.exists(f"{key}:finalized"):
             await self._redis.set(batch_cancel_key(batch_id), "1", ex=_CANCEL_FLAG_TTL_S)
             await self._redis.hset(
-                key, mapping={"status": "cancelling", "cancelling_at": str(now_ms())}
+                key, mapping={"status": "cancelling", "cancelling_at": str(self._store.now_ms())}
             )
             await self._finalize(batch_id, "cancelled")
         return await self.get(batch_id)
@@ -342,7 +342,9 @@ class BatchManager:
     async def expire_due(self) -> int:
         """Finalize as ``expired`` every batch whose completion window has passed."""
         due = texts(
-            await self._redis.zrangebyscore(_BATCH_EXPIRY, "-inf", now_ms(), start=0, num=100)
+            await self._redis.zrangebyscore(
+                _BATCH_EXPIRY, "-inf", self._store.now_ms(), start=0, num=100
+            )
         )
         expired = 0
         for batch_id in due:
@@ -354,7 +356,7 @@ class BatchManager:
         key = _batch_key(batch_id)
         if not await self._redis.set(f"{key}:finalized", status, nx=True):
             return False
-        now = now_ms()
+        now = self._store.now_ms()
         await self._redis.hset(key, "finalizing_at", str(now))
         output = texts(await self._redis.lrange(f"{key}:output", 0, -1))
         errors = texts(await self._redis.lrange(f"{key}:errors", 0, -1))

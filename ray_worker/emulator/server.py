@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass, field, replace
 from email import policy
 from email.parser import BytesParser
+from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -117,6 +118,9 @@ class EmulatorConfig:
     """How often process_timeout timers and batch expiry are checked."""
     routes: Mapping[str, str] = field(default_factory=dict)
     """Model → queue, for puts and batches that name no queue."""
+    clock_offset_s: float = 0.0
+    """How far this server's clock is from the machine's (task timestamps, expiry, redelivery
+    timers, the ``Date`` header): a skewed Bella-Queue for clock-skew tests."""
 
     def __post_init__(self) -> None:
         if not self.apikeys:
@@ -239,11 +243,13 @@ def _caller_key(request: Request) -> str:
     return key or ""
 
 
-class _CacheControlMiddleware:
-    """``Cache-Control: no-cache`` on every response (§1.0)."""
+class _HeadersMiddleware:
+    """``Cache-Control: no-cache`` on every response (§1.0), and the ``Date`` of this
+    server's clock (uvicorn's own is turned off: it would show the machine's)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, clock_offset_s: float = 0.0) -> None:
         self.app = app
+        self.clock_offset_s = clock_offset_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -252,8 +258,11 @@ class _CacheControlMiddleware:
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"cache-control"]
+                own = (b"cache-control", b"date")
+                headers = [(k, v) for k, v in message.get("headers", []) if k not in own]
                 headers.append((b"cache-control", b"no-cache"))
+                date = formatdate(time.time() + self.clock_offset_s, usegmt=True)
+                headers.append((b"date", date.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -378,6 +387,7 @@ class _Emulator:
             instance_id=self.instance_id,
             lazy_offline_loading=self.config.lazy_offline_loading,
             on_completed=self._on_completed,
+            clock_offset_ms=round(self.config.clock_offset_s * 1000),
         )
         self._batches = BatchManager(self._redis, self._store, self.files)
         self._http = httpx.AsyncClient(timeout=self.config.callback_timeout_s)
@@ -516,7 +526,7 @@ class _Emulator:
         mode = req.effective_mode
         if not mode.is_online:
             await self.store.enqueue(task)
-            return _json({"code": 200, "timestamp": now_ms(), "data": task.task_id})
+            return _json({"code": 200, "timestamp": self.store.now_ms(), "data": task.task_id})
 
         timeout_s = req.timeout if req.timeout and req.timeout > 0 else DEFAULT_PUT_TIMEOUT_S
         wait_s = float(min(timeout_s, ONLINE_MAX_WAIT_S))
@@ -762,7 +772,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
     app = Starlette(
         routes=emulator.routes(),
         middleware=[
-            Middleware(_CacheControlMiddleware),
+            Middleware(_HeadersMiddleware, clock_offset_s=config.clock_offset_s),
             Middleware(_AuthMiddleware, keys=config.apikeys),
         ],
         lifespan=lifespan,
@@ -847,6 +857,7 @@ class EmulatorServer:
             log_config=None,
             lifespan="on",
             access_log=False,
+            date_header=False,
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(uv_config)
@@ -1012,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
             create_app(config),
             log_level=args.log_level.lower(),
             lifespan="on",
+            date_header=False,
             timeout_graceful_shutdown=2,
         )
     )

@@ -308,6 +308,10 @@ return 1
 class QueueStore:
     """Bella-Queue's queue state in Redis; one per emulator, safe to share a Redis."""
 
+    def now_ms(self) -> int:
+        """This server's clock: the machine's, moved by ``clock_offset_ms``."""
+        return now_ms() + self.clock_offset_ms
+
     def __init__(
         self,
         redis: Redis,
@@ -315,8 +319,11 @@ class QueueStore:
         instance_id: str,
         lazy_offline_loading: bool = False,
         on_completed: CompletionHook | None = None,
+        clock_offset_ms: int = 0,
     ) -> None:
         self._redis = redis
+        self.clock_offset_ms = clock_offset_ms
+        """This server's clock minus the machine's (clock-skew tests): its timestamps."""
         self.instance_id = instance_id
         self._instance_number = zlib.crc32(instance_id.encode()) % 10000
         self.lazy_offline_loading = lazy_offline_loading
@@ -342,7 +349,9 @@ class QueueStore:
         if await self._redis.hexists(_QUEUES, queue):
             raise bad_request(ILLEGAL_DATA)
         queue_id = int(await self._redis.incr(_QUEUE_SEQ))
-        record = dumps({"id": queue_id, "queue": queue, "endpoint": endpoint, "ctime": now_ms()})
+        record = dumps(
+            {"id": queue_id, "queue": queue, "endpoint": endpoint, "ctime": self.now_ms()}
+        )
         if not await self._redis.hsetnx(_QUEUES, queue, record):
             raise bad_request(ILLEGAL_DATA)
         await self._redis.hset(_QUEUE_IDS, str(queue_id), queue)
@@ -420,7 +429,7 @@ class QueueStore:
         serial: int | None = None,
     ) -> Task:
         """Mint a task exactly as take will return it (§2.1, §2.2)."""
-        now = now_ms()
+        now = self.now_ms()
         if serial is None:
             serial = (await self._serials(1))[0]
         task_id = make_task_id(queue.id, level, mode, now, self._instance_number, serial)
@@ -542,7 +551,7 @@ class QueueStore:
 
     async def take(self, params: TakeParams) -> dict[str, list[dict[str, Any]]]:
         """Pop tasks per the strategy; drop expired ones and tasks of cancelled batches."""
-        now = now_ms()
+        now = self.now_ms()
         max_score = now - 1000 * params.min_age_s
         popped: list[tuple[str, str, str]] = []  # (full queue, task id, metadata JSON)
         strategy = params.strategy
@@ -630,7 +639,7 @@ class QueueStore:
 
     async def process_due_redeliveries(self, limit: int = 100) -> int:
         """Fire the due ``process_timeout`` timers: re-enqueue or complete with 408."""
-        now = now_ms()
+        now = self.now_ms()
         due = texts(await self._redis.zrangebyscore(_REDELIVERY, "-inf", now, start=0, num=limit))
         fired = 0
         for task_id in due:
@@ -675,7 +684,9 @@ class QueueStore:
         queue_id, level = parse_task_id(task_id)
         await self._clear_redelivery(task_id)
         if level is Level.OFFLINE:
-            done = await self._complete(keys=[_task_key(task_id)], args=[now_ms(), dumps(result)])
+            done = await self._complete(
+                keys=[_task_key(task_id)], args=[self.now_ms(), dumps(result)]
+            )
             if not done:
                 return False
             row = text_map(await self._redis.hgetall(_task_key(task_id)))

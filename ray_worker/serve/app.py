@@ -92,7 +92,9 @@ class QueuePoller:
             # One attempt per call: the outbox owns the retries and their deadline.
             complete_retry=RetryPolicy(attempts=1),
         )
-        self.outbox = Outbox(self.client, dispatch, metrics=self.metrics)
+        self.outbox = Outbox(
+            self.client, dispatch, metrics=self.metrics, clock=self.client.clock.now_s
+        )
         # The poller answers only what never reached a replica, through its node's publisher.
         context = serve.get_replica_context()
         self.events = EventBusClient(

@@ -77,7 +77,9 @@ class ReplicaTasks:
         )
         self.events = EventBusClient(app_name, client_id, self.settings.publisher)
         self.metrics = WorkerMetrics()
-        self.outbox = Outbox(self.client, dispatch, metrics=self.metrics)
+        self.outbox = Outbox(
+            self.client, dispatch, metrics=self.metrics, clock=self.client.clock.now_s
+        )
         self.runner = TaskRunner(
             engine=_Engine(stream),
             events=self.events,
