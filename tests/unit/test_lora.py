@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import make_task
 from openai.types.chat import ChatCompletion
 from test_sim_engine import CHAT, _Config, _Server, chat_body
 
+from ray_worker.bella.protocol import ResponseMode
 from ray_worker.config import WorkerAppArgs, adapter_of
 from ray_worker.errors import ModelNotFoundError
+from ray_worker.serve.handles import ServeReplicas
 from ray_worker.serve.llm_config import LORA_PATH_KEY, as_llm_config, lora_path_of
 from ray_worker.serve.lora import BellaLoraLoader
 from ray_worker.serve.sim_engine import SimEngine
@@ -152,3 +155,51 @@ async def test_server_answers_a_missing_adapter_404(tmp_path: Path, model: str) 
             pass
     assert server.engine.loaded_adapters == set()
     assert (await server.get_load())["in_flight"] == 0
+
+
+class _Call:
+    def __init__(self, messages: list[dict[str, Any]]) -> None:
+        self._messages = messages
+
+    def __aiter__(self) -> Any:
+        async def gen() -> Any:
+            for m in self._messages:
+                yield m
+
+        return gen()
+
+
+class _Method:
+    def __init__(self, handle: _Handle) -> None:
+        self.handle = handle
+
+    def remote(self, task: dict[str, Any]) -> _Call:
+        self.handle.calls.append((self.handle.options_seen, task["task_id"]))
+        return _Call([{"phase": "done"}])
+
+
+class _Handle:
+    """A ``DeploymentHandle`` stand-in recording the options each call was made with."""
+
+    def __init__(self, calls: list[Any], options_seen: dict[str, Any] | None = None) -> None:
+        self.calls = calls
+        self.options_seen = options_seen or {}
+
+    def options(self, **kw: Any) -> _Handle:
+        return _Handle(self.calls, {**self.options_seen, **kw})
+
+    @property
+    def run(self) -> _Method:
+        return _Method(self)
+
+
+async def test_serve_replicas_sets_the_multiplexed_model_id_of_adapter_tasks() -> None:
+    calls: list[Any] = []
+    replicas = ServeReplicas({"base": _Handle(calls)})  # type: ignore[dict-item]
+    task = make_task(ResponseMode.BLOCKING)
+    _ = [m async for m in replicas.run("base", task, multiplexed_model_id="base:ad")]
+    _ = [m async for m in replicas.run("base", task)]
+    assert calls == [
+        ({"stream": True, "multiplexed_model_id": "base:ad"}, task.task_id),
+        ({"stream": True}, task.task_id),
+    ]
