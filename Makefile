@@ -44,7 +44,7 @@ redis-server:
 	@redis-server --version
 
 tiny-model: install
-	$(PY) -m ray_worker.dev.tiny_model --out $(MODEL_DIR)
+	$(PY) -m ray_worker.dev.tiny_model --out $(MODEL_DIR) --adapters $(MODEL_DIR)-lora
 
 lint: install
 	$(VENV)/bin/ruff check ray_worker tests bench

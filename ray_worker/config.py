@@ -10,6 +10,7 @@ The API key comes only from the environment and is held as a ``SecretStr``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,7 @@ from ray_worker.bella.protocol import Level, TakeStrategy, parse_full_queue_name
 from ray_worker.errors import ConfigError
 
 __all__ = [
+    "ADAPTER_SEPARATOR",
     "CapacityConfig",
     "DispatcherConfig",
     "EnvSettings",
@@ -38,8 +40,28 @@ __all__ = [
     "QueueSpec",
     "ReasoningField",
     "WorkerAppArgs",
+    "adapter_of",
     "load_app_args",
 ]
+
+ADAPTER_SEPARATOR = ":"
+"""A task's ``data.model`` ``base:adapter`` names a LoRA adapter of the served model ``base``
+(Ray Serve LLM's spelling); the adapter is loaded from ``{lora path}/{adapter}``."""
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def adapter_of(model: str, base: str) -> str | None:
+    """The adapter ``model`` names on ``base`` (``base:adapter``), or None.
+
+    Only a plain directory name counts (letters, digits, ``._-``, not starting with a dot), so
+    a task can never point the replica at a path outside the adapters' directory.
+    """
+    prefix = base + ADAPTER_SEPARATOR
+    if not model.startswith(prefix):
+        return None
+    adapter = model[len(prefix) :]
+    return adapter if _ADAPTER_NAME.fullmatch(adapter) else None
 
 
 ReasoningField = Literal["reasoning_content", "reasoning", "both"]
@@ -376,6 +398,14 @@ class WorkerAppArgs(_Frozen):
                 raise ConfigError("every llm_configs entry needs model_loading_config.model_id")
             ids.append(str(model_id))
         return ids
+
+    def lora_model_ids(self) -> list[str]:
+        """The served models that take LoRA adapters (their entry has a ``lora_config``)."""
+        return [
+            model_id
+            for model_id, cfg in zip(self.model_ids(), self.llm_configs, strict=True)
+            if cfg.get("lora_config")
+        ]
 
     def resolved(self, env: EnvSettings | None = None) -> WorkerAppArgs:
         """Apply the environment overrides and check what must be set."""

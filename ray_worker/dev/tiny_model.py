@@ -11,7 +11,8 @@ It must not be imported by the worker's serving path: it pulls in torch and tran
 production deployment points its ``LLMConfig`` at a real model instead.
 
 Run ``python -m ray_worker.dev.tiny_model --out .models/tiny-llama``; a complete directory is left
-alone (pass ``--force`` to rebuild).
+alone (pass ``--force`` to rebuild). ``--adapters .models/tiny-llama-lora`` also builds a
+random-weight LoRA adapter of it (``build_tiny_adapter``, PEFT format) for the LoRA tests.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_ADAPTER_DIR",
     "DEFAULT_MODEL_DIR",
     "MODEL_SPEC",
+    "TINY_ADAPTER",
+    "build_tiny_adapter",
     "build_tiny_model",
     "ensure_tiny_model",
     "is_complete",
@@ -39,6 +43,14 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(".models/tiny-llama")
 """Where the model lives, relative to the repository (the current directory)."""
+
+DEFAULT_ADAPTER_DIR = Path(".models/tiny-llama-lora")
+"""LoRA adapters of the tiny model, one directory each (a ``lora_config`` loading path)."""
+
+TINY_ADAPTER = "tiny-adapter"
+"""The tiny model's test adapter: random non-zero B matrices, so greedy output differs."""
+
+_ADAPTER_SPEC: dict[str, Any] = {"seed": 7, "r": 8, "lora_alpha": 16}
 
 _MARKER = "bella-tiny-model.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -228,6 +240,55 @@ def build_tiny_model(out: Path, *, force: bool = False) -> Path:
     return out
 
 
+def build_tiny_adapter(
+    base: Path, out: Path, name: str = TINY_ADAPTER, *, force: bool = False
+) -> Path:
+    """Build a random-weight LoRA adapter (PEFT format) of the model in ``base`` at ``out/name``.
+
+    Every projection of every layer gets rank-8 A and B matrices (B non-zero, unlike a fresh
+    PEFT adapter), seeded, so the adapter visibly changes the model's output. Kept if present.
+    """
+    target = Path(out) / name
+    if not force and (target / "adapter_config.json").is_file():
+        print(f"tiny adapter already at {target}", flush=True)
+        return target
+    import peft
+    import torch
+    import transformers
+
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=_ADAPTER_SPEC["r"],
+        lora_alpha=_ADAPTER_SPEC["lora_alpha"],
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        init_lora_weights=False,  # random A and B: a fresh adapter (B = 0) changes nothing
+    )
+    torch.manual_seed(_ADAPTER_SPEC["seed"])
+    peft_model: Any = peft.get_peft_model(model, config)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        peft_model.save_pretrained(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(tmp), target)
+        target.chmod(0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"tiny adapter written to {target}", flush=True)
+    return target
+
+
 def ensure_tiny_model(path: Path | str = DEFAULT_MODEL_DIR) -> Path:
     """Return ``path`` as an absolute path, building the model there first if needed."""
     resolved = Path(path).resolve()
@@ -241,8 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="target directory")
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
+    parser.add_argument(
+        "--adapters", type=Path, default=None, help=f"also build {TINY_ADAPTER} into this dir"
+    )
     args = parser.parse_args(argv)
     build_tiny_model(args.out, force=args.force)
+    if args.adapters is not None:
+        build_tiny_adapter(args.out, args.adapters, force=args.force)
     return 0
 
 

@@ -109,6 +109,7 @@ class QueuePoller:
             capacity=self.capacity,
             queues=self.args.queues,
             served_models=self.args.model_ids(),
+            lora_models=self.args.lora_model_ids(),
             config=dispatch,
             metrics=self.metrics,
             clock=self.client.clock.now_ms,

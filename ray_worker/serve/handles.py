@@ -73,12 +73,19 @@ class ServeReplicas:
         """Served models."""
         return list(self._handles)
 
-    async def run(self, model_id: str, task: Task) -> AsyncIterator[Mapping[str, Any]]:
+    async def run(
+        self, model_id: str, task: Task, *, multiplexed_model_id: str | None = None
+    ) -> AsyncIterator[Mapping[str, Any]]:
         """Give ``task`` to a replica of ``model_id``; yields what its ``run`` yields.
 
+        With ``multiplexed_model_id`` (a LoRA adapter, ``base:adapter``) Serve's router
+        prefers a replica that has that adapter loaded (Serve model multiplexing).
         Closing this early does not cancel the task on its replica (the replica owns it).
         """
-        call: Any = self._handles[model_id].run.remote(task.model_dump(mode="json"))
+        handle = self._handles[model_id]
+        if multiplexed_model_id:
+            handle = handle.options(multiplexed_model_id=multiplexed_model_id)
+        call: Any = handle.run.remote(task.model_dump(mode="json"))
         try:
             async for message in call:
                 yield message

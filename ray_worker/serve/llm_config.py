@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from ray.serve.llm import LLMConfig
 
 __all__ = [
+    "LORA_PATH_KEY",
     "SIM_ENGINE_KEY",
     "VLLM_DEFAULT_MAX_NUM_SEQS",
     "as_llm_config",
     "cpu_llm_config",
+    "lora_path_of",
     "max_num_seqs_of",
     "sim_llm_config",
     "sim_settings",
@@ -36,6 +38,12 @@ __all__ = [
 SIM_ENGINE_KEY = "bella_sim_engine"
 """``LLMConfig.experimental_configs`` key selecting the simulated engine; its value is a mapping
 of ``SimEngineSettings`` fields (``{}`` for the defaults)."""
+
+LORA_PATH_KEY = "bella_lora_path"
+"""``experimental_configs`` key holding a *local* ``lora_config.dynamic_lora_loading_path``
+(Ray's ``LoraConfig`` accepts only cloud paths; ``as_llm_config`` moves a local one here)."""
+
+_REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://")
 
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's ``max_num_seqs`` when ``engine_kwargs`` leave it unset (its engine-args default on
@@ -58,7 +66,30 @@ def as_llm_config(llm_config: LLMConfig | Mapping[str, Any]) -> LLMConfig:
 
     if isinstance(llm_config, LLMConfig):
         return llm_config.model_copy(deep=True)
-    return LLMConfig.model_validate(dict(copy.deepcopy(llm_config)))
+    raw = dict(copy.deepcopy(llm_config))
+    lora = raw.get("lora_config")
+    lora = dict(lora) if isinstance(lora, Mapping) else {}
+    path = lora.get("dynamic_lora_loading_path")
+    if isinstance(path, str) and not path.startswith(_REMOTE_PREFIXES):
+        # A directory on every node (tests, a shared volume): resolved against the cwd of
+        # ``serve run``, kept beside Ray's LoraConfig, which would reject it.
+        raw["lora_config"] = {k: v for k, v in lora.items() if k != "dynamic_lora_loading_path"}
+        experimental = dict(raw.get("experimental_configs") or {})
+        experimental[LORA_PATH_KEY] = os.path.abspath(
+            os.path.expanduser(path.removeprefix("file://"))
+        )
+        raw["experimental_configs"] = experimental
+    return LLMConfig.model_validate(raw)
+
+
+def lora_path_of(llm_config: Any) -> str | None:
+    """Where ``llm_config``'s LoRA adapters live (one directory per adapter), or None."""
+    experimental = getattr(llm_config, "experimental_configs", None) or {}
+    if experimental.get(LORA_PATH_KEY):
+        return str(experimental[LORA_PATH_KEY])
+    lora = getattr(llm_config, "lora_config", None)
+    path = getattr(lora, "dynamic_lora_loading_path", None)
+    return str(path) if path else None
 
 
 def max_num_seqs_of(llm_config: LLMConfig) -> int:

@@ -35,10 +35,10 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from ray_worker.config import ReasoningField
-from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
+from ray_worker.config import ReasoningField, adapter_of
+from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError, WorkerError
 from ray_worker.serve.engine_io import check_body, decode_item, map_exception
-from ray_worker.serve.llm_config import sim_settings, with_worker_defaults
+from ray_worker.serve.llm_config import lora_path_of, sim_settings, with_worker_defaults
 from ray_worker.serve.reasoning import apply_reasoning_field
 from ray_worker.task.runner import PRIORITY_ONLINE, SUPPORTED_ENDPOINTS
 
@@ -257,10 +257,17 @@ class _TaskServingMixin:
             raise InvalidTaskError("the task's data must be a JSON object")
         model_id = self._llm_config.model_id
         requested = data.get("model")
-        if requested not in (None, "") and requested != model_id:
-            raise ModelNotFoundError(f"The model `{requested}` does not exist.", "model")
         body = dict(data)
         body["model"] = model_id
+        if requested not in (None, "") and requested != model_id:
+            if (
+                getattr(self._llm_config, "lora_config", None) is None
+                or not isinstance(requested, str)
+                or adapter_of(requested, model_id) is None
+            ):
+                raise ModelNotFoundError(f"The model `{requested}` does not exist.", "model")
+            await self._load_adapter(requested)
+            body["model"] = requested  # vLLM picks the loaded adapter by this name
         check_body(endpoint, body)
         if request_id in self._inflight:
             raise InvalidTaskError(
@@ -347,6 +354,16 @@ class _TaskServingMixin:
         return out
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _load_adapter(self, lora_model_id: str) -> None:
+        """Load ``base:adapter`` into this replica (Serve's multiplexed LRU) and the engine."""
+        try:
+            disk = await self._load_model(lora_model_id)  # type: ignore[attr-defined]
+            await self.engine.resolve_lora(disk)
+        except WorkerError:
+            raise
+        except Exception as err:
+            raise EngineError(f"loading adapter {lora_model_id!r} failed: {err}") from None
 
     def _effective_priority(self, priority: int) -> int:
         if priority and not getattr(self.engine, "supports_priority", False):
@@ -436,6 +453,10 @@ def build_llm_deployment(
         from ray_worker.serve.sim_engine import SimEngine
 
         bind_kwargs["engine_cls"] = SimEngine
+    if cfg.lora_config is not None or lora_path_of(cfg) is not None:
+        from ray_worker.serve.lora import BellaLoraLoader
+
+        bind_kwargs["model_downloader"] = BellaLoraLoader
     if load_report_interval_s:
         bind_kwargs["load_report_interval_s"] = float(load_report_interval_s)
     if bella is not None:

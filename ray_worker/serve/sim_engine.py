@@ -229,6 +229,8 @@ class SimEngine:
         self._counter = itertools.count()
         self._fingerprint = "sim-" + hashlib.sha1(self.model_id.encode()).hexdigest()[:8]
         self.started = False
+        self.loaded_adapters: set[str] = set()
+        """LoRA adapters ``resolve_lora`` was given (``base:adapter``)."""
 
     # -- Ray LLMEngine surface ----------------------------------------------------------------
 
@@ -244,8 +246,8 @@ class SimEngine:
         return {}
 
     async def resolve_lora(self, lora_model: Any) -> None:
-        """LoRA is not simulated."""
-        raise ValueError("the simulated engine has no LoRA support")
+        """Record the adapter as loaded (``loaded_adapters``); its weights change nothing."""
+        self.loaded_adapters.add(str(lora_model.model_id))
 
     async def shutdown(self) -> None:
         """Abort everything still running or waiting."""

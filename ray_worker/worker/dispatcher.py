@@ -19,12 +19,12 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from ray_worker.aio import cut_short, to_the_end
 from ray_worker.bella.protocol import Level, Task, now_ms, task_return_path
-from ray_worker.config import DispatcherConfig, QueueSpec
+from ray_worker.config import DispatcherConfig, QueueSpec, adapter_of
 from ray_worker.errors import (
     EngineOverloadedError,
     InvalidTaskError,
@@ -63,8 +63,13 @@ the poller does not know how many events the replica sent, so it does not number
 class Replicas(Protocol):
     """The LLM deployments, by served model id."""
 
-    def run(self, model_id: str, task: Task) -> AsyncIterator[Mapping[str, Any]]:
+    def run(
+        self, model_id: str, task: Task, *, multiplexed_model_id: str | None = None
+    ) -> AsyncIterator[Mapping[str, Any]]:
         """Give ``task`` to a replica of ``model_id``.
+
+        ``multiplexed_model_id`` (``base:adapter``) makes Serve prefer a replica that holds
+        that LoRA adapter already.
 
         Yields ``{"phase": "answering"}`` once the replica is about to send the task's first
         event or answer, then ``{"phase": "done", "outcome": ...}``. Raises
@@ -102,6 +107,7 @@ class Dispatcher:
         capacity: CapacityTracker,
         queues: list[QueueSpec],
         served_models: list[str],
+        lora_models: Collection[str] = (),
         config: DispatcherConfig | None = None,
         metrics: WorkerMetrics | None = None,
         clock: Callable[[], int] = now_ms,
@@ -115,6 +121,8 @@ class Dispatcher:
         self.config = config or DispatcherConfig()
         self.metrics = metrics or WorkerMetrics(use_ray=False)
         self.served_models = list(served_models)
+        self.lora_models = set(lora_models)
+        """Served models that take LoRA adapters (``base:adapter`` routes to ``base``)."""
         self._queue_models = {q.name: q.model for q in queues}
         self._running: dict[str, asyncio.Task[None]] = {}
         self._completed: OrderedDict[str, bool] = OrderedDict()
@@ -213,8 +221,8 @@ class Dispatcher:
             now = self.clock()
             if now >= deadline_ms(task, self.config.max_task_time_s, now=now):
                 raise TaskExpiredError("the task expired before it could start")
-            model_id = self._resolve_model(task)
-            outcome = await self._dispatch(task, model_id, job)
+            model_id, adapter_id = self._resolve_model(task)
+            outcome = await self._dispatch(task, model_id, job, adapter_id)
         except asyncio.CancelledError:
             if not job.in_call:
                 # Stopping before the task reached a replica.
@@ -225,14 +233,18 @@ class Dispatcher:
         else:
             self._record(outcome)
 
-    async def _dispatch(self, task: Task, model_id: str, job: _Job) -> Outcome:
+    async def _dispatch(
+        self, task: Task, model_id: str, job: _Job, adapter_id: str | None = None
+    ) -> Outcome:
         failures = 0
         overload_wait = self.config.overload_retry_initial_s
         deadline = deadline_ms(task, self.config.max_task_time_s, now=self.clock())
         while True:
             job.in_call = True
             try:
-                async for message in self.replicas.run(model_id, task):
+                async for message in self.replicas.run(
+                    model_id, task, multiplexed_model_id=adapter_id
+                ):
                     phase = message.get("phase")
                     if phase == ANSWERING:
                         job.answering = True
@@ -333,22 +345,26 @@ class Dispatcher:
             )
         }
 
-    def _resolve_model(self, task: Task) -> str:
+    def _resolve_model(self, task: Task) -> tuple[str, str | None]:
+        """The deployment of ``task`` and, for ``base:adapter``, its multiplexed model id."""
         requested = task.data.get("model")
         if requested is not None and not isinstance(requested, str):
             raise InvalidTaskError("'model' must be a string", "model")
         if requested:
             if requested in self.served_models:
-                return requested
+                return requested, None
+            for base in self.lora_models:
+                if adapter_of(requested, base) is not None:
+                    return base, requested
             raise ModelNotFoundError(
                 f"The model '{requested}' does not exist or is not served by this worker",
                 "model",
             )
         default = self._queue_models.get(task.full_queue)
         if default:
-            return default
+            return default, None
         if len(self.served_models) == 1:
-            return self.served_models[0]
+            return self.served_models[0], None
         raise InvalidTaskError("'model' is required: this worker serves several models", "model")
 
     def _remember(self, task: Task) -> None:

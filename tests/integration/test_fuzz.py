@@ -100,7 +100,9 @@ class RunnerReplicas:
     def __init__(self, runner: TaskRunner) -> None:
         self.runner = runner
 
-    async def run(self, model_id: str, task: Task) -> AsyncIterator[Mapping[str, Any]]:
+    async def run(
+        self, model_id: str, task: Task, *, multiplexed_model_id: str | None = None
+    ) -> AsyncIterator[Mapping[str, Any]]:
         yield {"phase": ANSWERING}
         yield {"phase": DONE, "outcome": await self.runner.run(task)}
 

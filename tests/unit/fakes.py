@@ -236,6 +236,7 @@ class ReplicaCall:
     model_id: str
     task_id: str
     messages: list[dict[str, Any]] = field(default_factory=list)
+    multiplexed_model_id: str | None = None
 
 
 class FakeReplicas:
@@ -271,12 +272,14 @@ class FakeReplicas:
         """The calls made for one task."""
         return [call for call in self.calls if call.task_id == task_id]
 
-    async def run(self, model_id: str, task: Task) -> AsyncIterator[dict[str, Any]]:
+    async def run(
+        self, model_id: str, task: Task, *, multiplexed_model_id: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Play the next step, or run ``task`` on ``model_id``'s runner."""
         from ray_worker.errors import ReplicaUnavailableError
         from ray_worker.worker.dispatcher import ANSWERING, DONE
 
-        call = ReplicaCall(model_id, task.task_id)
+        call = ReplicaCall(model_id, task.task_id, multiplexed_model_id=multiplexed_model_id)
         self.calls.append(call)
         step = self.steps.popleft() if self.steps else None
         if isinstance(step, asyncio.Event):

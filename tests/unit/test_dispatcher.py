@@ -53,6 +53,7 @@ class Rig:
         models: tuple[str, ...] = ("m",),
         queues: list[QueueSpec] | None = None,
         completer: FakeCompleter | None = None,
+        lora_models: tuple[str, ...] = (),
         **config: Any,
     ) -> None:
         settings: dict[str, Any] = {
@@ -89,6 +90,7 @@ class Rig:
             capacity=self.capacity,
             queues=queues or [],
             served_models=list(models),
+            lora_models=lora_models,
             config=self.config,
         )
         self.pool = models[0]
@@ -284,6 +286,51 @@ async def test_unknown_model_of_an_offline_task_is_completed_over_http(
     (answer,) = rig.completer.of(task.task_id)
     assert answer["status_code"] == 404
     assert error_code(answer) == "model_not_found"
+
+
+# -- LoRA adapters ---------------------------------------------------------------------------
+
+
+async def test_adapter_task_goes_to_its_base_model_multiplexed_and_counts_against_it() -> None:
+    rig = Rig(models=("base", "other"), lora_models=("base",))
+    task = make_task(BLOCKING, model="base:my-adapter")
+    assert rig.submit(task, pool="base")
+    assert rig.capacity.snapshot()["base"]["in_flight_online"] == 1
+    await until(lambda: not rig.dispatcher.holds(task.task_id))
+    (call,) = rig.replicas.calls
+    assert (call.model_id, call.multiplexed_model_id) == ("base", "base:my-adapter")
+    assert rig.releases == [("base", 0, task.task_id)]
+    assert rig.only_answer(task)["status_code"] == 200
+
+
+async def test_base_model_task_is_not_multiplexed() -> None:
+    rig = Rig(models=("base",), lora_models=("base",))
+    task = make_task(BLOCKING, model="base")
+    await rig.run(task)
+    (call,) = rig.replicas.calls
+    assert (call.model_id, call.multiplexed_model_id) == ("base", None)
+
+
+@pytest.mark.parametrize(
+    ("lora_models", "model"),
+    [
+        ((), "base:my-adapter"),  # the base takes no adapters
+        (("base",), "base:"),  # no adapter name
+        (("base",), "base:../etc"),  # not a plain directory name
+        (("base",), "base:.hidden"),
+        (("base",), "other:my-adapter"),  # no such base
+    ],
+)
+async def test_adapter_of_a_model_without_adapters_is_404_by_the_poller(
+    lora_models: tuple[str, ...], model: str
+) -> None:
+    rig = Rig(models=("base",), lora_models=lora_models)
+    task = make_task(BLOCKING, model=model)
+    await rig.run(task)
+    answer = rig.only_answer(task)
+    assert answer["status_code"] == 404
+    assert error_code(answer) == "model_not_found"
+    assert rig.replicas.calls == []
 
 
 # -- deadlines -------------------------------------------------------------------------------
