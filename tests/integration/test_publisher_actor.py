@@ -349,9 +349,7 @@ async def test_completion_returns_only_once_redis_acknowledged_it(app: str) -> N
     topic = new_topic()
     with RedisServer() as own:
         options = PublisherOptions(outage_timeout_s=3.0)
-        await asyncio.to_thread(
-            node_publisher, app, own.url, topic, options, exit_grace_s=0.5
-        )
+        await asyncio.to_thread(node_publisher, app, own.url, topic, options, exit_grace_s=0.5)
         client = EventBusClient(app, "replica-ack", options, call_timeout_s=5.0)
         await client.start(own.url, topic)
 
