@@ -11,6 +11,10 @@ It must not import Ray, Redis or httpx: the engine is an ``Engine``, the event b
 ``EventSink`` and Bella-Queue a ``Completer`` (``ray_worker.serve.llm_server`` wires the real
 ones in; unit tests pass fakes).
 
+Cancelling: ``abort`` ends a task that Bella-Queue no longer wants (a cancelled task or batch,
+see ``ray_worker.task.cancel_watch``) before its answer: the engine request is aborted and no
+answer is sent (the server would ignore it); its outcome says ``cancelled``.
+
 Stopping: ``drain`` waits for the running tasks; what it must cut short is answered 503 when
 its producer waits online (or at level 0, which the server never redelivers), and left
 unanswered at level 1, where the server redelivers it after ``process_timeout``: a final 503
@@ -104,6 +108,8 @@ class Outcome(TypedDict):
     """The event bus or Bella-Queue accepted the answer."""
     duplicate: bool
     """The task already ran here; this call started nothing."""
+    cancelled: bool
+    """Bella-Queue cancelled the task (or its batch) while it ran: aborted, not answered."""
     events: int
     prompt_tokens: int
     completion_tokens: int
@@ -147,6 +153,7 @@ class _Run:
 
     __slots__ = (
         "answering",
+        "cancel_reason",
         "completion_tokens",
         "first_at",
         "on_answering",
@@ -161,6 +168,7 @@ class _Run:
         self.sent = 0
         self.overloaded = False
         self.answering = False
+        self.cancel_reason: str | None = None
         self.on_answering = on_answering
         self.started = time.monotonic()
         self.started_ms = started_ms
@@ -210,6 +218,7 @@ class TaskRunner:
         self.model_id = model_id
         """The model this replica serves (the tag of the token metrics and usage lines)."""
         self._jobs: dict[str, asyncio.Task[Outcome]] = {}
+        self._runs: dict[str, tuple[Task, _Run]] = {}
         self._levels: dict[str, Level] = {}
         self._accepting = True
 
@@ -250,6 +259,7 @@ class TaskRunner:
         work = self._run(task, run) if self._accepting else self._stopped(task, run)
         job = asyncio.get_running_loop().create_task(work, name=f"task-{task.task_id}")
         self._jobs[task.task_id] = job
+        self._runs[task.task_id] = (task, run)
         self._levels[task.task_id] = Level.ONLINE if task.level == 0 else Level.OFFLINE
         job.add_done_callback(lambda j: self._finished(task, j))
         return job
@@ -260,6 +270,33 @@ class TaskRunner:
         if job is None:
             return _outcome(task, duplicate=True)
         return await asyncio.shield(job)
+
+    def offline_running(self) -> list[tuple[Task, float]]:
+        """The level-1 offline tasks running here and not answering yet, with how long each
+        has run (seconds): what ``abort`` may still end."""
+        now = time.monotonic()
+        return [
+            (task, now - run.started)
+            for task, run in self._runs.values()
+            if task.level != 0 and not task.is_online and not run.answering
+        ]
+
+    def abort(self, task_id: str, reason: str) -> bool:
+        """End ``task_id`` without an answer: Bella-Queue cancelled it (``reason`` says how).
+
+        Closing the engine stream aborts the request in the engine, freeing its slot. Returns
+        False when the task is not running here or its answer already left (too late).
+        """
+        entry = self._runs.get(task_id)
+        job = self._jobs.get(task_id)
+        if entry is None or job is None or job.done():
+            return False
+        _, run = entry
+        if run.answering or run.cancel_reason is not None:
+            return False
+        run.cancel_reason = reason
+        job.cancel()
+        return True
 
     async def drain(self, timeout_s: float) -> int:
         """Stop accepting; wait up to ``timeout_s`` for running tasks, then cut the rest short
@@ -272,6 +309,7 @@ class TaskRunner:
 
     def _finished(self, task: Task, job: asyncio.Task[Outcome]) -> None:
         self._jobs.pop(task.task_id, None)
+        self._runs.pop(task.task_id, None)
         self._levels.pop(task.task_id, None)
         if not job.cancelled() and job.exception() is not None:
             # _run answers every error itself; reaching here is a bug worth a loud log.
@@ -281,7 +319,9 @@ class TaskRunner:
         try:
             result = await self._execute(task, run)
         except asyncio.CancelledError:
-            # Only drain cancels a job, and it wants this outcome rather than the error.
+            # Only abort and drain cancel a job, and they want an outcome rather than the error.
+            if run.cancel_reason is not None:
+                return self._cancelled(task, run)
             return await self._stopped(task, run)
         except TaskError as err:
             answering = self._answer_error(task, err, run)
@@ -312,6 +352,26 @@ class TaskRunner:
             self.metrics.inc("left_for_redelivery")
             return _outcome(task, duration_s=time.monotonic() - run.started)
         return await to_the_end(self._answer_error(task, ShuttingDownAnswer(), run))
+
+    def _cancelled(self, task: Task, run: _Run) -> Outcome:
+        """Bella-Queue cancelled ``task`` while it ran: the engine call is aborted (the stream
+        was closed on the way out) and no answer goes out."""
+        duration_s = time.monotonic() - run.started
+        self.metrics.inc("tasks_cancelled", queue=task.queue, mode=task.response_mode.value)
+        logger.info(
+            "task %s cancelled after %.1f s (%s): aborted in the engine, not answered",
+            task.task_id,
+            duration_s,
+            run.cancel_reason,
+            extra={
+                **task_context(task),
+                "model": self.model_id or str(task.data.get("model") or ""),
+                "status": "cancelled",
+                "reason": run.cancel_reason,
+                "generation_s": duration_s,
+            },
+        )
+        return _outcome(task, cancelled=True, duration_s=duration_s)
 
     async def _execute(self, task: Task, run: _Run) -> dict[str, Any]:
         """Run the engine call; return the success result or raise a ``TaskError``."""
@@ -531,6 +591,7 @@ def _outcome(task: Task, **fields: Any) -> Outcome:
         answered=False,
         delivered=False,
         duplicate=False,
+        cancelled=False,
         events=0,
         prompt_tokens=0,
         completion_tokens=0,

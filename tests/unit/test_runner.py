@@ -758,3 +758,71 @@ async def test_answered_task_logs_one_usage_line_and_counts_tokens(
     metrics = rig.runner.metrics
     assert metrics.total("prompt_tokens", queue=task.queue, model="m") == 7
     assert metrics.total("completion_tokens", queue=task.queue, model="m") == 3
+
+
+# -- abort (Bella-Queue cancelled the task) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [CALLBACK, BATCH])
+async def test_abort_ends_a_running_offline_task_unanswered_and_frees_the_engine(
+    rig: Rig, mode: ResponseMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.engine.script(Delay(30))
+    task = make_task(mode)
+    job = rig.runner.start(task)
+    assert job is not None
+    await until(lambda: rig.engine.active == 1)
+    assert [t.task_id for t, _ in rig.runner.offline_running()] == [task.task_id]
+    with caplog.at_level(logging.INFO, logger="ray_worker.task.runner"):
+        assert rig.runner.abort(task.task_id, "the task was cancelled")
+        outcome = await job
+    expect_outcome(outcome, task, status_code=0, answered=False, delivered=False, cancelled=True)
+    assert rig.answers(task) == []
+    assert rig.engine.aborted == [task.task_id]
+    assert rig.engine.active == 0
+    assert rig.runner.in_flight == 0
+    assert rig.runner.metrics.total("tasks_cancelled", mode=mode.value) == 1
+    assert rig.completed() == 0
+    (line,) = [r for r in caplog.records if "cancelled after" in r.getMessage()]
+    assert line.__dict__["status"] == "cancelled"
+    assert line.__dict__["reason"] == "the task was cancelled"
+
+
+async def test_abort_of_a_task_not_running_here_is_refused(rig: Rig) -> None:
+    assert not rig.runner.abort("TASK-nope", "cancelled")
+
+
+async def test_abort_is_refused_once_the_answer_is_leaving(rig: Rig) -> None:
+    gate = asyncio.Event()
+
+    async def slow_complete(task_id: str, result: Any) -> None:
+        await gate.wait()
+        rig.completer.completes.append(Recorded("complete", task_id, data=dict(result)))
+
+    rig.completer.complete = slow_complete  # type: ignore[method-assign]
+    task = make_task(CALLBACK)
+    job = rig.runner.start(task)
+    assert job is not None
+    await until(lambda: rig.engine.calls and rig.engine.active == 0)
+    await settle()
+    assert rig.runner.offline_running() == []  # answering: no longer abortable
+    assert not rig.runner.abort(task.task_id, "cancelled")
+    gate.set()
+    outcome = await job
+    assert outcome["answered"]
+    assert not outcome["cancelled"]
+    assert rig.only_answer(task)["status_code"] == 200
+
+
+async def test_offline_running_lists_only_level_1_offline_tasks(rig: Rig) -> None:
+    for _ in range(3):
+        rig.engine.script(Delay(30))
+    online = make_task(BLOCKING)
+    level0_callback = make_task(CALLBACK, level=0)
+    offline = make_task(CALLBACK)
+    for task in (online, level0_callback, offline):
+        assert rig.runner.start(task) is not None
+    await until(lambda: rig.engine.active == 3)
+    running = rig.runner.offline_running()
+    assert [t.task_id for t, _ in running] == [offline.task_id]
+    assert running[0][1] >= 0
