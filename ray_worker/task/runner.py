@@ -28,7 +28,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol, TypedDict
 
 from ray_worker.aio import cut_short, to_the_end
@@ -323,22 +323,35 @@ class TaskRunner:
             if run.cancel_reason is not None:
                 return self._cancelled(task, run)
             return await self._stopped(task, run)
-        except TaskError as err:
-            answering = self._answer_error(task, err, run)
         except Exception as err:
-            # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
-            logger.error(
-                "task failed outside the engine call: %s",
-                err,
-                exc_info=not isinstance(err, WorkerError),
-                extra=task_context(task),
-            )
-            failure = EngineError(f"the worker failed: {type(err).__name__}: {err}")
-            answering = self._answer_error(task, failure, run)
+            # An engine may turn a cancellation into an error of its own (vLLM's non-streaming
+            # chat answers "Client disconnected") rather than let it through.
+            if run.cancel_reason is not None:
+                return self._cancelled(task, run)
+            job = asyncio.current_task()
+            if job is not None and job.cancelling():
+                return await self._stopped(task, run)
+            answering = self._failed(task, err, run)
         else:
+            if run.cancel_reason is not None:
+                return self._cancelled(task, run)
             answering = self._answer(task, result, run)
         # The answer is the task's only one: a stop must not cut it off half sent.
         return await to_the_end(answering)
+
+    def _failed(self, task: Task, err: Exception, run: _Run) -> Coroutine[Any, Any, Outcome]:
+        """The answer of a task whose run raised ``err``."""
+        if isinstance(err, TaskError):
+            return self._answer_error(task, err, run)
+        # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
+        logger.error(
+            "task failed outside the engine call: %s",
+            err,
+            exc_info=not isinstance(err, WorkerError),
+            extra=task_context(task),
+        )
+        failure = EngineError(f"the worker failed: {type(err).__name__}: {err}")
+        return self._answer_error(task, failure, run)
 
     async def _stopped(self, task: Task, run: _Run) -> Outcome:
         """A stop cut ``task`` short (or came before it): 503 online and at level 0; left
@@ -417,27 +430,18 @@ class TaskRunner:
                         await self._chunk(task, run, item)
                     else:
                         response = item
-        except TimeoutError as err:
-            if not timeout.expired():
-                # The engine's own timeout, not the task's deadline.
-                logger.warning("engine call timed out: %s", err, extra=task_context(task))
-                raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
-            if run.overloaded:
-                raise EngineOverloadedAnswer(
-                    "the model is overloaded; the task expired while waiting for a slot"
-                ) from None
-            raise TaskExpiredError(
-                "the task's deadline passed during generation; generation was aborted"
-            ) from None
-        except TaskError:
-            raise
-        except EngineOverloadedError as err:
-            raise EngineOverloadedAnswer(str(err) or "the model is overloaded") from None
-        except WorkerError as err:
-            raise EngineError(f"the engine failed: {err}") from None
         except Exception as err:
-            logger.exception("engine call failed", extra=task_context(task))
-            raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
+            if timeout.expired():
+                # The deadline, whether it surfaced as TimeoutError or as the error an engine
+                # made of its cancellation (vLLM's non-streaming chat: "Client disconnected").
+                if run.overloaded:
+                    raise EngineOverloadedAnswer(
+                        "the model is overloaded; the task expired while waiting for a slot"
+                    ) from None
+                raise TaskExpiredError(
+                    "the task's deadline passed during generation; generation was aborted"
+                ) from None
+            raise self._engine_failure(task, err) from None
         if streaming:
             await self._chunk(task, run, STREAM_DONE)
             return result_body(200, task.task_id)
@@ -450,6 +454,22 @@ class TaskRunner:
                 await self._chunk(task, run, data_item)
             return result_body(200, task.task_id)
         return result_body(200, task.task_id, response)
+
+    @staticmethod
+    def _engine_failure(task: Task, err: Exception) -> TaskError:
+        """The answer's error for an engine call that failed with ``err`` (no deadline)."""
+        if isinstance(err, TaskError):
+            return err
+        if isinstance(err, EngineOverloadedError):
+            return EngineOverloadedAnswer(str(err) or "the model is overloaded")
+        if isinstance(err, TimeoutError):
+            # The engine's own timeout, not the task's deadline.
+            logger.warning("engine call timed out: %s", err, extra=task_context(task))
+            return EngineError(f"the engine failed: {type(err).__name__}: {err}")
+        if isinstance(err, WorkerError):
+            return EngineError(f"the engine failed: {err}")
+        logger.error("engine call failed", exc_info=err, extra=task_context(task))
+        return EngineError(f"the engine failed: {type(err).__name__}: {err}")
 
     async def _attempts(
         self, task: Task, endpoint: str, data: dict[str, Any], priority: int, run: _Run

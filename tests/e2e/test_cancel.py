@@ -1,7 +1,7 @@
 """Cancellation reaches the engine, end to end: ``serve run tests/e2e/local-cancel.yaml``
 (``configs/local.yaml`` with a 1 s ``cancel_check_interval_s``) on the tiny model.
 
-A long offline task (2000 tokens, ``ignore_eos``) is cancelled while it runs, alone or through
+A long offline task (1500 tokens, ``ignore_eos``) is cancelled while it runs, alone or through
 its batch: the replica aborts it in vLLM within a few check intervals (``/bella`` counts it
 cancelled and holds nothing; vLLM runs nothing), sends no complete (the callback receiver and
 the emulator's completed counter see nothing), and a following task runs and is answered.
@@ -26,8 +26,9 @@ from tests.e2e.conftest import REPO, chat, put, serve_worker
 
 pytestmark = pytest.mark.e2e
 
-LONG_TOKENS = 2000
-"""Far more than the check interval needs: the tiny model takes many seconds for these."""
+LONG_TOKENS = 1500
+"""Far more than the check interval needs (the tiny model takes seconds for these), and with
+the chat template's tokens still within ``max_model_len`` 2048 (else the task is a 400)."""
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,12 @@ async def test_a_running_callback_task_cancelled_is_aborted_unanswered(
                 timeout=600,
             )
         )
-        await wait_for(lambda: _status(worker).get("in_flight") == 1, timeout=120, interval=0.1)
+        await wait_for(
+            lambda: _status(worker).get("in_flight") == 1 or receiver.bodies("/long"),
+            timeout=120,
+            interval=0.1,
+        )
+        assert receiver.bodies("/long") == []  # still running (not answered, e.g. a 400)
         assert await client.cancel(task_id) == task_id
 
         status = await _aborted_unanswered(worker, before)
@@ -134,6 +140,7 @@ async def test_a_running_task_of_a_cancelled_batch_is_aborted_unanswered(
         BatchRequest(input_file_id=uploaded["id"], endpoint="/v1/chat/completions"), queue=queue
     )
     await wait_for(lambda: _status(worker).get("in_flight") == 1, timeout=120, interval=0.1)
+    assert await _completed_count(client, queue) == completed_before  # still running
     cancelled = await client.cancel_batch(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
 

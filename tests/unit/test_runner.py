@@ -7,6 +7,7 @@ Fakes stand in for the engine, the event bus and Bella-Queue's HTTP complete (``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -826,3 +827,62 @@ async def test_offline_running_lists_only_level_1_offline_tasks(rig: Rig) -> Non
     running = rig.runner.offline_running()
     assert [t.task_id for t, _ in running] == [offline.task_id]
     assert running[0][1] >= 0
+
+
+class SwallowingEngine:
+    """Like vLLM's non-streaming chat: a cancellation becomes an error response (here the
+    ``EngineError`` the replica maps it to), not a ``CancelledError``."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def _play(self) -> AsyncIterator[dict[str, Any]]:
+        self.started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        raise EngineError("Client disconnected", status_code=400)
+        yield {}  # pragma: no cover - makes this an async generator
+
+    def stream(
+        self, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        return self._play()
+
+
+def _swallowing_rig(**config: Any) -> tuple[Rig, SwallowingEngine]:
+    rig = Rig(**config)
+    engine = SwallowingEngine()
+    rig.runner.engine = engine
+    return rig, engine
+
+
+async def test_abort_is_cancelled_even_when_the_engine_turns_it_into_an_error() -> None:
+    rig, engine = _swallowing_rig()
+    task = make_task(CALLBACK)
+    job = rig.runner.start(task)
+    assert job is not None
+    await engine.started.wait()
+    assert rig.runner.abort(task.task_id, "the task was cancelled")
+    outcome = await job
+    assert outcome["cancelled"]
+    assert rig.answers(task) == []
+
+
+async def test_drain_leaves_level_1_even_when_the_engine_turns_the_cut_into_an_error() -> None:
+    rig, engine = _swallowing_rig()
+    task = make_task(BATCH)
+    job = rig.runner.start(task)
+    assert job is not None
+    await engine.started.wait()
+    assert await rig.runner.drain(0) == 1
+    outcome = await job
+    assert outcome["answered"] is False
+    assert rig.answers(task) == []
+    assert rig.runner.metrics.total("left_for_redelivery") == 1
+
+
+async def test_deadline_is_408_even_when_the_engine_turns_it_into_an_error() -> None:
+    rig, _ = _swallowing_rig()
+    task = make_task(CALLBACK, expire_in_ms=200)
+    await rig.run(task)
+    assert rig.only_answer(task)["status_code"] == 408
