@@ -1,10 +1,11 @@
 """Cancellation reaches the engine, end to end: ``serve run tests/e2e/local-cancel.yaml``
-(``configs/local.yaml`` with a 1 s ``cancel_check_interval_s``) on the tiny model.
+(``configs/local.yaml`` with a 0.5 s ``cancel_check_interval_s``) on the tiny model.
 
-A long offline task (1500 tokens, ``ignore_eos``) is cancelled while it runs, alone or through
-its batch: the replica aborts it in vLLM within a few check intervals (``/bella`` counts it
-cancelled and holds nothing; vLLM runs nothing), sends no complete (the callback receiver and
-the emulator's completed counter see nothing), and a following task runs and is answered.
+A long offline task (1500 tokens, ``ignore_eos``) is cancelled while it runs, alone or (eight
+of them) through their batch: the replica aborts it in vLLM within a few check intervals
+(``/bella`` counts it cancelled and holds nothing; vLLM runs nothing), sends no complete (the
+callback receiver and the emulator's completed counter see nothing), and a following task runs
+and is answered.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ pytestmark = pytest.mark.e2e
 
 LONG_TOKENS = 1500
 """Far more than the check interval needs (the tiny model takes seconds for these), and with
-the chat template's tokens still within ``max_model_len`` 2048 (else the task is a 400)."""
+the chat template's tokens still within ``max_model_len`` 2048. Alone, the tiny model writes
+them in about 3.5 s on 2 cores."""
+BATCH_LINES = 8
+"""``max_num_seqs`` of the config: every line runs at once."""
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +58,14 @@ async def _completed_count(client: QueueClient, queue: str) -> int:
     return int(stats.get("completed_count") or 0)
 
 
-async def _aborted_unanswered(worker: ServeRun, before: int) -> dict[str, Any]:
-    """Wait until the worker counts one more cancelled task, holds nothing and vLLM runs
+async def _aborted_unanswered(worker: ServeRun, before: int, count: int = 1) -> dict[str, Any]:
+    """Wait until the worker counts ``count`` more cancelled tasks, holds nothing and vLLM runs
     nothing."""
 
     def aborted() -> dict[str, Any] | None:
         status = _status(worker)
         done = (
-            status.get("cancelled", 0) >= before + 1
+            status.get("cancelled", 0) >= before + count
             and status.get("in_flight") == 0
             and _engine_running(status) == 0
         )
@@ -124,31 +128,40 @@ async def test_a_running_callback_task_cancelled_is_aborted_unanswered(
         print(f"aborted after cancel: {status}")
 
 
-async def test_a_running_task_of_a_cancelled_batch_is_aborted_unanswered(
+async def test_running_tasks_of_a_cancelled_batch_are_aborted_unanswered(
     worker: ServeRun, client: QueueClient, queue: str
 ) -> None:
     before = _status(worker).get("cancelled", 0)
     completed_before = await _completed_count(client, queue)
-    line = {
-        "custom_id": "long",
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": chat("a long batch line", LONG_TOKENS),
-    }
-    uploaded = await client.upload_file(json.dumps(line).encode(), "long.jsonl")
+    # As many lines as the engine runs at once: they run side by side (slower steps, so they
+    # surely outlive the check) and one batch request covers them all.
+    lines = [
+        {
+            "custom_id": f"long-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": chat(f"a long batch line {i}", LONG_TOKENS),
+        }
+        for i in range(BATCH_LINES)
+    ]
+    uploaded = await client.upload_file(
+        "\n".join(json.dumps(x) for x in lines).encode(), "long.jsonl"
+    )
     batch = await client.create_batch(
         BatchRequest(input_file_id=uploaded["id"], endpoint="/v1/chat/completions"), queue=queue
     )
-    await wait_for(lambda: _status(worker).get("in_flight") == 1, timeout=120, interval=0.1)
+    await wait_for(
+        lambda: _status(worker).get("in_flight", 0) >= BATCH_LINES, timeout=120, interval=0.1
+    )
     assert await _completed_count(client, queue) == completed_before  # still running
     cancelled = await client.cancel_batch(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
 
-    status = await _aborted_unanswered(worker, before)
-    assert status["cancelled"] == before + 1
+    status = await _aborted_unanswered(worker, before, BATCH_LINES)
+    assert status["cancelled"] == before + BATCH_LINES
 
     with CallbackReceiver() as receiver:
         await _following_task_runs(client, queue, receiver)
-    # Only the following task was completed; the batch line's complete never came.
+    # Only the following task was completed; no batch line's complete ever came.
     assert await _completed_count(client, queue) == completed_before + 1
     assert (await client.get_batch(batch.id)).request_counts.completed == 0
