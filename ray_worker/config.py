@@ -252,6 +252,23 @@ class DispatcherConfig(_Frozen):
             "or both, in messages and streamed deltas alike."
         ),
     )
+    cancel_check_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "Every this often each replica asks Bella-Queue about its level-1 offline tasks "
+            "that have run at least this long (GET /v1/queue/{id}; one GET /v1/batches/{id} "
+            "per batch) and aborts those cancelled, unanswered (0: never check)."
+        ),
+    )
+    cancel_check_max_requests: int = Field(
+        default=20,
+        ge=1,
+        description=(
+            "Most status requests one replica sends per cancel_check_interval_s (the least "
+            "recently checked first; the rest wait for the next rounds)."
+        ),
+    )
 
 
 class PublisherOptions(_Frozen):

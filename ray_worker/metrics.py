@@ -43,6 +43,8 @@ METRIC_NAMES = {
     "outbox_bytes": "bella_worker_outbox_bytes",
     "outbox_backpressure": "bella_worker_outbox_backpressure_total",
     "complete_given_up": "bella_worker_complete_given_up_total",
+    "tasks_cancelled": "bella_worker_tasks_cancelled_total",
+    "cancel_checks": "bella_worker_cancel_checks_total",
 }
 
 
@@ -165,6 +167,18 @@ class WorkerMetrics:
                 n["complete_given_up"],
                 "Answers the outbox gave up: expired, rejected (4xx), undelivered_at_stop.",
                 tag_keys=("reason",),
+            ),
+            "tasks_cancelled": rm.Counter(
+                n["tasks_cancelled"],
+                "Running offline tasks aborted unanswered (Bella-Queue cancelled them or their "
+                "batch).",
+                tag_keys=("queue", "mode"),
+            ),
+            "cancel_checks": rm.Counter(
+                n["cancel_checks"],
+                "Cancellation status requests of long offline tasks, by kind and result "
+                "(ok, cancelled, error).",
+                tag_keys=("kind", "result"),
             ),
         }
 

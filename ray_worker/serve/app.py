@@ -234,6 +234,7 @@ class QueuePoller:
             "strategy": self.args.poller.strategy.value,
             **polled,
             "answered": dict(self.dispatcher.answered),
+            "cancelled": self.dispatcher.cancelled,
             "tokens": dict(self.dispatcher.tokens),
             # Bella-Queue's clock minus ours, from its Date headers (deadlines account for it).
             "clock_offset_ms": self.client.clock.offset_ms,

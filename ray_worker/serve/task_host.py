@@ -3,7 +3,8 @@
 This module owns what an LLM replica needs to run and answer whole Bella tasks: the
 replica's ``QueueClient`` (HTTP complete, one attempt per call) behind its ``Outbox`` (which
 retries each answer until its task expires), its ``EventBusClient`` (the node's publisher
-actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner``, and the
+actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner`` with its
+``CancelWatch`` (long offline tasks Bella-Queue cancelled are aborted), and the
 ``run`` stream the poller calls: ``{"phase": "answering"}`` right before the task's first
 event or answer leaves, then ``{"phase": "done", "outcome": ...}``. The task's work is
 shielded from that call: a poller that dies or restarts does not stop it.
@@ -28,6 +29,7 @@ from ray_worker.bella.protocol import Task
 from ray_worker.config import RunnerSettings
 from ray_worker.errors import EngineError, WorkerError
 from ray_worker.metrics import WorkerMetrics
+from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.outbox import Outbox
 from ray_worker.task.runner import Outcome, TaskRunner
 from ray_worker.worker.dispatcher import ANSWERING, DONE
@@ -90,6 +92,19 @@ class ReplicaTasks:
             redelivery_window_s=self.settings.redelivery_window_s,
             model_id=model_id,
         )
+        self.cancel_watch: CancelWatch | None = None
+        self._watching: asyncio.Task[None] | None = None
+        if dispatch.cancel_check_interval_s > 0:
+            self.cancel_watch = CancelWatch(
+                self.runner,
+                self.client,
+                interval_s=dispatch.cancel_check_interval_s,
+                max_requests=dispatch.cancel_check_max_requests,
+                metrics=self.metrics,
+            )
+            self._watching = asyncio.get_running_loop().create_task(
+                self.cancel_watch.run(), name="replica-cancel-watch"
+            )
         self.bus_error: str | None = None
         self._bus_ready = asyncio.Event()
         self._start = asyncio.get_running_loop().create_task(
@@ -149,12 +164,17 @@ class ReplicaTasks:
         """Raise when start-up died."""
         if self._start.done() and not self._start.cancelled() and self._start.exception():
             raise EngineError(f"event-bus start-up failed: {self._start.exception()!r}")
+        watching = self._watching
+        if watching is not None and watching.done() and not watching.cancelled():
+            raise EngineError(f"the cancellation watch stopped: {watching.exception()!r}")
 
     async def aclose(self) -> None:
         """Drain the runner, then the outbox, both within ``drain_timeout_s``; close the
         clients. Answers the outbox could not deliver are logged at ERROR per task id."""
         budget_s = self.settings.drain_timeout_s
         started = time.monotonic()
+        if self._watching is not None:
+            self._watching.cancel()
         cut = await self.runner.drain(budget_s)
         if cut:
             logger.warning("%d tasks were cut short by the replica's stop", cut)

@@ -11,6 +11,10 @@ It must not import Ray, Redis or httpx: the engine is an ``Engine``, the event b
 ``EventSink`` and Bella-Queue a ``Completer`` (``ray_worker.serve.llm_server`` wires the real
 ones in; unit tests pass fakes).
 
+Cancelling: ``abort`` ends a task that Bella-Queue no longer wants (a cancelled task or batch,
+see ``ray_worker.task.cancel_watch``) before its answer: the engine request is aborted and no
+answer is sent (the server would ignore it); its outcome says ``cancelled``.
+
 Stopping: ``drain`` waits for the running tasks; what it must cut short is answered 503 when
 its producer waits online (or at level 0, which the server never redelivers), and left
 unanswered at level 1, where the server redelivers it after ``process_timeout``: a final 503
@@ -24,7 +28,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol, TypedDict
 
 from ray_worker.aio import cut_short, to_the_end
@@ -105,6 +109,8 @@ class Outcome(TypedDict):
     """The event bus or Bella-Queue accepted the answer."""
     duplicate: bool
     """The task already ran here; this call started nothing."""
+    cancelled: bool
+    """Bella-Queue cancelled the task (or its batch) while it ran: aborted, not answered."""
     events: int
     prompt_tokens: int
     completion_tokens: int
@@ -148,6 +154,7 @@ class _Run:
 
     __slots__ = (
         "answering",
+        "cancel_reason",
         "completion_tokens",
         "first_at",
         "on_answering",
@@ -162,6 +169,7 @@ class _Run:
         self.sent = 0
         self.overloaded = False
         self.answering = False
+        self.cancel_reason: str | None = None
         self.on_answering = on_answering
         self.started = time.monotonic()
         self.started_ms = started_ms
@@ -211,6 +219,7 @@ class TaskRunner:
         self.model_id = model_id
         """The model this replica serves (the tag of the token metrics and usage lines)."""
         self._jobs: dict[str, asyncio.Task[Outcome]] = {}
+        self._runs: dict[str, tuple[Task, _Run]] = {}
         self._levels: dict[str, Level] = {}
         self._accepting = True
 
@@ -251,6 +260,7 @@ class TaskRunner:
         work = self._run(task, run) if self._accepting else self._stopped(task, run)
         job = asyncio.get_running_loop().create_task(work, name=f"task-{task.task_id}")
         self._jobs[task.task_id] = job
+        self._runs[task.task_id] = (task, run)
         self._levels[task.task_id] = Level.ONLINE if task.level == 0 else Level.OFFLINE
         job.add_done_callback(lambda j: self._finished(task, j))
         return job
@@ -261,6 +271,33 @@ class TaskRunner:
         if job is None:
             return _outcome(task, duplicate=True)
         return await asyncio.shield(job)
+
+    def offline_running(self) -> list[tuple[Task, float]]:
+        """The level-1 offline tasks running here and not answering yet, with how long each
+        has run (seconds): what ``abort`` may still end."""
+        now = time.monotonic()
+        return [
+            (task, now - run.started)
+            for task, run in self._runs.values()
+            if task.level != 0 and not task.is_online and not run.answering
+        ]
+
+    def abort(self, task_id: str, reason: str) -> bool:
+        """End ``task_id`` without an answer: Bella-Queue cancelled it (``reason`` says how).
+
+        Closing the engine stream aborts the request in the engine, freeing its slot. Returns
+        False when the task is not running here or its answer already left (too late).
+        """
+        entry = self._runs.get(task_id)
+        job = self._jobs.get(task_id)
+        if entry is None or job is None or job.done():
+            return False
+        _, run = entry
+        if run.answering or run.cancel_reason is not None:
+            return False
+        run.cancel_reason = reason
+        job.cancel()
+        return True
 
     async def drain(self, timeout_s: float) -> int:
         """Stop accepting; wait up to ``timeout_s`` for running tasks, then cut the rest short
@@ -273,6 +310,7 @@ class TaskRunner:
 
     def _finished(self, task: Task, job: asyncio.Task[Outcome]) -> None:
         self._jobs.pop(task.task_id, None)
+        self._runs.pop(task.task_id, None)
         self._levels.pop(task.task_id, None)
         if not job.cancelled() and job.exception() is not None:
             # _run answers every error itself; reaching here is a bug worth a loud log.
@@ -282,24 +320,39 @@ class TaskRunner:
         try:
             result = await self._execute(task, run)
         except asyncio.CancelledError:
-            # Only drain cancels a job, and it wants this outcome rather than the error.
+            # Only abort and drain cancel a job, and they want an outcome rather than the error.
+            if run.cancel_reason is not None:
+                return self._cancelled(task, run)
             return await self._stopped(task, run)
-        except TaskError as err:
-            answering = self._answer_error(task, err, run)
         except Exception as err:
-            # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
-            logger.error(
-                "task failed outside the engine call: %s",
-                err,
-                exc_info=not isinstance(err, WorkerError),
-                extra=task_context(task),
-            )
-            failure = EngineError(f"the worker failed: {type(err).__name__}: {err}")
-            answering = self._answer_error(task, failure, run)
+            # An engine may turn a cancellation into an error of its own (vLLM's non-streaming
+            # chat answers "Client disconnected") rather than let it through.
+            if run.cancel_reason is not None:
+                return self._cancelled(task, run)
+            job = asyncio.current_task()
+            if job is not None and job.cancelling():
+                return await self._stopped(task, run)
+            answering = self._failed(task, err, run)
         else:
+            if run.cancel_reason is not None:
+                return self._cancelled(task, run)
             answering = self._answer(task, result, run)
         # The answer is the task's only one: a stop must not cut it off half sent.
         return await to_the_end(answering)
+
+    def _failed(self, task: Task, err: Exception, run: _Run) -> Coroutine[Any, Any, Outcome]:
+        """The answer of a task whose run raised ``err``."""
+        if isinstance(err, TaskError):
+            return self._answer_error(task, err, run)
+        # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
+        logger.error(
+            "task failed outside the engine call: %s",
+            err,
+            exc_info=not isinstance(err, WorkerError),
+            extra=task_context(task),
+        )
+        failure = EngineError(f"the worker failed: {type(err).__name__}: {err}")
+        return self._answer_error(task, failure, run)
 
     async def _stopped(self, task: Task, run: _Run) -> Outcome:
         """A stop cut ``task`` short (or came before it): 503 online and at level 0; left
@@ -313,6 +366,26 @@ class TaskRunner:
             self.metrics.inc("left_for_redelivery")
             return _outcome(task, duration_s=time.monotonic() - run.started)
         return await to_the_end(self._answer_error(task, ShuttingDownAnswer(), run))
+
+    def _cancelled(self, task: Task, run: _Run) -> Outcome:
+        """Bella-Queue cancelled ``task`` while it ran: the engine call is aborted (the stream
+        was closed on the way out) and no answer goes out."""
+        duration_s = time.monotonic() - run.started
+        self.metrics.inc("tasks_cancelled", queue=task.queue, mode=task.response_mode.value)
+        logger.info(
+            "task %s cancelled after %.1f s (%s): aborted in the engine, not answered",
+            task.task_id,
+            duration_s,
+            run.cancel_reason,
+            extra={
+                **task_context(task),
+                "model": self.model_id or str(task.data.get("model") or ""),
+                "status": "cancelled",
+                "reason": run.cancel_reason,
+                "generation_s": duration_s,
+            },
+        )
+        return _outcome(task, cancelled=True, duration_s=duration_s)
 
     async def _execute(self, task: Task, run: _Run) -> dict[str, Any]:
         """Run the engine call; return the success result or raise a ``TaskError``."""
@@ -358,27 +431,18 @@ class TaskRunner:
                         await self._chunk(task, run, item)
                     else:
                         response = item
-        except TimeoutError as err:
-            if not timeout.expired():
-                # The engine's own timeout, not the task's deadline.
-                logger.warning("engine call timed out: %s", err, extra=task_context(task))
-                raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
-            if run.overloaded:
-                raise EngineOverloadedAnswer(
-                    "the model is overloaded; the task expired while waiting for a slot"
-                ) from None
-            raise TaskExpiredError(
-                "the task's deadline passed during generation; generation was aborted"
-            ) from None
-        except TaskError:
-            raise
-        except EngineOverloadedError as err:
-            raise EngineOverloadedAnswer(str(err) or "the model is overloaded") from None
-        except WorkerError as err:
-            raise EngineError(f"the engine failed: {err}") from None
         except Exception as err:
-            logger.exception("engine call failed", extra=task_context(task))
-            raise EngineError(f"the engine failed: {type(err).__name__}: {err}") from None
+            if timeout.expired():
+                # The deadline, whether it surfaced as TimeoutError or as the error an engine
+                # made of its cancellation (vLLM's non-streaming chat: "Client disconnected").
+                if run.overloaded:
+                    raise EngineOverloadedAnswer(
+                        "the model is overloaded; the task expired while waiting for a slot"
+                    ) from None
+                raise TaskExpiredError(
+                    "the task's deadline passed during generation; generation was aborted"
+                ) from None
+            raise self._engine_failure(task, err) from None
         if streaming:
             await self._chunk(task, run, STREAM_DONE)
             return result_body(200, task.task_id)
@@ -391,6 +455,22 @@ class TaskRunner:
                 await self._chunk(task, run, data_item)
             return result_body(200, task.task_id)
         return result_body(200, task.task_id, response)
+
+    @staticmethod
+    def _engine_failure(task: Task, err: Exception) -> TaskError:
+        """The answer's error for an engine call that failed with ``err`` (no deadline)."""
+        if isinstance(err, TaskError):
+            return err
+        if isinstance(err, EngineOverloadedError):
+            return EngineOverloadedAnswer(str(err) or "the model is overloaded")
+        if isinstance(err, TimeoutError):
+            # The engine's own timeout, not the task's deadline.
+            logger.warning("engine call timed out: %s", err, extra=task_context(task))
+            return EngineError(f"the engine failed: {type(err).__name__}: {err}")
+        if isinstance(err, WorkerError):
+            return EngineError(f"the engine failed: {err}")
+        logger.error("engine call failed", exc_info=err, extra=task_context(task))
+        return EngineError(f"the engine failed: {type(err).__name__}: {err}")
 
     async def _attempts(
         self, task: Task, endpoint: str, data: dict[str, Any], priority: int, run: _Run
@@ -534,6 +614,7 @@ def _outcome(task: Task, **fields: Any) -> Outcome:
         answered=False,
         delivered=False,
         duplicate=False,
+        cancelled=False,
         events=0,
         prompt_tokens=0,
         completion_tokens=0,

@@ -131,6 +131,8 @@ class Dispatcher:
         self.answered: dict[str, int] = {"2xx": 0, "4xx": 0, "5xx": 0}
         """Answers by status class: the replicas' (from their outcomes) and the poller's."""
         self.tokens = {"prompt": 0, "completion": 0}
+        self.cancelled = 0
+        """Tasks the replicas aborted unanswered because Bella-Queue cancelled them."""
         self.timings: dict[str, list[Any]] = {}
         """Per outcome timing: [sum, count] (means in the status)."""
 
@@ -324,6 +326,8 @@ class Dispatcher:
         if outcome["duplicate"]:
             self.metrics.inc("duplicates")
             return
+        if outcome.get("cancelled"):
+            self.cancelled += 1
         if outcome["answered"]:
             status = status_class(outcome["status_code"])
             self.answered[status] = self.answered.get(status, 0) + 1

@@ -37,6 +37,7 @@ def _app_args(queue_url: str, queue: str, **poller: Any) -> dict[str, Any]:
         model=MODEL,
         sim={"max_num_seqs": 8, "ttft_s": 0.02, "tokens_per_s": 200, "max_model_len": 8192},
         poller={"process_timeout_s": 3, "process_max_retries": 1, **poller},
+        dispatcher={"cancel_check_interval_s": 0.5},
     )
 
 
@@ -263,6 +264,57 @@ async def test_deadline_mid_generation_aborts_and_answers(
 
     await wait_for(engine_idle, timeout=15, interval=0.2)
     assert _answers(receiver, task_id) == []  # the server drops late completes of expired tasks
+
+
+async def test_cancelled_task_mid_generation_is_aborted_unanswered(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> None:
+    await worker_running(worker)
+    before = (await worker.status.remote())["cancelled"]
+    # 5000 tokens at 200 tokens/s: 25 s of generation, cancelled once it runs; the replica's
+    # 0.5 s cancellation check must abort it in the engine and send no complete.
+    task_id = await client.put(
+        _put(
+            queue,
+            ResponseMode.CALLBACK,
+            _chat(max_tokens=5000),
+            level=1,
+            callback_url=receiver.url,
+            timeout=120,
+        )
+    )
+
+    async def generating() -> bool:
+        status = await worker.status.remote()
+        return bool(status["pools"][0]["capacity"]["engine_running"] >= 1)
+
+    await wait_for(generating, timeout=30, interval=0.1)
+    await client.cancel(task_id)
+
+    async def aborted() -> bool:
+        status = await worker.status.remote()
+        cap = status["pools"][0]["capacity"]
+        return bool(
+            status["cancelled"] == before + 1
+            and status["in_flight"] == 0
+            and cap["engine_running"] == 0
+        )
+
+    await wait_for(aborted, timeout=20, interval=0.1)
+    assert (await client.get_task(task_id)).status == "cancelled"
+    # The slot is free: a following task runs and is answered; the cancelled one never is.
+    next_id = await client.put(
+        _put(
+            queue,
+            ResponseMode.CALLBACK,
+            _chat(max_tokens=3),
+            level=1,
+            callback_url=receiver.url,
+            timeout=60,
+        )
+    )
+    assert (await _callback_answer(receiver, next_id))["status_code"] == 200
+    assert _answers(receiver, task_id) == []
 
 
 async def test_redelivered_duplicate_runs_once(

@@ -91,6 +91,8 @@ def test_dispatcher_defaults() -> None:
         "outbox_max_bytes": 268435456,
         "remember_completed": 4096,
         "reasoning_field": "reasoning_content",
+        "cancel_check_interval_s": 30.0,
+        "cancel_check_max_requests": 20,
     }
 
 

@@ -7,6 +7,7 @@ Fakes stand in for the engine, the event bus and Bella-Queue's HTTP complete (``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -758,3 +759,130 @@ async def test_answered_task_logs_one_usage_line_and_counts_tokens(
     metrics = rig.runner.metrics
     assert metrics.total("prompt_tokens", queue=task.queue, model="m") == 7
     assert metrics.total("completion_tokens", queue=task.queue, model="m") == 3
+
+
+# -- abort (Bella-Queue cancelled the task) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [CALLBACK, BATCH])
+async def test_abort_ends_a_running_offline_task_unanswered_and_frees_the_engine(
+    rig: Rig, mode: ResponseMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig.engine.script(Delay(30))
+    task = make_task(mode)
+    job = rig.runner.start(task)
+    assert job is not None
+    await until(lambda: rig.engine.active == 1)
+    assert [t.task_id for t, _ in rig.runner.offline_running()] == [task.task_id]
+    with caplog.at_level(logging.INFO, logger="ray_worker.task.runner"):
+        assert rig.runner.abort(task.task_id, "the task was cancelled")
+        outcome = await job
+    expect_outcome(outcome, task, status_code=0, answered=False, delivered=False, cancelled=True)
+    assert rig.answers(task) == []
+    assert rig.engine.aborted == [task.task_id]
+    assert rig.engine.active == 0
+    assert rig.runner.in_flight == 0
+    assert rig.runner.metrics.total("tasks_cancelled", mode=mode.value) == 1
+    assert rig.completed() == 0
+    (line,) = [r for r in caplog.records if "cancelled after" in r.getMessage()]
+    assert line.__dict__["status"] == "cancelled"
+    assert line.__dict__["reason"] == "the task was cancelled"
+
+
+async def test_abort_of_a_task_not_running_here_is_refused(rig: Rig) -> None:
+    assert not rig.runner.abort("TASK-nope", "cancelled")
+
+
+async def test_abort_is_refused_once_the_answer_is_leaving(rig: Rig) -> None:
+    gate = asyncio.Event()
+
+    async def slow_complete(task_id: str, result: Any) -> None:
+        await gate.wait()
+        rig.completer.completes.append(Recorded("complete", task_id, data=dict(result)))
+
+    rig.completer.complete = slow_complete  # type: ignore[method-assign]
+    task = make_task(CALLBACK)
+    job = rig.runner.start(task)
+    assert job is not None
+    await until(lambda: rig.engine.calls and rig.engine.active == 0)
+    await settle()
+    assert rig.runner.offline_running() == []  # answering: no longer abortable
+    assert not rig.runner.abort(task.task_id, "cancelled")
+    gate.set()
+    outcome = await job
+    assert outcome["answered"]
+    assert not outcome["cancelled"]
+    assert rig.only_answer(task)["status_code"] == 200
+
+
+async def test_offline_running_lists_only_level_1_offline_tasks(rig: Rig) -> None:
+    for _ in range(3):
+        rig.engine.script(Delay(30))
+    online = make_task(BLOCKING)
+    level0_callback = make_task(CALLBACK, level=0)
+    offline = make_task(CALLBACK)
+    for task in (online, level0_callback, offline):
+        assert rig.runner.start(task) is not None
+    await until(lambda: rig.engine.active == 3)
+    running = rig.runner.offline_running()
+    assert [t.task_id for t, _ in running] == [offline.task_id]
+    assert running[0][1] >= 0
+
+
+class SwallowingEngine:
+    """Like vLLM's non-streaming chat: a cancellation becomes an error response (here the
+    ``EngineError`` the replica maps it to), not a ``CancelledError``."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def _play(self) -> AsyncIterator[dict[str, Any]]:
+        self.started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        raise EngineError("Client disconnected", status_code=400)
+        yield {}  # pragma: no cover - makes this an async generator
+
+    def stream(
+        self, endpoint: str, data: dict[str, Any], *, request_id: str, priority: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        return self._play()
+
+
+def _swallowing_rig(**config: Any) -> tuple[Rig, SwallowingEngine]:
+    rig = Rig(**config)
+    engine = SwallowingEngine()
+    rig.runner.engine = engine
+    return rig, engine
+
+
+async def test_abort_is_cancelled_even_when_the_engine_turns_it_into_an_error() -> None:
+    rig, engine = _swallowing_rig()
+    task = make_task(CALLBACK)
+    job = rig.runner.start(task)
+    assert job is not None
+    await engine.started.wait()
+    assert rig.runner.abort(task.task_id, "the task was cancelled")
+    outcome = await job
+    assert outcome["cancelled"]
+    assert rig.answers(task) == []
+
+
+async def test_drain_leaves_level_1_even_when_the_engine_turns_the_cut_into_an_error() -> None:
+    rig, engine = _swallowing_rig()
+    task = make_task(BATCH)
+    job = rig.runner.start(task)
+    assert job is not None
+    await engine.started.wait()
+    assert await rig.runner.drain(0) == 1
+    outcome = await job
+    assert outcome["answered"] is False
+    assert rig.answers(task) == []
+    assert rig.runner.metrics.total("left_for_redelivery") == 1
+
+
+async def test_deadline_is_408_even_when_the_engine_turns_it_into_an_error() -> None:
+    rig, _ = _swallowing_rig()
+    task = make_task(CALLBACK, expire_in_ms=200)
+    await rig.run(task)
+    assert rig.only_answer(task)["status_code"] == 408
