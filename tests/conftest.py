@@ -42,24 +42,30 @@ def redis_server() -> Iterator[RedisServer]:
         server.close()
 
 
+def emulator_server(redis_url: str, profile: str, **config: Any) -> EmulatorServer:
+    """An emulator (not started yet) on ``redis_url`` with the tests' settings: the key
+    ``"test-key"``, a free port, short callback retry delays, a fast redelivery timer;
+    ``config`` sets further ``EmulatorConfig`` fields. Use it as a context manager."""
+    from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
+
+    return EmulatorServer(
+        EmulatorConfig(
+            redis_url=redis_url,
+            apikeys=(EMULATOR_APIKEY,),
+            port=0,
+            profile=profile,
+            callback_retry_delays_s=(0.05, 0.1, 0.2),
+            redelivery_check_interval_s=0.05,
+            **config,
+        )
+    )
+
+
 @pytest.fixture(scope="session")
 def emulator(redis_server: RedisServer) -> Iterator[EmulatorServer]:
     """A started ``EmulatorServer`` on ``redis_server`` accepting the key ``"test-key"``."""
-    from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
-
-    config = EmulatorConfig(
-        redis_url=redis_server.url,
-        apikeys=(EMULATOR_APIKEY,),
-        port=0,
-        profile="test",
-        callback_retry_delays_s=(0.05, 0.1, 0.2),
-        redelivery_check_interval_s=0.05,
-    )
-    server = EmulatorServer(config).start()
-    try:
+    with emulator_server(redis_server.url, "test") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -17,16 +17,18 @@ import pytest
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
-from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
+from tests.conftest import EMULATOR_APIKEY as APIKEY
+from tests.conftest import emulator_server
 
 pytestmark = pytest.mark.integration
 
-APIKEY = "test-key"
+
 MODEL = "sim-model"
 SKEW_S = 300
 
@@ -35,20 +37,9 @@ SKEW_S = 300
 def skewed_emulator(
     request: pytest.FixtureRequest, redis_server: RedisServer
 ) -> Iterator[EmulatorServer]:
-    config = EmulatorConfig(
-        redis_url=redis_server.url,
-        apikeys=(APIKEY,),
-        port=0,
-        profile=f"skew{request.param_index}",
-        callback_retry_delays_s=(0.05, 0.1, 0.2),
-        redelivery_check_interval_s=0.05,
-        clock_offset_s=request.param,
-    )
-    server = EmulatorServer(config).start()
-    try:
+    profile = f"skew{request.param_index}"
+    with emulator_server(redis_server.url, profile, clock_offset_s=request.param) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -114,29 +105,20 @@ async def test_online_tasks_are_served_and_expired_work_is_stopped_under_clock_s
         # stopped at its expire_time on the server's clock (a complete after that is ignored
         # by the server, §1.5). On the worker's own clock it would have 5 more minutes
         # (server ahead): it would run to the end and answer 200.
-        expiring = await client.put(
-            PutRequest(
+        def callback(max_tokens: int, lifetime_s: int) -> PutRequest:
+            return PutRequest(
                 endpoint="/v1/chat/completions",
                 queue=queue,
                 level=0,
                 response_mode=ResponseMode.CALLBACK,
                 callback_url=receiver.url,
-                data=_chat(200),
-                timeout=4,
+                data=_chat(max_tokens),
+                timeout=lifetime_s,
             )
-        )
+
+        expiring = await client.put(callback(200, 4))
         # One with time enough is answered 200 (server behind: not refused at once).
-        lasting = await client.put(
-            PutRequest(
-                endpoint="/v1/chat/completions",
-                queue=queue,
-                level=0,
-                response_mode=ResponseMode.CALLBACK,
-                callback_url=receiver.url,
-                data=_chat(4),
-                timeout=120,
-            )
-        )
+        lasting = await client.put(callback(4, 120))
 
         def called_back() -> dict[str, int] | None:
             found = {b.get("request_id"): b for b in receiver.bodies() if isinstance(b, dict)}

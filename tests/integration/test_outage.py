@@ -21,16 +21,18 @@ import pytest
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
-from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
+from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
+from tests.conftest import EMULATOR_APIKEY as APIKEY
+from tests.conftest import emulator_server
 
 pytestmark = pytest.mark.integration
 
-APIKEY = "test-key"
+
 MODEL = "sim-model"
 TASKS_PER_LEVEL = 4
 
@@ -52,19 +54,8 @@ def _app_args(queue_url: str, queue: str, backoff_max_s: float) -> dict[str, Any
 @pytest.fixture(scope="module")
 def own_emulator(redis_server: RedisServer) -> Iterator[EmulatorServer]:
     """An emulator only this module stops (the session's one serves the other modules)."""
-    config = EmulatorConfig(
-        redis_url=redis_server.url,
-        apikeys=(APIKEY,),
-        port=0,
-        profile="outage",
-        callback_retry_delays_s=(0.05, 0.1, 0.2),
-        redelivery_check_interval_s=0.05,
-    )
-    server = EmulatorServer(config).start()
-    try:
+    with emulator_server(redis_server.url, "outage") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
