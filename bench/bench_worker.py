@@ -14,6 +14,10 @@ Bella-Queue emulator and a local Ray head on loopback, and measures side by side
   length (``ignore_eos``) on the tiny random-weight Llama, (a) directly on vLLM ``AsyncLLM`` in
   a child process (shut down before (b) starts), (b) through the worker with ``engine: vllm``
   and the same engine arguments; tokens/s and time to first token of both, and their ratios.
+  Both engines run the model in their engine process (``distributed_executor_backend: uni``)
+  on one OpenMP thread (``ENGINE_ENV``): on 2 cores, vLLM's default CPU layout (a model
+  process beside an engine process that spin-waits on it) leaves no core for the worker's
+  replica, publisher and Redis, so the engine, not the worker, would set the figure.
 - ``publisher``: a reduced run of :mod:`bench.bench_publisher` (its full run is
   ``python -m bench.bench_publisher``).
 
@@ -72,6 +76,14 @@ ENGINE_KWARGS: dict[str, Any] = {
     "max_model_len": 512,
     "max_num_seqs": 8,
     "enforce_eager": True,
+    # The model runs in the engine process: no model process for the engine to spin-wait on.
+    "distributed_executor_backend": "uni",
+}
+ENGINE_ENV: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # One core computes (the stand-in for the GPU); the other is left to whatever serves
+    # the tokens: the direct run's own loop, or the worker's replica, publisher and Redis.
+    "OMP_NUM_THREADS": "1",
 }
 JAVA_EMPTY_DELAY_S = 0.1
 
@@ -113,7 +125,7 @@ def vllm_args(queue_url: str, queue: str, model_dir: Path) -> dict[str, Any]:
                 "accelerator_config": {"kind": "cpu"},
                 "engine_kwargs": dict(ENGINE_KWARGS),
                 "deployment_config": {"num_replicas": 1, "max_ongoing_requests": 64},
-                "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+                "runtime_env": {"env_vars": dict(ENGINE_ENV)},
             }
         ],
     }
@@ -318,7 +330,7 @@ def run_direct_child(model_dir: Path, n: int, max_tokens: int, timeout_s: float)
         "--direct-out",
         str(out),
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **ENGINE_ENV, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )

@@ -101,6 +101,25 @@ def _die_with_parent() -> Iterator[None]:
             _uninstall_start_hook()
 
 
+def _honour_executor_backend(llm_config: Any, vllm_config: Any) -> None:
+    """Run the model in the engine process itself when the config asks for ``uni``.
+
+    Ray Serve LLM sets ``distributed_executor_backend: mp`` for every CPU deployment, which
+    gives the engine a separate model process; its engine process then waits for every step
+    by spinning (``sched_yield``) on shared memory and keeps a core busy that the replica and
+    the publisher need on a small CPU machine. A one-process deployment (tensor and pipeline
+    parallel size 1) that names ``uni`` in ``engine_kwargs`` gets it; nothing else changes.
+    """
+    asked = (getattr(llm_config, "engine_kwargs", None) or {}).get("distributed_executor_backend")
+    parallel = vllm_config.parallel_config
+    if asked != "uni" or parallel.world_size != 1:
+        return
+    if str(getattr(vllm_config.device_config, "device_type", "")) != "cpu":
+        return
+    parallel.distributed_executor_backend = "uni"
+    logger.info("the model runs in the engine process (distributed_executor_backend: uni)")
+
+
 def _make_vllm_engine_class() -> type:
     from ray.llm._internal.serve.core.configs.openai_api_models import (
         ChatCompletionRequest,
@@ -145,6 +164,7 @@ def _make_vllm_engine_class() -> type:
         def _start_async_llm_engine(
             self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
         ) -> Any:
+            _honour_executor_backend(self.llm_config, vllm_engine_config)
             with _die_with_parent():
                 client = super()._start_async_llm_engine(
                     vllm_engine_args, vllm_engine_config, placement_group
