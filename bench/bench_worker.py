@@ -14,6 +14,8 @@ Bella-Queue emulator and a local Ray head on loopback, and measures side by side
   length (``ignore_eos``) on the tiny random-weight Llama, (a) directly on vLLM ``AsyncLLM`` in
   a child process (shut down before (b) starts), (b) through the worker with ``engine: vllm``
   and the same engine arguments; tokens/s and time to first token of both, and their ratios.
+  Each side runs ``--rounds`` bursts 0.5 s apart (so every burst meets an idle worker):
+  tokens/s is the median burst's, time to first token is taken over every request.
   Both engines run the model in their engine process (``distributed_executor_backend: uni``)
   on one OpenMP thread (``ENGINE_ENV``): on 2 cores, vLLM's default CPU layout (a model
   process beside an engine process that spin-waits on it) leaves no core for the worker's
@@ -35,6 +37,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +49,7 @@ from redis.asyncio import Redis
 
 from bench.harness import (
     RESULTS_DIR,
+    StreamTiming,
     emit,
     local_stack,
     ratio,
@@ -86,6 +90,8 @@ ENGINE_ENV: dict[str, str] = {
     "OMP_NUM_THREADS": "1",
 }
 JAVA_EMPTY_DELAY_S = 0.1
+ROUND_PAUSE_S = 0.5
+"""Pause before each tiny-model burst, on both sides: each burst meets an idle worker."""
 
 
 def chat(content: str, model: str, **extra: Any) -> dict[str, Any]:
@@ -266,7 +272,7 @@ async def idle_pickup(
 # ---------------------------------------------------------------------------------------
 
 
-async def direct_vllm(model_dir: str, n: int, max_tokens: int) -> dict[str, Any]:
+async def direct_vllm(model_dir: str, n: int, max_tokens: int, rounds: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -298,24 +304,32 @@ async def direct_vllm(model_dir: str, n: int, max_tokens: int) -> dict[str, Any]
             return first or 0.0, time.perf_counter() - start, tokens
 
         await asyncio.gather(*(one(-1 - i) for i in range(2)))  # warm-up
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(n)))
-        elapsed = time.perf_counter() - start
+        bursts: list[tuple[float, list[tuple[float, float, int]]]] = []
+        for _ in range(rounds):
+            await asyncio.sleep(ROUND_PAUSE_S)
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(i) for i in range(n)))
+            bursts.append((time.perf_counter() - start, results))
     finally:
         engine.shutdown()
-    tokens = sum(r[2] for r in results)
+    per_round = [sum(r[2] for r in results) / elapsed for elapsed, results in bursts]
+    every = [r for _, results in bursts for r in results]
     return {
         "requests": n,
         "max_tokens": max_tokens,
-        "tokens": tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed, 1),
-        "ttft_ms": summary_ms([r[0] for r in results]),
-        "first_token_to_last_ms": summary_ms([r[1] - r[0] for r in results]),
+        "rounds": rounds,
+        "tokens": sum(r[2] for r in every),
+        "seconds": round(sum(elapsed for elapsed, _ in bursts), 3),
+        "tokens_per_s": round(statistics.median(per_round), 1),
+        "tokens_per_s_rounds": [round(x, 1) for x in per_round],
+        "ttft_ms": summary_ms([r[0] for r in every]),
+        "first_token_to_last_ms": summary_ms([r[1] - r[0] for r in every]),
     }
 
 
-def run_direct_child(model_dir: Path, n: int, max_tokens: int, timeout_s: float) -> dict[str, Any]:
+def run_direct_child(
+    model_dir: Path, n: int, max_tokens: int, rounds: int, timeout_s: float
+) -> dict[str, Any]:
     out = RESULTS_DIR / f".direct-{os.getpid()}.json"
     cmd = [
         sys.executable,
@@ -327,6 +341,8 @@ def run_direct_child(model_dir: Path, n: int, max_tokens: int, timeout_s: float)
         str(n),
         "--max-tokens",
         str(max_tokens),
+        "--rounds",
+        str(rounds),
         "--direct-out",
         str(out),
     ]
@@ -379,23 +395,36 @@ async def through_worker(
                 )
 
             await asyncio.gather(*(timed_stream(client, request(-1 - i)) for i in range(2)))
-            start = time.perf_counter()
-            timings = await asyncio.gather(
-                *(timed_stream(client, request(i)) for i in range(args.requests))
-            )
-            elapsed = time.perf_counter() - start
+            bursts: list[tuple[float, list[StreamTiming]]] = []
+            for _ in range(args.rounds):
+                await asyncio.sleep(ROUND_PAUSE_S)  # the poller goes idle between bursts
+                start = time.perf_counter()
+                burst = await asyncio.gather(
+                    *(timed_stream(client, request(i)) for i in range(args.requests))
+                )
+                bursts.append((time.perf_counter() - start, burst))
             status = await handle.status.remote()
+
+    def tokens_of(timings: list[StreamTiming]) -> int:
+        usage = [t.usage_tokens for t in timings]
+        if all(u is not None for u in usage):
+            return sum(u for u in usage if u is not None)
+        return sum(t.content_chunks for t in timings)  # no usage: count chunks
+
+    timings = [t for _, burst in bursts for t in burst]
+    elapsed = sum(seconds for seconds, _ in bursts)
     chunks = sum(t.content_chunks for t in timings)
-    usage = [t.usage_tokens for t in timings]
-    tokens = sum(u for u in usage if u is not None) if all(u is not None for u in usage) else None
+    per_round = [tokens_of(burst) / seconds for seconds, burst in bursts]
     ttft = [t.first_content_s for t in timings if t.first_content_s is not None]
     return {
         "requests": args.requests,
         "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
         "content_chunks": chunks,
-        "usage_completion_tokens": tokens,
+        "usage_completion_tokens": tokens_of(timings),
         "seconds": round(elapsed, 3),
-        "tokens_per_s": round((tokens if tokens is not None else chunks) / elapsed, 1),
+        "tokens_per_s": round(statistics.median(per_round), 1),
+        "tokens_per_s_rounds": [round(x, 1) for x in per_round],
         "content_chunks_per_s": round(chunks / elapsed, 1),
         "ttft_ms": summary_ms(ttft) if ttft else None,
         "ttft_first_sse_ms": summary_ms([t.first_s or 0.0 for t in timings]),
@@ -453,7 +482,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = await asyncio.to_thread(ensure_tiny_model)
         # (a) first and alone: no Ray, no worker running beside it.
         direct = await asyncio.to_thread(
-            run_direct_child, model_dir, args.requests, args.max_tokens, args.ready_timeout_s
+            run_direct_child,
+            model_dir,
+            args.requests,
+            args.max_tokens,
+            args.rounds,
+            args.ready_timeout_s,
         )
         result["tiny_model"] = {"direct_vllm": direct}
 
@@ -489,6 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-window-s", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=8, help="concurrent tiny-model requests")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="tiny-model bursts; tokens/s is their median"
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-seconds", type=float, default=1200.0)
@@ -500,7 +537,9 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
 
     if args.direct_child:
-        figures = asyncio.run(direct_vllm(args.direct_child, args.requests, args.max_tokens))
+        figures = asyncio.run(
+            direct_vllm(args.direct_child, args.requests, args.max_tokens, args.rounds)
+        )
         args.direct_out.write_text(json.dumps(figures))
         return
 

@@ -5,6 +5,9 @@ First SIGKILL of the LLM replica while the raylet is stopped, so that Ray's own 
 dead worker's process group cannot help (its ``VLLM::EngineCore`` and ``VLLM::Worker`` go, the
 deployment comes back and answers), then SIGTERM to ``serve run`` itself, as a supervisor or
 ``kill`` sends it (Ray aborts): no ``VLLM::`` process and nothing else of the run remains.
+
+The config is ``configs/local.yaml`` with Ray's own executor for CPU (``mp``) in place of its
+``uni``: that layout has the deeper process tree (the engine process starts the model's).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
@@ -67,9 +71,23 @@ def queue() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
+def mp_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``configs/local.yaml`` without ``distributed_executor_backend: uni``."""
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    (app,) = config["applications"]
+    for llm in app["args"]["llm_configs"]:
+        assert llm["engine_kwargs"].pop("distributed_executor_backend") == "uni"
+    path = tmp_path_factory.mktemp("engine-processes") / "local-mp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker(
+    tiny_model: Path, emulator: EmulatorServer, queue: str, mp_config: Path
+) -> Iterator[ServeRun]:
     run = ServeRun(
-        REPO / "configs" / "local.yaml",
+        mp_config,
         env={
             "BELLA_QUEUE_URL": emulator.url,
             "BELLA_QUEUE_APIKEY": APIKEY,
