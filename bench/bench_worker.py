@@ -280,8 +280,16 @@ async def direct_vllm(model_dir: str, n: int, max_tokens: int, rounds: int) -> d
     from vllm.v1.engine.async_llm import AsyncLLM
 
     tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+    # What the worker's engine runs with beyond ENGINE_KWARGS: stats on (vLLM's default; the
+    # worker reads KV-cache use from them, and they cost the engine ~13% here) and its
+    # online-first ``priority`` scheduling (``serve.llm_config.with_worker_defaults``).
     engine = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(model=model_dir, disable_log_stats=True, **ENGINE_KWARGS)
+        AsyncEngineArgs(
+            model=model_dir,
+            disable_log_stats=False,
+            scheduling_policy="priority",
+            **ENGINE_KWARGS,
+        )
     )
     try:
         params = SamplingParams(
