@@ -73,6 +73,10 @@ class CallbackReceiver:
         with self._lock:
             return [body for p, body in self.received if path is None or p == path]
 
+    def answers(self, task_id: str) -> list[dict[str, Any]]:
+        """The JSON object bodies whose ``request_id`` is ``task_id``, in arrival order."""
+        return [b for b in self.bodies() if isinstance(b, dict) and b.get("request_id") == task_id]
+
     def start(self) -> CallbackReceiver:
         """Start serving in a daemon thread."""
         if not self._thread.is_alive():

@@ -86,7 +86,7 @@ async def _following_task_runs(client: QueueClient, queue: str, receiver: Callba
         )
     )
     bodies = await wait_for(
-        lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+        lambda: receiver.answers(task_id),
         timeout=120,
         interval=0.1,
     )

@@ -104,7 +104,7 @@ async def test_adapter_callback(
             )
         )
         bodies = await wait_for(
-            lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+            lambda: receiver.answers(task_id),
             timeout=180,
             interval=0.1,
         )

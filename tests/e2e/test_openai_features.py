@@ -331,7 +331,7 @@ class TestEmbeddings:
                 )
             )
             bodies = await wait_for(
-                lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+                lambda: receiver.answers(task_id),
                 timeout=180,
                 interval=0.1,
             )
@@ -382,7 +382,7 @@ class TestEmbeddings:
                     _embed_put(queue, mode, {"input": []}, callback_url=receiver.url + "/cb")
                 )
                 bodies = await wait_for(
-                    lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+                    lambda: receiver.answers(task_id),
                     timeout=180,
                     interval=0.1,
                 )

@@ -76,7 +76,7 @@ async def test_callback(worker: ServeRun, client: QueueClient, queue: str, level
             )
         )
         bodies = await wait_for(
-            lambda: [b for b in receiver.bodies() if b.get("request_id") == task_id],
+            lambda: receiver.answers(task_id),
             timeout=120,
             interval=0.1,
         )

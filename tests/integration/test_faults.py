@@ -135,10 +135,6 @@ async def _events(client: QueueClient, request: PutRequest) -> list[Any]:
     return [event async for event in client.put_streaming(request)]
 
 
-def _callback_answers(receiver: CallbackReceiver, task_id: str) -> list[dict[str, Any]]:
-    return [b for b in receiver.bodies() if isinstance(b, dict) and b.get("request_id") == task_id]
-
-
 async def test_poller_sigkill_loses_and_doubles_nothing(
     worker: Any,
     client: QueueClient,
@@ -163,9 +159,7 @@ async def test_poller_sigkill_loses_and_doubles_nothing(
     for answer in results[3:]:
         assert answer.status_code == 200
     for task_id in callbacks:
-        answers = await wait_for(
-            lambda t=task_id: _callback_answers(receiver, t), timeout=60, interval=0.1
-        )
+        answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=60, interval=0.1)
         assert [a["status_code"] for a in answers] == [200]
 
     # A new poller replica took over, and takes and answers new tasks.
@@ -180,7 +174,7 @@ async def test_poller_sigkill_loses_and_doubles_nothing(
     assert set(completions.values()) == {1}, completions
     await asyncio.sleep(1.0)  # a late duplicate complete would have arrived by now
     for task_id in callbacks:
-        assert len(_callback_answers(receiver, task_id)) == 1
+        assert len(receiver.answers(task_id)) == 1
 
 
 async def test_llm_replica_sigkill_gives_each_task_one_answer(
@@ -210,9 +204,7 @@ async def test_llm_replica_sigkill_gives_each_task_one_answer(
         # Blocking tasks had sent nothing: they ran again on the new replica.
         assert answer.status_code == 200
     for task_id in callbacks:
-        answers = await wait_for(
-            lambda t=task_id: _callback_answers(receiver, t), timeout=90, interval=0.1
-        )
+        answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=90, interval=0.1)
         assert [a["status_code"] for a in answers] == [200]
 
     # The deployment serves again.
@@ -225,4 +217,4 @@ async def test_llm_replica_sigkill_gives_each_task_one_answer(
     assert set(completions.values()) == {1}, completions
     await asyncio.sleep(1.0)
     for task_id in callbacks:
-        assert len(_callback_answers(receiver, task_id)) == 1
+        assert len(receiver.answers(task_id)) == 1

@@ -64,12 +64,8 @@ def receiver() -> Iterator[CallbackReceiver]:
         yield r
 
 
-def _answers(receiver: CallbackReceiver, task_id: str) -> list[dict[str, Any]]:
-    return [b for b in receiver.bodies() if isinstance(b, dict) and b.get("request_id") == task_id]
-
-
 async def _callback_answer(receiver: CallbackReceiver, task_id: str) -> dict[str, Any]:
-    answers = await wait_for(lambda: _answers(receiver, task_id), timeout=60, interval=0.05)
+    answers = await wait_for(lambda: receiver.answers(task_id), timeout=60, interval=0.05)
     return answers[0]
 
 
@@ -228,12 +224,11 @@ async def test_streaming_error_is_sent_as_chunk(
     assert json.loads(events[0].data)["error"]["code"] == "model_not_found"
 
 
-async def test_deadline_mid_generation_aborts_and_answers(
-    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
-) -> None:
+async def _long_callback_generating(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver, *, lifetime_s: int
+) -> str:
+    """Put a 5000-token level-1 callback task; return its id once the engine runs it."""
     await worker_running(worker)
-    # 5000 tokens at 200 tokens/s outlive the 2 s lifetime: the worker must abort the
-    # engine request at expire_time, free the slot and answer 408.
     task_id = await client.put(
         _put(
             queue,
@@ -241,7 +236,7 @@ async def test_deadline_mid_generation_aborts_and_answers(
             _chat(max_tokens=5000),
             level=1,
             callback_url=receiver.url,
-            timeout=2,
+            timeout=lifetime_s,
         )
     )
 
@@ -250,6 +245,15 @@ async def test_deadline_mid_generation_aborts_and_answers(
         return bool(status["pools"][0]["capacity"]["engine_running"] >= 1)
 
     await wait_for(generating, timeout=30, interval=0.1)
+    return task_id
+
+
+async def test_deadline_mid_generation_aborts_and_answers(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> None:
+    # 5000 tokens at 200 tokens/s outlive the 2 s lifetime: the worker must abort the
+    # engine request at expire_time, free the slot and answer 408.
+    task_id = await _long_callback_generating(worker, client, queue, receiver, lifetime_s=2)
 
     async def answered_408() -> bool:
         status = await worker.status.remote()
@@ -263,7 +267,7 @@ async def test_deadline_mid_generation_aborts_and_answers(
         return bool(cap["engine_running"] == 0 and cap["engine_waiting"] == 0)
 
     await wait_for(engine_idle, timeout=15, interval=0.2)
-    assert _answers(receiver, task_id) == []  # the server drops late completes of expired tasks
+    assert receiver.answers(task_id) == []  # the server drops late completes of expired tasks
 
 
 async def test_cancelled_task_mid_generation_is_aborted_unanswered(
@@ -273,22 +277,7 @@ async def test_cancelled_task_mid_generation_is_aborted_unanswered(
     before = (await worker.status.remote())["cancelled"]
     # 5000 tokens at 200 tokens/s: 25 s of generation, cancelled once it runs; the replica's
     # 0.5 s cancellation check must abort it in the engine and send no complete.
-    task_id = await client.put(
-        _put(
-            queue,
-            ResponseMode.CALLBACK,
-            _chat(max_tokens=5000),
-            level=1,
-            callback_url=receiver.url,
-            timeout=120,
-        )
-    )
-
-    async def generating() -> bool:
-        status = await worker.status.remote()
-        return bool(status["pools"][0]["capacity"]["engine_running"] >= 1)
-
-    await wait_for(generating, timeout=30, interval=0.1)
+    task_id = await _long_callback_generating(worker, client, queue, receiver, lifetime_s=120)
     await client.cancel(task_id)
 
     async def aborted() -> bool:
@@ -314,7 +303,7 @@ async def test_cancelled_task_mid_generation_is_aborted_unanswered(
         )
     )
     assert (await _callback_answer(receiver, next_id))["status_code"] == 200
-    assert _answers(receiver, task_id) == []
+    assert receiver.answers(task_id) == []
 
 
 async def test_redelivered_duplicate_runs_once(
@@ -338,7 +327,7 @@ async def test_redelivered_duplicate_runs_once(
     assert payload["status_code"] == 200
     status = await worker.status.remote()
     assert status["duplicates"] >= before + 1
-    assert len(_answers(receiver, task_id)) == 1
+    assert len(receiver.answers(task_id)) == 1
 
 
 async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -> None:
