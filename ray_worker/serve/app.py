@@ -39,7 +39,6 @@ from ray_worker.errors import (
 from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas
-from ray_worker.serve.llm_config import REPLICA_ENV
 from ray_worker.task.outbox import Outbox
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
@@ -65,7 +64,7 @@ _OUTBOX_KEYS = ("outbox_", "complete_")
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=90,
     # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
-    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}},
+    ray_actor_options={"num_cpus": 0},
     # Replicas report load every 0.5 s and publishes are per batch: no access log per call.
     logging_config={"enable_access_log": False},
 )

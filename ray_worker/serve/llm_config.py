@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LORA_PATH_KEY",
-    "REPLICA_ENV",
     "SIM_ENGINE_KEY",
     "VLLM_DEFAULT_MAX_NUM_SEQS",
     "as_llm_config",
@@ -45,14 +44,6 @@ LORA_PATH_KEY = "bella_lora_path"
 (Ray's ``LoraConfig`` accepts only cloud paths; ``as_llm_config`` moves a local one here)."""
 
 _REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://")
-
-REPLICA_ENV: dict[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-"""Environment of the worker's Serve replicas, unless the operator's ``runtime_env`` says
-otherwise: our code runs on the replica's own event loop, not on a second loop in another
-thread, so no request, event batch or engine output crosses threads (Ray Serve's
-throughput-optimised setting; everything the replicas run is async). Measured with
-``python -m bench.bench_worker`` on 2 cores: tiny-model tokens/s through the worker +20%,
-time to first token p50 -27%."""
 
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's ``max_num_seqs`` when ``engine_kwargs`` leave it unset (its engine-args default on
@@ -122,18 +113,12 @@ def with_worker_defaults(
       Serve's router are served first-come first-served).
     - with autoscaling (no ``num_replicas``): ``target_ongoing_requests = max_num_seqs``
       (Ray LLM's own default of 1e9 never scales up).
-    - ``runtime_env.env_vars``: ``REPLICA_ENV`` where unset.
     """
     cfg = as_llm_config(llm_config)
     if engine == "simulated" and SIM_ENGINE_KEY not in cfg.experimental_configs:
         cfg.experimental_configs[SIM_ENGINE_KEY] = {}
     if sim_settings(cfg) is None:
         cfg.engine_kwargs.setdefault("scheduling_policy", "priority")
-    if cfg.runtime_env is None:
-        cfg.runtime_env = {}
-    env = cfg.runtime_env.setdefault("env_vars", {})
-    for key, value in REPLICA_ENV.items():
-        env.setdefault(key, value)
     max_num_seqs = max_num_seqs_of(cfg)
     deployment = cfg.deployment_config
     deployment.setdefault("max_ongoing_requests", 2 * max_num_seqs + 8)

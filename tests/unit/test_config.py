@@ -474,20 +474,3 @@ def test_shipped_configs_load_and_resolve(path: Path, monkeypatch: pytest.Monkey
     assert resolved.queues
     assert resolved.model_ids()
 
-
-def test_replicas_run_our_code_on_their_own_event_loop() -> None:
-    from ray_worker.serve.app import QueuePoller
-    from ray_worker.serve.llm_config import REPLICA_ENV, with_worker_defaults
-
-    key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
-    assert {key: "0"} == REPLICA_ENV
-    model = {"model_loading_config": {"model_id": "m"}}
-    assert with_worker_defaults(model).runtime_env["env_vars"][key] == "0"
-    # The operator's runtime_env wins, and keeps its other variables.
-    mine = {**model, "runtime_env": {"env_vars": {key: "1", "VLLM_CPU_KVCACHE_SPACE": "1"}}}
-    assert with_worker_defaults(mine).runtime_env["env_vars"] == {
-        key: "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-    }
-    options = QueuePoller.ray_actor_options  # type: ignore[attr-defined]
-    assert options["runtime_env"]["env_vars"] == REPLICA_ENV
