@@ -15,7 +15,10 @@ Bella-Queue emulator and a local Ray head on loopback, and measures side by side
   a child process (shut down before (b) starts), (b) through the worker with ``engine: vllm``
   and the same engine arguments; tokens/s and time to first token of both, and their ratios.
   Each side runs ``--rounds`` bursts 0.5 s apart (so every burst meets an idle worker):
-  tokens/s is the median burst's, time to first token is taken over every request.
+  tokens/s is the median burst's, time to first token is taken over every request. Then
+  ``--singles`` requests one at a time, 0.5 s apart: time to first token with nothing else
+  running, the floor of the path (for the worker: the idle take, the Serve call, the
+  replica's request handling, one prefill and the event bus).
   Both engines run the model in their engine process (``distributed_executor_backend: uni``)
   on one OpenMP thread (``ENGINE_ENV``): on 2 cores, vLLM's default CPU layout (a model
   process beside an engine process that spin-waits on it) leaves no core for the worker's
@@ -272,7 +275,9 @@ async def idle_pickup(
 # ---------------------------------------------------------------------------------------
 
 
-async def direct_vllm(model_dir: str, n: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+async def direct_vllm(
+    model_dir: str, n: int, max_tokens: int, rounds: int, singles: int
+) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -318,6 +323,10 @@ async def direct_vllm(model_dir: str, n: int, max_tokens: int, rounds: int) -> d
             start = time.perf_counter()
             results = await asyncio.gather(*(one(i) for i in range(n)))
             bursts.append((time.perf_counter() - start, results))
+        alone: list[float] = []
+        for i in range(singles):
+            await asyncio.sleep(ROUND_PAUSE_S)
+            alone.append((await one(n + i))[0])
     finally:
         engine.shutdown()
     per_round = [sum(r[2] for r in results) / elapsed for elapsed, results in bursts]
@@ -332,11 +341,12 @@ async def direct_vllm(model_dir: str, n: int, max_tokens: int, rounds: int) -> d
         "tokens_per_s_rounds": [round(x, 1) for x in per_round],
         "ttft_ms": summary_ms([r[0] for r in every]),
         "first_token_to_last_ms": summary_ms([r[1] - r[0] for r in every]),
+        "ttft_single_ms": summary_ms(alone) if alone else None,
     }
 
 
 def run_direct_child(
-    model_dir: Path, n: int, max_tokens: int, rounds: int, timeout_s: float
+    model_dir: Path, n: int, max_tokens: int, rounds: int, singles: int, timeout_s: float
 ) -> dict[str, Any]:
     out = RESULTS_DIR / f".direct-{os.getpid()}.json"
     cmd = [
@@ -351,6 +361,8 @@ def run_direct_child(
         str(max_tokens),
         "--rounds",
         str(rounds),
+        "--singles",
+        str(singles),
         "--direct-out",
         str(out),
     ]
@@ -411,6 +423,12 @@ async def through_worker(
                     *(timed_stream(client, request(i)) for i in range(args.requests))
                 )
                 bursts.append((time.perf_counter() - start, burst))
+            alone: list[float] = []
+            for i in range(args.singles):
+                await asyncio.sleep(ROUND_PAUSE_S)
+                single = await timed_stream(client, request(args.requests + i))
+                if single.first_content_s is not None:
+                    alone.append(single.first_content_s)
             status = await handle.status.remote()
 
     def tokens_of(timings: list[StreamTiming]) -> int:
@@ -435,6 +453,7 @@ async def through_worker(
         "tokens_per_s_rounds": [round(x, 1) for x in per_round],
         "content_chunks_per_s": round(chunks / elapsed, 1),
         "ttft_ms": summary_ms(ttft) if ttft else None,
+        "ttft_single_ms": summary_ms(alone) if alone else None,
         "ttft_first_sse_ms": summary_ms([t.first_s or 0.0 for t in timings]),
         "put_to_last_sse_ms": summary_ms([t.end_s for t in timings]),
         # Small next to the direct run's decode time means chunks reached the client in a burst.
@@ -495,6 +514,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             args.requests,
             args.max_tokens,
             args.rounds,
+            args.singles,
             args.ready_timeout_s,
         )
         result["tiny_model"] = {"direct_vllm": direct}
@@ -519,6 +539,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 result["tiny_model"]["ratio_ttft_mean_worker_vs_direct"] = ratio(
                     worker["ttft_ms"]["mean"], direct["ttft_ms"]["mean"]
                 )
+            if worker["ttft_single_ms"] and direct.get("ttft_single_ms"):
+                result["tiny_model"]["ratio_ttft_single_p50_worker_vs_direct"] = ratio(
+                    worker["ttft_single_ms"]["p50"], direct["ttft_single_ms"]["p50"]
+                )
     return result
 
 
@@ -534,6 +558,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=5, help="tiny-model bursts; tokens/s is their median"
     )
+    parser.add_argument(
+        "--singles", type=int, default=5, help="tiny-model requests run one at a time, after"
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--max-seconds", type=float, default=1200.0)
@@ -546,7 +573,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.direct_child:
         figures = asyncio.run(
-            direct_vllm(args.direct_child, args.requests, args.max_tokens, args.rounds)
+            direct_vllm(
+                args.direct_child, args.requests, args.max_tokens, args.rounds, args.singles
+            )
         )
         args.direct_out.write_text(json.dumps(figures))
         return
