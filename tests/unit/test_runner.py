@@ -856,12 +856,20 @@ def _swallowing_rig(**config: Any) -> tuple[Rig, SwallowingEngine]:
     return rig, engine
 
 
-async def test_abort_is_cancelled_even_when_the_engine_turns_it_into_an_error() -> None:
+async def _generating_on_swallowing_engine(
+    mode: ResponseMode,
+) -> tuple[Rig, Task, asyncio.Task[Outcome]]:
+    """A task of ``mode`` started on a ``SwallowingEngine``, once the engine runs it."""
     rig, engine = _swallowing_rig()
-    task = make_task(CALLBACK)
+    task = make_task(mode)
     job = rig.runner.start(task)
     assert job is not None
     await engine.started.wait()
+    return rig, task, job
+
+
+async def test_abort_is_cancelled_even_when_the_engine_turns_it_into_an_error() -> None:
+    rig, task, job = await _generating_on_swallowing_engine(CALLBACK)
     assert rig.runner.abort(task.task_id, "the task was cancelled")
     outcome = await job
     assert outcome["cancelled"]
@@ -869,11 +877,7 @@ async def test_abort_is_cancelled_even_when_the_engine_turns_it_into_an_error() 
 
 
 async def test_drain_leaves_level_1_even_when_the_engine_turns_the_cut_into_an_error() -> None:
-    rig, engine = _swallowing_rig()
-    task = make_task(BATCH)
-    job = rig.runner.start(task)
-    assert job is not None
-    await engine.started.wait()
+    rig, task, job = await _generating_on_swallowing_engine(BATCH)
     assert await rig.runner.drain(0) == 1
     outcome = await job
     assert outcome["answered"] is False
