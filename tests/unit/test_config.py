@@ -473,4 +473,3 @@ def test_shipped_configs_load_and_resolve(path: Path, monkeypatch: pytest.Monkey
     resolved = args.resolved()
     assert resolved.queues
     assert resolved.model_ids()
-
