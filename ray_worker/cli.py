@@ -46,6 +46,7 @@ from ray_worker.errors import (
     EventBusUnavailableError,
     WorkerError,
 )
+from ray_worker.proc import set_parent_death_signal
 
 __all__ = ["DEFAULT_STATUS_URL", "Check", "fetch_status", "format_status", "main"]
 
@@ -464,7 +465,7 @@ def _run_serve(argv: list[str]) -> int:
 
     A SIGTERM to ``serve run`` itself makes Ray abort at once; here both SIGTERM and SIGINT
     reach ``serve run`` as one SIGINT, which deletes the app (the poller drains its in-flight
-    tasks) and stops the Ray instance it started.
+    tasks) and stops the Ray instance it started. See ``supervise``.
     """
     parser = argparse.ArgumentParser(
         prog="ray-worker serve", description="serve run CONFIG, draining on SIGTERM too"
@@ -473,9 +474,27 @@ def _run_serve(argv: list[str]) -> int:
     parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="more `serve run` flags")
     ns = parser.parse_args(argv)
     serve = Path(sys.executable).with_name("serve")
-    command = [str(serve) if serve.exists() else "serve", "run", ns.config, *ns.serve_args]
-    # Own session: a terminal Ctrl-C reaches us only, and is forwarded exactly once.
-    proc = subprocess.Popen(command, start_new_session=True)
+    return supervise([str(serve) if serve.exists() else "serve", "run", ns.config, *ns.serve_args])
+
+
+def supervise(command: Sequence[str]) -> int:
+    """Run ``command`` until it exits; SIGTERM or SIGINT here reach it as one SIGINT.
+
+    The child runs in its own session, so a terminal's Ctrl-C reaches this process only and is
+    forwarded exactly once. It starts with SIGINT at its default even when this process was
+    started with SIGINT ignored (``nohup cmd &`` from a script does that, and Python keeps an
+    ignored SIGINT ignored), or the forwarded SIGINT would never stop it. If this process is
+    killed (SIGKILL, OOM), the child gets SIGTERM from the kernel instead of running on
+    unsupervised (Linux). Returns the child's exit status.
+    """
+    parent = os.getpid()
+
+    def child_setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+            os._exit(1)  # the supervisor went before the signal was set
+
+    proc = subprocess.Popen(list(command), start_new_session=True, preexec_fn=child_setup)
     stopping = False
 
     def forward(signum: int, frame: object) -> None:

@@ -17,17 +17,16 @@ the replica's long-lived event-loop thread, which lives as long as the replica.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import multiprocessing.process
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ray_worker.proc import set_parent_death_signal
 from ray_worker.serve.llm_config import VLLM_DEFAULT_MAX_NUM_SEQS
 
 if TYPE_CHECKING:
@@ -37,26 +36,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BellaVLLMEngine", "engine_class"]
 
-_PR_SET_PDEATHSIG = 1
 _start_lock = threading.Lock()
 _ORIGINAL_START = multiprocessing.process.BaseProcess.start
 _hook_installed = False
 
 
-def _set_parent_death_signal() -> bool:
-    """Ask the kernel to SIGKILL this process when its parent goes (Linux); True if set."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def _child_main(parent_pid: int, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The target of an engine process: die with the parent, pass that on, run ``target``."""
-    if _set_parent_death_signal() and os.getppid() != parent_pid:
+    if set_parent_death_signal() and os.getppid() != parent_pid:
         os._exit(1)  # the parent went before the signal was set
     _install_start_hook()  # the processes this one starts (vLLM's Workers) die with it
     return target(*args, **kwargs)

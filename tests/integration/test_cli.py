@@ -1,4 +1,5 @@
-"""``ray-worker``: check, register and status against the real emulator, Redis and HTTP.
+"""``ray-worker``: check, register and status against the real emulator, Redis and HTTP; how
+``ray-worker serve`` supervises ``serve run`` (real processes, a stand-in for ``serve run``).
 
 ``main([...])`` runs in-process (in a helper thread, so its ``asyncio.run`` never touches the
 session's event loop) and its output is captured with ``capsys``. Each test sets the
@@ -7,7 +8,10 @@ session's event loop) and its output is captured with ``capsys``. Each test sets
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +26,7 @@ import pytest
 from ray_worker.cli import format_status, main
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.redis_server import RedisServer, free_port
+from ray_worker.testing.waiting import wait_for_sync
 
 pytestmark = pytest.mark.integration
 
@@ -381,3 +386,81 @@ def test_check_url_that_is_not_bella_queue(
     assert line.startswith("FAIL")
     assert "HTTP 404" in line
     assert "BELLA_QUEUE_URL" in line
+
+
+# -- ray-worker serve's supervision of serve run (real processes, a stand-in for serve run) ---
+
+SERVE_STANDIN = r"""
+import sys, time
+out = sys.argv[1]
+with open(out, "a") as f:
+    f.write("started\n")
+try:
+    while True:
+        time.sleep(0.05)
+except KeyboardInterrupt:
+    with open(out, "a") as f:
+        f.write("interrupted\n")
+"""
+SUPERVISOR = "import sys; from ray_worker.cli import supervise; sys.exit(supervise(sys.argv[1:]))"
+
+
+def _supervised(out: Path, **popen: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """``supervise`` running the stand-in, once the stand-in started; and the stand-in's pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, sys.executable, "-c", SERVE_STANDIN, str(out)],
+        start_new_session=True,
+        **popen,
+    )
+    wait_for_sync(lambda: out.exists() and "started" in out.read_text(), 30)
+    found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    children = [int(p) for p in found.stdout.split()]
+    assert len(children) == 1, children
+    return proc, children[0]
+
+
+@contextlib.contextmanager
+def _reaped(proc: subprocess.Popen[bytes], child: int) -> Iterator[None]:
+    """Whatever the test did, neither the supervisor nor the stand-in outlives it."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_sigterm_reaches_serve_run_as_sigint_even_when_started_with_sigint_ignored(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "standin.log"
+
+    def ignore_sigint() -> None:  # how `nohup ray-worker serve ... &` in a script starts it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc, child = _supervised(out, preexec_fn=ignore_sigint)
+    with _reaped(proc, child):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert out.read_text().splitlines() == ["started", "interrupted"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_a_killed_supervisor_takes_serve_run_down(tmp_path: Path) -> None:
+    out = tmp_path / "standin.log"
+    proc, child = _supervised(out)
+    with _reaped(proc, child):
+        proc.kill()
+        proc.wait()
+        wait_for_sync(lambda: not _alive(child), 30)
+        assert out.read_text().splitlines() == ["started"]  # SIGTERM: no drain, but gone
