@@ -46,7 +46,7 @@ from ray_worker.errors import (
     EventBusUnavailableError,
     WorkerError,
 )
-from ray_worker.proc import set_parent_death_signal
+from ray_worker.proc import die_with_parent
 
 __all__ = ["DEFAULT_STATUS_URL", "Check", "fetch_status", "format_status", "main"]
 
@@ -491,8 +491,7 @@ def supervise(command: Sequence[str]) -> int:
 
     def child_setup() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
-            os._exit(1)  # the supervisor went before the signal was set
+        die_with_parent(parent, signal.SIGTERM)
 
     proc = subprocess.Popen(list(command), start_new_session=True, preexec_fn=child_setup)
     stopping = False

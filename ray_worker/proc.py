@@ -10,10 +10,11 @@ port 8000). Elsewhere than Linux nothing changes.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 
-__all__ = ["set_parent_death_signal"]
+__all__ = ["die_with_parent", "set_parent_death_signal"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -21,8 +22,7 @@ _PR_SET_PDEATHSIG = 1
 def set_parent_death_signal(sig: signal.Signals = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent goes; True if set.
 
-    Call it first thing in the child, then check ``os.getppid()``: a parent that went before
-    the call is not signalled for.
+    A parent that went before the call is not signalled for: ``die_with_parent`` checks.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -31,3 +31,10 @@ def set_parent_death_signal(sig: signal.Signals = signal.SIGKILL) -> bool:
         return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+def die_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """In a child of ``parent_pid``, first thing: get ``sig`` when the parent goes, and exit
+    at once if it went already (before the signal was set)."""
+    if set_parent_death_signal(sig) and os.getppid() != parent_pid:
+        os._exit(1)

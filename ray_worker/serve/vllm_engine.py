@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ray_worker.proc import set_parent_death_signal
+from ray_worker.proc import die_with_parent
 from ray_worker.serve.llm_config import VLLM_DEFAULT_MAX_NUM_SEQS
 
 if TYPE_CHECKING:
@@ -43,8 +43,7 @@ _hook_installed = False
 
 def _child_main(parent_pid: int, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The target of an engine process: die with the parent, pass that on, run ``target``."""
-    if set_parent_death_signal() and os.getppid() != parent_pid:
-        os._exit(1)  # the parent went before the signal was set
+    die_with_parent(parent_pid)
     _install_start_hook()  # the processes this one starts (vLLM's Workers) die with it
     return target(*args, **kwargs)
 
