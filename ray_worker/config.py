@@ -527,3 +527,73 @@ def load_app_args(path: str | os.PathLike[str], app_name: str | None = None) -> 
         ):
             return WorkerAppArgs.model_validate(app.get("args") or {})
     raise ConfigError(f"{path}: no application with a ray_worker import_path")
+
+
+_PLAINTEXT_SCHEMES = {"http": "HTTP", "redis": "Redis"}
+"""URL schemes that carry no TLS (``https://`` and ``rediss://`` do; ``unix://`` stays local)."""
+
+
+def plaintext_url_warnings(*, queue_url: str | None, eventbus_url: str | None) -> list[str]:
+    """Warnings for the Bella-Queue URL or event-bus Redis URL when it is plaintext to a host
+    that is not this machine (loopback is 127.0.0.0/8, ::1 and ``localhost``).
+
+    Every take answer carries the producers' API keys (``ak``) and every call the worker's own
+    key; the event-bus URL carries the Redis password, and events the answers. The URLs in the
+    warnings are redacted (``protocol.redact_url``). ``ray-worker check`` prints them; the poller
+    logs them once at start.
+    """
+    from ray_worker.bella.protocol import redact_url
+
+    warnings = []
+    for what, url, carries, secure in (
+        (
+            "Bella-Queue URL",
+            queue_url,
+            "the API key and every take's producer keys (ak)",
+            "https://",
+        ),
+        ("event-bus Redis URL", eventbus_url, "the Redis password and the answers", "rediss://"),
+    ):
+        if not url:
+            continue
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        host = _url_host(url)
+        if scheme not in _PLAINTEXT_SCHEMES or host is None or _is_loopback(host):
+            continue
+        warnings.append(
+            f"{what} {redact_url(url)} is plaintext {_PLAINTEXT_SCHEMES[scheme]} to {host}, "
+            f"not a loopback address: {carries} cross the network unencrypted "
+            f"(use {secure}, or reach it through a tunnel or a loopback proxy)"
+        )
+    return warnings
+
+
+def _url_host(url: str) -> str | None:
+    """The host of ``url`` (no brackets, lower case), or None when there is none.
+
+    The userinfo ends at the last ``@`` (as in ``protocol.redact_url``): a password may hold
+    ``/``, ``:`` or ``@`` unescaped, which ``urlsplit`` would misread as the host.
+    """
+    rest = url.partition("://")[2]
+    if "@" in rest:
+        rest = rest.rsplit("@", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if authority.startswith("["):
+        host = authority[1:].partition("]")[0]
+    else:
+        host = authority.rpartition(":")[0] if ":" in authority else authority
+    return host.lower() or None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

@@ -19,6 +19,7 @@ from ray_worker.config import (
     QueueSpec,
     WorkerAppArgs,
     load_app_args,
+    plaintext_url_warnings,
 )
 from ray_worker.errors import ConfigError
 
@@ -473,3 +474,49 @@ def test_shipped_configs_load_and_resolve(path: Path, monkeypatch: pytest.Monkey
     resolved = args.resolved()
     assert resolved.queues
     assert resolved.model_ids()
+
+
+# -- plaintext URLs to other hosts --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080",
+        "http://127.8.9.10:8080/",
+        "http://localhost:8080",
+        "http://[::1]:8080",
+        "https://bella.example.com",
+        "redis://:pw@127.0.0.1:6379/0",
+        "redis://localhost/0",
+        "rediss://:pw@10.0.0.5:6379/0",
+        "unix:///run/redis.sock",
+        None,
+    ],
+)
+def test_no_plaintext_warning_for_loopback_or_tls(url: str | None) -> None:
+    assert plaintext_url_warnings(queue_url=url, eventbus_url=url) == []
+
+
+def test_plaintext_warnings_name_the_url_hidden_password_and_what_leaks() -> None:
+    warnings = plaintext_url_warnings(
+        queue_url="http://bella-queue:8080", eventbus_url="redis://:s3cr3t/pw@10.0.0.5:6379/0"
+    )
+    assert len(warnings) == 2
+    queue, redis = warnings
+    assert "Bella-Queue URL http://bella-queue:8080" in queue
+    assert "producer keys (ak)" in queue
+    assert "https://" in queue
+    assert "event-bus Redis URL redis://:***@10.0.0.5:6379/0" in redis
+    assert "to 10.0.0.5," in redis  # the host after the password's '/' and '@'
+    assert "rediss://" in redis
+    assert "s3cr3t" not in "".join(warnings)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[2001:db8::1]:8080", "HTTP://Bella.Example.com", "http://127.0.0.1.nip.io:8080"],
+)
+def test_plaintext_warning_for_other_hosts(url: str) -> None:
+    [warning] = plaintext_url_warnings(queue_url=url, eventbus_url=None)
+    assert "not a loopback address" in warning
