@@ -3,15 +3,19 @@
 This module owns the operator-facing commands:
 
 - ``check``: load a Serve config the way the worker does (environment overrides included),
-  then check the API key against Bella-Queue, that every queue is registered, and that the
-  event-bus Redis answers; one ``ok``/``FAIL`` line per check, exit 0 only if all pass;
+  then check the API key against Bella-Queue, that every queue is registered, that the
+  event-bus Redis answers, and what redelivery of level-1 tasks depends on
+  (``process_timeout_s``, the Redis's keyspace events); one ``ok``/``WARN``/``FAIL``/``skip``
+  line per check (a ``WARN`` passes but names what to look at: plaintext URLs to other hosts,
+  what could not be read), exit 0 only if all pass;
 - ``register``: register the config's queues (already registered is fine);
 - ``status``: fetch the poller's JSON status (``GET /<route_prefix>``) and summarise it;
 - ``emulator``, ``demo``, ``tiny-model``: hand their arguments to those modules' ``main``.
 
 It talks to Bella-Queue only through :class:`~ray_worker.bella.client.QueueClient` and to
-Redis only through :func:`ray_worker.eventbus.writer.ping`, so it never sees httpx or
-redis errors.
+Redis through :func:`ray_worker.eventbus.writer.ping` and one ``CONFIG GET`` of its own
+(``_keyspace_events``, which turns every redis error into "unknown"), so it never sees httpx
+errors.
 It must not print or log the API key or a Redis password (every line it prints is scrubbed of
 both, URLs go through ``protocol.redact_url``), and it must not start Ray.
 """
@@ -37,8 +41,8 @@ import yaml
 from pydantic import SecretStr, ValidationError
 
 from ray_worker.bella.client import QueueClient
-from ray_worker.bella.protocol import EventBusConfig, redact_url
-from ray_worker.config import EnvSettings, WorkerAppArgs, load_app_args
+from ray_worker.bella.protocol import EventBusConfig, Level, redact_url
+from ray_worker.config import EnvSettings, WorkerAppArgs, load_app_args, plaintext_url_warnings
 from ray_worker.errors import (
     AuthenticationError,
     BadRequestError,
@@ -48,14 +52,22 @@ from ray_worker.errors import (
 )
 from ray_worker.proc import die_with_parent
 
-__all__ = ["DEFAULT_STATUS_URL", "Check", "fetch_status", "format_status", "main"]
+__all__ = [
+    "DEFAULT_STATUS_URL",
+    "Check",
+    "fetch_status",
+    "format_status",
+    "keyspace_events_redeliver",
+    "main",
+]
 
 DEFAULT_STATUS_URL = "http://127.0.0.1:8000/bella"
 """Where ``serve run`` of a shipped config serves the poller's status (its route_prefix)."""
 DEFAULT_ENDPOINT = "/v1/chat/completions"
 APIKEY_HINT = "401: check BELLA_QUEUE_APIKEY"
 
-Outcome = Literal["ok", "FAIL", "skip"]
+Outcome = Literal["ok", "WARN", "FAIL", "skip"]
+"""``WARN`` passes (exit 0) but says what to look at; ``skip``: something before it failed."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,8 @@ class Check:
 
     @property
     def passed(self) -> bool:
-        """``ok`` (a skipped check did not pass: something before it failed)."""
-        return self.outcome == "ok"
+        """``ok`` or ``WARN`` (a skipped check did not pass: something before it failed)."""
+        return self.outcome in ("ok", "WARN")
 
 
 # --------------------------------------------------------------------------------------
@@ -110,8 +122,9 @@ def _print_checks(checks: Sequence[Check], secrets: Iterable[str]) -> None:
 def _summary(checks: Sequence[Check], what: str) -> int:
     failed = sum(c.outcome == "FAIL" for c in checks)
     skipped = sum(c.outcome == "skip" for c in checks)
+    warned = sum(c.outcome == "WARN" for c in checks)
     if not failed and not skipped:
-        print(f"all {len(checks)} {what} passed")
+        print(f"all {len(checks)} {what} passed" + (f", {warned} with a warning" if warned else ""))
         return 0
     print(f"{failed} of {len(checks)} {what} failed" + (f", {skipped} skipped" if skipped else ""))
     return 1
@@ -217,7 +230,15 @@ async def _check(config: Path, app: str | None, timeout_s: float) -> tuple[list[
                 )
             for base in bases:
                 checks.append(await _check_queue(client, base, args, config, reached, base_url))
-    checks.append(await _check_eventbus(args, eventbus, timeout_s, secrets))
+    bus_check, bus = await _check_eventbus(args, eventbus, timeout_s, secrets)
+    checks.append(bus_check)
+    checks.append(await _check_redelivery(args, bus if bus_check.passed else None, timeout_s))
+    checks += [
+        Check("plaintext", "WARN", warning)
+        for warning in plaintext_url_warnings(
+            queue_url=base_url, eventbus_url=bus.url if bus is not None else None
+        )
+    ]
     return checks, secrets
 
 
@@ -241,9 +262,20 @@ async def _check_queue(
     return Check(name, "ok", f"registered ({levels}), endpoint {meta.get('endpoint', '?')}")
 
 
+@dataclass(frozen=True)
+class _EventBus:
+    """The event-bus Redis the worker would use, and where its URL came from."""
+
+    url: str
+    source: str
+    reported: bool
+    """The URL ``GET /v1/queue/eventbus`` reported: the Redis that holds the queues (protocol
+    §1.2). An override may name another address of it, or another Redis."""
+
+
 async def _check_eventbus(
     args: WorkerAppArgs, eventbus: EventBusConfig | None, timeout_s: float, secrets: list[str]
-) -> Check:
+) -> tuple[Check, _EventBus | None]:
     # Imported here: the publisher module imports Ray Serve, slow to load for a CLI.
     from ray_worker.eventbus.writer import ping
 
@@ -257,8 +289,9 @@ async def _check_eventbus(
     else:
         return Check(
             name, "skip", "no Redis URL: set BELLA_EVENTBUS_URL or pass the bella-queue check"
-        )
+        ), None
     url = args.eventbus_url or (eventbus.url if eventbus is not None else "")
+    bus = _EventBus(url, source, reported=args.eventbus_url is None)
     secrets.append(_url_password(url))
     shown = redact_url(url)
     try:
@@ -267,8 +300,108 @@ async def _check_eventbus(
         hint = ""
         if args.eventbus_url is None:
             hint = " (set BELLA_EVENTBUS_URL when the reported URL is not reachable from here)"
-        return Check(name, "FAIL", f"{err} ({source}){hint}")
-    return Check(name, "ok", f"{shown} answered PING ({source})")
+        return Check(name, "FAIL", f"{err} ({source}){hint}"), bus
+    return Check(name, "ok", f"{shown} answered PING ({source})"), bus
+
+
+_KEYSPACE_SETTING = "notify-keyspace-events"
+
+
+def keyspace_events_redeliver(flags: str) -> bool:
+    """Whether Redis's ``notify-keyspace-events`` value lets Bella-Queue's redelivery timer fire.
+
+    The server ``PSUBSCRIBE``s ``__keyevent@0__:expired`` (protocol §2.5): keyevent
+    notifications (``E``) of expired keys (``x``, or ``A``, which includes it) are needed;
+    ``K`` (keyspace channels) and ``g`` (generic commands) do not deliver that channel.
+    """
+    return "E" in flags and ("x" in flags or "A" in flags)
+
+
+async def _keyspace_events(url: str, timeout_s: float) -> tuple[str | None, str]:
+    """``CONFIG GET notify-keyspace-events`` of the Redis at ``url``: (its value, "") or
+    (None, why it is unknown). A Redis that refuses CONFIG (ACL, a renamed command on a managed
+    Redis) is common and answers "unknown", never an error."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+
+    try:
+        client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            client_name="bella-ray-worker-check",
+            protocol=2,
+            decode_responses=True,
+        )
+    except ValueError as exc:
+        return None, f"invalid URL: {exc}"
+    try:
+        reply = await client.config_get(_KEYSPACE_SETTING)
+    except (RedisError, OSError, TimeoutError) as exc:
+        return None, f"CONFIG GET {_KEYSPACE_SETTING} failed: {type(exc).__name__}: {exc}"
+    finally:
+        await client.aclose()
+    value = reply.get(_KEYSPACE_SETTING) if isinstance(reply, Mapping) else None
+    if not isinstance(value, str):
+        return None, f"CONFIG GET {_KEYSPACE_SETTING} answered no value"
+    return value, ""
+
+
+async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_s: float) -> Check:
+    """What Bella-Queue's redelivery of level-1 tasks needs (protocol §2.5): a
+    ``process_timeout_s`` sent with the takes, and expired-key events on its Redis."""
+    name = "redelivery"
+    offline = [q.name for q in args.queues if q.level == Level.OFFLINE]
+    if not offline:
+        return Check(name, "ok", "no level-1 queue: no task is left for redelivery")
+    poller = args.poller
+    if poller.process_timeout_s == 0:
+        return Check(
+            name,
+            "FAIL",
+            f"poller.process_timeout_s is 0: Bella-Queue never redelivers a task of "
+            f"{', '.join(offline)}, so a level-1 task cut short by a stop is answered 503 "
+            "instead of left for redelivery, and the tasks of a crashed worker are lost "
+            "(set it above the longest run, e.g. 900)",
+        )
+    retries = "unlimited" if poller.process_max_retries < 0 else poller.process_max_retries
+    sent = f"process_timeout_s {poller.process_timeout_s}, process_max_retries {retries}"
+    if bus is None:
+        return Check(name, "skip", f"{sent}; Redis keyspace events not read: needs the event bus")
+    shown = redact_url(bus.url)
+    flags, why = await _keyspace_events(bus.url, timeout_s)
+    needs = (
+        f"Bella-Queue's redelivery timer needs {_KEYSPACE_SETTING} with E and x (e.g. Ex) "
+        "on the Redis that holds its queues"
+    )
+    if flags is None:
+        return Check(name, "WARN", f"{sent}; unknown whether it works: {shown}: {why}; {needs}")
+    if keyspace_events_redeliver(flags):
+        which = "" if bus.reported else ", if it is the Redis that holds Bella-Queue's queues"
+        return Check(
+            name,
+            "ok",
+            f"{sent}; {shown} has {_KEYSPACE_SETTING} {flags!r} (expired-key events{which})",
+        )
+    if bus.reported:
+        return Check(
+            name,
+            "FAIL",
+            f"{sent}, but {shown} ({bus.source}, the Redis that holds the queues) has "
+            f"{_KEYSPACE_SETTING} {flags!r}: the server never sees a timeout expire, so level-1 "
+            f"tasks cut short by a stop or a crash are never redelivered; {needs} "
+            f"(CONFIG SET {_KEYSPACE_SETTING} Ex, and in its redis.conf)",
+        )
+    return Check(
+        name,
+        "WARN",
+        f"{sent}; {shown} ({bus.source}) has {_KEYSPACE_SETTING} {flags!r}: if it is the Redis "
+        f"that holds Bella-Queue's queues, level-1 tasks cut short by a stop or a crash are "
+        f"never redelivered; {needs}",
+    )
 
 
 def _cmd_check(ns: argparse.Namespace) -> int:

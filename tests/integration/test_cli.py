@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import yaml
 
-from ray_worker.cli import format_status, main
+from ray_worker.cli import format_status, keyspace_events_redeliver, main
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.waiting import wait_for_sync
+from tests.conftest import emulator_server
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +98,7 @@ def lines_of(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         outcome, _, rest = line.partition(" ")
-        if outcome in ("ok", "FAIL", "skip"):
+        if outcome in ("ok", "WARN", "FAIL", "skip"):
             name = rest.strip().split("  ")[0]
             out[name] = line
     return out
@@ -114,12 +117,22 @@ def test_check_passes_for_registered_queue(
 
     out = capsys.readouterr().out
     lines = lines_of(out)
-    assert set(lines) == {"config", "api key", "bella-queue", f"queue {env}", "event bus"}
+    assert set(lines) == {
+        "config",
+        "api key",
+        "bella-queue",
+        f"queue {env}",
+        "event bus",
+        "redelivery",
+    }
     assert all(line.startswith("ok ") for line in lines.values()), out
     assert f"{env}:0, {env}:1" in lines[f"queue {env}"]
     assert "/v1/chat/completions" in lines[f"queue {env}"]
     assert "reported by GET /v1/queue/eventbus" in lines["event bus"]
-    assert "all 5 checks passed" in out
+    # configs/local.yaml sends process_timeout_s 300; the test Redis has `Ex` (shown as "xE").
+    assert "process_timeout_s 300, process_max_retries 2" in lines["redelivery"]
+    assert "notify-keyspace-events 'xE'" in lines["redelivery"]
+    assert "all 6 checks passed" in out
     assert APIKEY not in out
 
 
@@ -212,6 +225,168 @@ def test_check_missing_key_and_bad_config(
     missing = tmp_path / "nope.yaml"
     assert run_cli(["check", "--config", str(missing)]) == 1
     assert lines_of(capsys.readouterr().out)["config"].startswith("FAIL")
+
+
+# ---------------------------------------------------------------- redelivery, plaintext URLs
+
+NO_CONFIG_USER = ("no-config", "no-config-s3cr3t")
+"""An ACL user of ``bare_redis`` that may do anything but CONFIG (as on many managed Redis)."""
+
+
+@pytest.fixture(scope="module")
+def bare_redis() -> Iterator[RedisServer]:
+    """A Redis without keyspace notifications (redis-server's default, and the bundled
+    docker-compose's), with the ACL user ``NO_CONFIG_USER``."""
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("notify-keyspace-events", "")
+        user, password = NO_CONFIG_USER
+        client.acl_setuser(
+            user,
+            enabled=True,
+            passwords=[f"+{password}"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-config"],
+        )
+        client.close()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bare_emulator(bare_redis: RedisServer) -> Iterator[EmulatorServer]:
+    """An emulator whose Redis (the one GET /v1/queue/eventbus reports) is ``bare_redis``."""
+    with emulator_server(bare_redis.url, "test") as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("flags", "redelivers"),
+    [
+        ("Ex", True),
+        ("xE", True),
+        ("AE", True),
+        ("KEA", True),
+        ("", False),
+        ("Kx", False),
+        ("Eg", False),
+        ("KEg$lshzetd", False),
+    ],
+)
+def test_keyspace_flags_that_fire_the_redelivery_timer(flags: str, redelivers: bool) -> None:
+    # Bella-Queue PSUBSCRIBEs __keyevent@0__:expired: keyevent (E) of expired keys (x; A has it).
+    assert keyspace_events_redeliver(flags) is redelivers
+
+
+def test_check_fails_when_bella_queues_redis_has_no_keyspace_events(
+    env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    bare_emulator: EmulatorServer,
+) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_URL", bare_emulator.url)
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    capsys.readouterr()
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    out = capsys.readouterr().out
+    lines = lines_of(out)
+    assert lines["event bus"].startswith("ok")
+    line = lines["redelivery"]
+    assert line.startswith("FAIL"), out
+    assert "the Redis that holds the queues" in line
+    assert "notify-keyspace-events ''" in line
+    assert "never redelivered" in line
+    assert "CONFIG SET notify-keyspace-events Ex" in line
+    assert "1 of 6 checks failed" in out
+
+
+def test_check_warns_when_an_override_redis_has_no_keyspace_events(
+    env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    bare_redis: RedisServer,
+) -> None:
+    # BELLA_EVENTBUS_URL may name another Redis than Bella-Queue's: a warning, not a failure.
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", bare_redis.url)
+    capsys.readouterr()
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 0
+
+    out = capsys.readouterr().out
+    line = lines_of(out)["redelivery"]
+    assert line.startswith("WARN"), out
+    assert "(BELLA_EVENTBUS_URL)" in line
+    assert "if it is the Redis that holds Bella-Queue's queues" in line
+    assert "all 6 checks passed, 1 with a warning" in out
+
+
+def test_check_redelivery_unknown_when_redis_refuses_config(
+    env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    bare_redis: RedisServer,
+) -> None:
+    assert run_cli(["register", "--config", str(CONFIG)]) == 0
+    user, password = NO_CONFIG_USER
+    monkeypatch.setenv(
+        "BELLA_EVENTBUS_URL", f"redis://{user}:{password}@127.0.0.1:{bare_redis.port}/0"
+    )
+    capsys.readouterr()
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 0
+
+    captured = capsys.readouterr()
+    lines = lines_of(captured.out)
+    assert lines["event bus"].startswith("ok")
+    line = lines["redelivery"]
+    assert line.startswith("WARN"), captured.out
+    assert "unknown whether it works" in line
+    assert "CONFIG GET notify-keyspace-events failed" in line
+    assert password not in captured.out + captured.err
+
+
+def test_check_redelivery_needs_a_process_timeout_for_level_1_queues(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    document = yaml.safe_load(CONFIG.read_text())
+    document["applications"][0]["args"]["poller"]["process_timeout_s"] = 0
+    config = tmp_path / "no-redelivery.yaml"
+    config.write_text(yaml.safe_dump(document))
+
+    assert run_cli(["check", "--config", str(config)]) == 1
+    line = lines_of(capsys.readouterr().out)["redelivery"]
+    assert line.startswith("FAIL")
+    assert "process_timeout_s is 0" in line
+    assert f"{env}:1" in line
+    assert "answered 503" in line
+
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", f"{env}:0")  # online only: nothing to redeliver
+    run_cli(["check", "--config", str(config)])
+    line = lines_of(capsys.readouterr().out)["redelivery"]
+    assert line.startswith("ok")
+    assert "no level-1 queue" in line
+
+
+def test_check_warns_of_a_plaintext_url_to_another_host(
+    env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0.0.0.0 is not a loopback address, and a connection to a free port there is refused at once.
+    monkeypatch.setenv("BELLA_EVENTBUS_URL", f"redis://:hunter2pw@0.0.0.0:{free_port()}/0")
+
+    assert run_cli(["check", "--config", str(CONFIG)]) == 1
+
+    captured = capsys.readouterr()
+    lines = lines_of(captured.out)
+    assert lines["event bus"].startswith("FAIL")
+    assert lines["redelivery"].startswith("skip")
+    line = lines["plaintext"]
+    assert line.startswith("WARN")
+    assert "event-bus Redis URL redis://:***@0.0.0.0:" in line
+    assert "rediss://" in line
+    assert "hunter2pw" not in captured.out + captured.err
 
 
 # ------------------------------------------------------------------------------- register
