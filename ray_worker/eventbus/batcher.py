@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -27,12 +28,32 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ray_worker.bella.protocol import completion_fields, progress_fields, stream_key
+from ray_worker.bella.protocol import (
+    completion_fields,
+    progress_fields,
+    result_body,
+    stream_key,
+)
 from ray_worker.errors import EventBusUnavailableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "PublisherClient", "PublisherClientStats", "SendFn", "SeqSendFn"]
+__all__ = [
+    "EVENTS_LOST_CODE",
+    "Batch",
+    "PublisherClient",
+    "PublisherClientStats",
+    "SendFn",
+    "SeqSendFn",
+    "entry_task_id",
+    "lost_events_answer",
+]
+
+EVENTS_LOST_CODE = "events_lost"
+"""``error.code`` of the answer to a task whose events the event bus may have lost."""
+
+EVENTS_LOST_STATUS = 503
+"""Its ``status_code``: the producer may retry the request."""
 
 Batch = list[tuple[str, dict[str, str]]]
 """What one send ships: ``(stream_key, fields)`` pairs, in order."""
@@ -46,6 +67,27 @@ SeqSendFn = Callable[[int, Batch], Awaitable[object]]
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def entry_task_id(fields: Mapping[str, str]) -> str | None:
+    """The ``taskId`` of an encoded progress or completion entry (None if unreadable)."""
+    try:
+        payload = json.loads(fields.get("payload") or "{}")
+    except ValueError:
+        return None
+    task_id = payload.get("taskId") if isinstance(payload, dict) else None
+    return task_id if isinstance(task_id, str) else None
+
+
+def lost_events_answer(task_id: str, event_id: int, message: str) -> list[dict[str, str]]:
+    """Stream fields ending a task whose events may have been lost: an error chunk
+    (``eventId`` = ``event_id``, after every event it had; a blocking task's producer
+    ignores it) then a 503 completion with the same OpenAI error body (§4.5)."""
+    body = {"error": {"message": message, "type": "server_error", "code": EVENTS_LOST_CODE}}
+    return [
+        progress_fields(task_id, str(event_id), "message", body),
+        completion_fields(task_id, result_body(EVENTS_LOST_STATUS, task_id, body)),
+    ]
 
 
 def _jittered(delay_s: float) -> float:
@@ -182,6 +224,44 @@ class PublisherClient:
         """Counters as a plain dict."""
         self._stats.pending = len(self._next.entries)
         return asdict(self._stats)
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the batch now gathering will be sent with."""
+        return self._batch_seq + 1
+
+    @property
+    def sent_seq(self) -> int:
+        """The sequence number of the last batch taken for sending (in flight or sent)."""
+        return self._batch_seq
+
+    def discard(self, keep: Callable[[str, dict[str, str]], bool]) -> int:
+        """Drop the not yet acknowledged entries (in flight and gathering) ``keep`` refuses;
+        returns how many. An in-flight batch that is resent goes without them."""
+        dropped = 0
+        for batch in (self._inflight, self._next):
+            if batch is None or batch.done.is_set():
+                continue
+            kept = [(k, f) for k, f in batch.entries if keep(k, f)]
+            dropped += len(batch.entries) - len(kept)
+            batch.entries[:] = kept
+        return dropped
+
+    def push(self, entries: Batch) -> None:
+        """Queue ``entries`` at once, urgent, not waiting for ``max_pending`` (for a few
+        entries the caller must not block on, e.g. answers written on a send path)."""
+        if self._closed:
+            raise EventBusUnavailableError("publisher client is closed")
+        if not entries:
+            return
+        self._next.entries.extend(entries)
+        self._next.urgent = True
+        self._wake.set()
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name="event-bus-client-sender"
+            )
+            self._sender.add_done_callback(self._sender_done)
 
     # ---------------------------------------------------------------- internals
 

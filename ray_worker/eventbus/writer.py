@@ -4,7 +4,8 @@ This module owns the event-bus Redis connection (``EventPublisher``, plain async
 and the one-shot reachability check ``ping``. It is the only module that sees redis-py
 errors: they are counted, logged and translated into ``errors.EventBusUnavailableError``. It
 must not encode events beyond what ``protocol.progress_fields`` / ``completion_fields``
-produced, decide what a task's result is, talk to Bella-Queue over HTTP, or import Ray.
+produced (``batcher.lost_events_answer`` builds the one answer of its own, below), decide
+what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray.
 
 ``EventPublisher``
     One ``redis.asyncio.Redis`` built from a URL with explicit socket/connect timeouts, TCP
@@ -32,7 +33,9 @@ produced, decide what a task's result is, talk to Bella-Queue over HTTP, or impo
     and the batch is re-sent. With ``idempotency_ttl_s=0`` no mark is kept (at-least-once: a
     batch whose reply was lost may be duplicated).
 
-    Trimming: every XADD carries ``MINID ~ now-30min`` (``event_minid()``). The Java SDK
+    Trimming: every XADD carries ``MINID ~ now-30min`` (``event_minid()``), ``now`` on
+    Bella-Queue's clock (``clock_ms``: the caller passes the server's clock; the server trims
+    and reads by its own clock, so a skewed local one must not cut live entries). The Java SDK
     trims exactly; we trim approximately (``approximate_trim=True``): Redis then frees whole
     radix-tree nodes only, which is cheaper per XADD and bounds the work of one write. The
     stream may keep up to one node (100 entries by default) older than 30 min; nobody reads
@@ -46,7 +49,18 @@ produced, decide what a task's result is, talk to Bella-Queue over HTTP, or impo
     logged as a summary; every completion entry is logged at ERROR with its task id and
     counted (``dropped_completions``). A per-entry rejection inside an applied batch
     (e.g. ``WRONGTYPE``) is handled the same way. If the writer loop itself dies (a bug),
-    ``publish``/``flush`` raise ``EventBusUnavailableError`` and ``healthy()`` is False.
+    ``publish``/``flush`` raise ``EventBusUnavailableError``, ``healthy()`` is False and
+    ``on_dead`` is called (the actor exits, so a fresh one is made by name).
+
+    Answers owed after an outage: a task given up whole because of an outage still has a
+    producer waiting (until its own deadline). The writer remembers each such task (bounded,
+    for the 30 min a stream keeps entries: past that the server answered 408 itself) with its
+    stream key and the eventId after the last progress event it saw of it, and once Redis
+    answers again it writes it an error chunk (that eventId) and a 503 completion
+    (``code: events_lost``); the task's own later events, its completion included, stay
+    dropped. An answer the server no longer waits for is dropped there (§4.4), so a late one
+    is harmless. A Redis that comes back empty (restarted without persistence) loses the
+    idempotency mark with the entries: everything still buffered is written again.
 
 ``ping(url)``
     One PING with its own short-lived connection, for ``ray-worker check``.
@@ -72,9 +86,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import DataError, RedisError, ResponseError
 
-from ray_worker.bella.protocol import COMPLETION_EVENT, event_minid, redact_url
+from ray_worker.bella.protocol import (
+    COMPLETION_EVENT,
+    EVENT_STREAM_MINID_WINDOW_MS,
+    event_minid,
+    now_ms,
+    redact_url,
+)
 from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError
+from ray_worker.eventbus.batcher import lost_events_answer
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +117,13 @@ MARKER_PREFIX = "bella-ray-worker:evbatch:"
 _FAILURES = (RedisError, OSError)
 
 _GIVEN_UP_MAX = 100_000
+"""Tasks remembered as given up (their later events are dropped)."""
 _FATES_MAX = 65_536
 """Completion outcomes remembered for ``delivery`` (a caller asks right after handing over)."""
-"""Tasks remembered as given up (their later events are dropped)."""
+_OWED_MAX = 65_536
+"""Tasks given up in an outage still owed an error answer once Redis is back."""
+_OWED_FOR_S = EVENT_STREAM_MINID_WINDOW_MS / 1000
+"""How long such a task is owed one: past this the server has answered it 408 itself."""
 _UNENCODABLE = (UnicodeError, DataError)
 """What redis-py's encoder raises for a value it cannot encode: that entry's fault, not
 Redis's (``DataError`` is a ``RedisError``, so it is caught before ``_FAILURES``)."""
@@ -162,6 +187,8 @@ class PublisherStats:
     dropped_tasks: int = 0
     """Tasks whose events were given up (each whole: none of its later events is written)."""
     rejected: int = 0
+    owed_answers_sent: int = 0
+    """Error answers written, once Redis was back, to tasks given up in an outage."""
     buffered: int = 0
     last_error: str | None = None
 
@@ -201,21 +228,60 @@ class _LatencyWindow:
 
 
 class _Pending:
-    __slots__ = ("enqueued_at", "fields", "key", "seq")
+    __slots__ = ("enqueued_at", "fields", "key", "owed", "seq")
 
-    def __init__(self, seq: int, key: str, fields: Mapping[str, str], enqueued_at: float) -> None:
+    def __init__(
+        self,
+        seq: int,
+        key: str,
+        fields: Mapping[str, str],
+        enqueued_at: float,
+        owed: bool = False,
+    ) -> None:
         self.seq = seq
         self.key = key
         self.fields = fields
         self.enqueued_at = enqueued_at
+        self.owed = owed
+        """An error answer the writer wrote itself: no caller waits for its fate."""
 
 
-def _task_id_of(fields: Mapping[str, str]) -> str:
+class _Owed:
+    """A task given up in an outage: where its answer goes, and its next eventId."""
+
+    __slots__ = ("key", "next_event_id", "since")
+
+    def __init__(self, key: str, since: float) -> None:
+        self.key = key
+        self.next_event_id = 0
+        self.since = since
+
+    def saw(self, fields: Mapping[str, str]) -> None:
+        event_id = _event_id_of(fields)
+        if event_id is not None and event_id >= self.next_event_id:
+            self.next_event_id = event_id + 1
+
+
+def _payload_of(fields: Mapping[str, str]) -> dict[str, Any]:
     try:
         payload = json.loads(fields.get("payload") or "{}")
     except ValueError:
-        return "?"
-    return str(payload.get("taskId", "?")) if isinstance(payload, dict) else "?"
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _task_id_of(fields: Mapping[str, str]) -> str:
+    return str(_payload_of(fields).get("taskId", "?"))
+
+
+def _event_id_of(fields: Mapping[str, str]) -> int | None:
+    """The numeric ``eventId`` of a progress event (None for a completion or other ids)."""
+    if _is_completion(fields):
+        return None
+    try:
+        return int(_payload_of(fields).get("eventId"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_completion(fields: Mapping[str, str]) -> bool:
@@ -259,11 +325,17 @@ class EventPublisher:
         *,
         client: Redis | None = None,
         on_acked: Callable[[float], None] | None = None,
+        on_dead: Callable[[BaseException], None] | None = None,
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.options = options or PublisherOptions()
         self.url = url
         # Called once per acknowledged round with its oldest entry's enqueue → ack seconds.
         self._on_acked = on_acked
+        # Called once if the writer loop dies (a bug): the owner should go away.
+        self._on_dead = on_dead
+        # Epoch ms on Bella-Queue's clock, for MINID.
+        self._clock_ms = clock_ms or now_ms
         opts = self.options
         self._redis: Redis = client or Redis.from_url(
             url,
@@ -285,6 +357,8 @@ class EventPublisher:
         self._queue: deque[_Pending] = deque()
         self._given_up: OrderedDict[str, None] = OrderedDict()
         """Tasks given up: their later events are dropped too, until their completion."""
+        self._owed: OrderedDict[str, _Owed] = OrderedDict()
+        """Tasks given up in an outage, owed an error answer once Redis is back."""
         self._fates: OrderedDict[str, bool] = OrderedDict()
         """Completion events settled: True once Redis acknowledged, False once given up."""
         self._fate_waiters: dict[str, list[asyncio.Future[bool]]] = {}
@@ -455,6 +529,11 @@ class EventPublisher:
             self._failure = exc
             self._stats.last_error = _describe(exc)
             logger.error("event-bus writer loop died", exc_info=exc)
+            if self._on_dead is not None:
+                try:
+                    self._on_dead(exc)
+                except Exception:
+                    logger.exception("event-bus writer on_dead callback failed")
         self._notify()
 
     def _notify(self) -> None:
@@ -470,7 +549,22 @@ class EventPublisher:
         while True:
             if not self._queue:
                 self._wake.clear()
-                await self._wake.wait()
+                if not self._owed or self._down_since is None:
+                    await self._wake.wait()
+                    continue
+                # Nothing to write, but answers are owed once Redis is back: probe it.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _jittered(delay))
+                if self._queue:
+                    continue
+                try:
+                    await self._redis.ping()
+                except _FAILURES as exc:
+                    self._on_failure(exc)
+                    delay = min(delay * 2, opts.backoff_max_s)
+                else:
+                    delay = opts.backoff_initial_s
+                    self._back_up()
                 continue
             try:
                 await self._write_round()
@@ -483,14 +577,20 @@ class EventPublisher:
                 delay = min(delay * 2, opts.backoff_max_s)
             else:
                 delay = opts.backoff_initial_s
-                if self._down_since is not None:
-                    self._stats.reconnects += 1
-                    logger.warning(
-                        "event-bus Redis back after %.1f s; %d entries buffered",
-                        time.monotonic() - self._down_since,
-                        len(self._queue),
-                    )
-                    self._down_since = None
+                self._back_up()
+
+    def _back_up(self) -> None:
+        """A round (or probe) succeeded: end the outage, if any, and send what is owed."""
+        if self._down_since is None:
+            return
+        self._stats.reconnects += 1
+        logger.warning(
+            "event-bus Redis back after %.1f s; %d entries buffered",
+            time.monotonic() - self._down_since,
+            len(self._queue),
+        )
+        self._down_since = None
+        self._answer_owed()
 
     async def _write_round(self) -> None:
         opts = self.options
@@ -498,7 +598,7 @@ class EventPublisher:
         keys: list[str] = [self._marker_key]
         args: list[str | int] = [
             batch[0].seq,
-            event_minid(),
+            event_minid(self._clock_ms()),
             "~" if opts.approximate_trim else "=",
             opts.idempotency_ttl_s,
         ]
@@ -562,7 +662,7 @@ class EventPublisher:
                     oldest = now - entry.enqueued_at
                 published += 1
                 latency.add(now - entry.enqueued_at)
-                if _is_completion(entry.fields):
+                if not entry.owed and _is_completion(entry.fields):
                     self._settle(_task_id_of(entry.fields), True)
             else:
                 self._stats.rejected += 1
@@ -604,21 +704,28 @@ class EventPublisher:
                 break
             count += 1
         if count:
-            self._give_up(count, f"Redis unavailable for {now - self._down_since:.1f} s")
+            self._give_up(count, f"Redis unavailable for {now - self._down_since:.1f} s", owe=True)
 
-    def _give_up(self, count: int, reason: str) -> None:
+    def _give_up(self, count: int, reason: str, *, owe: bool = False) -> None:
         """Drop the ``count`` oldest entries, and every task they belong to whole.
 
         A task whose event is dropped loses the rest of its events too (those buffered and
         those still to come, until its completion): a stream with a gap must not end as a
-        success. Each kind is logged and counted, and so is each task given up.
+        success. Each kind is logged and counted, and so is each task given up. With
+        ``owe`` (an outage) each task is remembered for an error answer once Redis is back.
         """
         progress = 0
         tasks: set[str] = set()
         finished: set[str] = set()
+        now = time.monotonic()
 
         def drop(entry: _Pending, task_id: str) -> None:
             nonlocal progress
+            if owe and task_id != "?":
+                owed = self._owed.get(task_id)
+                if owed is None:
+                    owed = self._owed[task_id] = _Owed(entry.key, now)
+                owed.saw(entry.fields)
             if _is_completion(entry.fields):
                 finished.add(task_id)
                 self._count_dropped(entry, reason)
@@ -645,6 +752,8 @@ class EventPublisher:
             self._given_up.move_to_end(task_id)
         while len(self._given_up) > _GIVEN_UP_MAX:
             self._given_up.popitem(last=False)
+        while len(self._owed) > _OWED_MAX:
+            self._owed.popitem(last=False)
         self._stats.dropped_tasks += len(tasks)
         if progress:
             self._stats.dropped_progress += progress
@@ -659,10 +768,40 @@ class EventPublisher:
         if task_id not in self._given_up:
             return False
         entry = _Pending(0, "", fields, 0.0)
+        owed = self._owed.get(task_id)
+        if owed is not None:
+            owed.saw(fields)
         if _is_completion(fields):
             del self._given_up[task_id]
         self._count_dropped(entry, "its task was given up after an outage")
         return True
+
+    def _answer_owed(self) -> None:
+        """Redis answers again: queue an error chunk and a 503 completion for each task given
+        up in the outage that may still be waiting (see the module docstring)."""
+        if not self._owed:
+            return
+        owed, self._owed = self._owed, OrderedDict()
+        now = time.monotonic()
+        sent = 0
+        for task_id, task in owed.items():
+            if now - task.since > _OWED_FOR_S:
+                continue
+            for fields in lost_events_answer(
+                task_id,
+                task.next_event_id,
+                "the worker's event bus was unavailable; this task's events were lost",
+            ):
+                self._seq += 1
+                self._queue.append(_Pending(self._seq, task.key, fields, now, owed=True))
+            sent += 1
+        if sent:
+            self._stats.owed_answers_sent += sent
+            logger.warning(
+                "event-bus Redis is back: answering %d tasks given up in the outage with 503",
+                sent,
+            )
+            self._wake.set()
 
     def _settle(self, task_id: str, delivered: bool) -> None:
         """Record a completion's fate for ``delivery`` and wake whoever waits for it."""

@@ -299,7 +299,12 @@ async def test_give_up_after_outage_counts_dropped_completions(
     await asyncio.to_thread(server.start)
     await pub.publish([completion("gu", "TASK-LATE")])
     assert await pub.flush(10)
-    assert labels(await read_stream(server, TOPIC + "gu")) == {"TASK-LATE": ["done"]}
+    # Every task given up is answered 503 once Redis is back (its producer still waits).
+    assert labels(await read_stream(server, TOPIC + "gu")) == {
+        "TASK-P": ["5", "done"],
+        **{f"TASK-C{n}": ["0", "done"] for n in range(3)},
+        "TASK-LATE": ["done"],
+    }
     await pub.aclose()
 
 
@@ -317,8 +322,12 @@ async def test_a_task_is_given_up_whole_never_with_a_gap(server: RedisServer) ->
     await pub.publish([progress("gw", "TASK-B", i) for i in range(4)])
     await pub.publish([completion("gw", "TASK-B")])
     assert await pub.flush(10)
+    await wait_for(lambda: pub.stats()["owed_answers_sent"] == 1)
+    assert await pub.flush(10)
     got = labels(await read_stream(server, TOPIC + "gw"))
-    assert got == {"TASK-B": ["0", "1", "2", "3", "done"]}, "A must not end as a success"
+    # A ends with the error chunk after the last event it had (5), then a 503 completion.
+    assert got["TASK-A"] == ["6", "done"], "A must not end as a success"
+    assert got["TASK-B"] == ["0", "1", "2", "3", "done"]
     stats = pub.stats()
     assert (stats["dropped_tasks"], stats["dropped_progress"]) == (1, 6)
     assert stats["dropped_completions"] == 1
@@ -349,7 +358,7 @@ async def test_events_of_a_given_up_task_are_dropped_wherever_they_wait(
     await asyncio.to_thread(server.start)
     assert await pub.flush(10)
     got = labels(await read_stream(server, TOPIC + "gm"))
-    assert got == {"TASK-NEW": ["0", "1", "done"]}
+    assert got == {"TASK-NEW": ["0", "1", "done"], "TASK-OLD": ["2", "done"]}
     await pub.aclose()
 
 
@@ -505,4 +514,72 @@ async def test_delivery_reports_a_completion_given_up_after_an_outage(
     assert await pub.delivery(["TASK-G"], 20) == {"TASK-G": False}
     assert pub.stats()["dropped_completions"] == 1
     await asyncio.to_thread(server.start)
+    await pub.aclose()
+
+
+def answers(entries: StreamEntries) -> dict[str, list[Any]]:
+    """Per task: the decoded events in stream order."""
+    out: dict[str, list[Any]] = {}
+    for _, fields in entries:
+        event = decode_event(fields)
+        assert event is not None
+        out.setdefault(event.task_id, []).append(event)
+    return out
+
+
+async def test_tasks_given_up_in_an_outage_are_answered_503_once_redis_is_back_empty(
+    server: RedisServer,
+) -> None:
+    """Nothing else is published after the outage: the writer finds Redis back by itself.
+    The restarted server is empty (no persistence): the idempotency mark is gone too."""
+    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    await pub.publish([progress("ow", "TASK-S", 0)])
+    assert await pub.flush(5)
+    server.kill()
+    await pub.publish([progress("ow", "TASK-S", i) for i in (1, 2)])
+    await pub.publish([completion("ow", "TASK-B")])  # a blocking task's answer
+    await wait_for(lambda: pub.stats()["dropped_tasks"] == 2)
+    # The stream goes on producing while Redis is still down: dropped, ids remembered.
+    await pub.publish([progress("ow", "TASK-S", 3)])
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(server.start)
+    await wait_for(lambda: pub.stats()["owed_answers_sent"] == 2)
+    assert await pub.flush(10)
+    # The stream's later events and its own completion stay dropped.
+    await pub.publish([progress("ow", "TASK-S", 4), completion("ow", "TASK-S")])
+    assert await pub.flush(10)
+    got = answers(await read_stream(server, TOPIC + "ow"))
+    # The restarted Redis is empty: event 0 (written before the outage) is gone with it.
+    (chunk, done) = got["TASK-S"]
+    assert isinstance(chunk, ProgressEvent)
+    assert chunk.event_id == "4"
+    assert chunk.event_data["error"]["code"] == "events_lost"
+    assert isinstance(done, CompletionEvent)
+    assert done.result["status_code"] == 503
+    assert done.result["body"]["error"]["code"] == "events_lost"
+    (_, blocking) = got["TASK-B"]
+    assert isinstance(blocking, CompletionEvent)
+    assert blocking.result["status_code"] == 503
+    assert pub.stats()["reconnects"] >= 1
+    await pub.aclose()
+
+
+async def test_minid_trims_by_the_servers_clock(server: RedisServer, redis: Redis) -> None:
+    """The server's clock is 15 min ahead of ours: entries 20 min old by ours are past its
+    30-minute window and go; by the local clock they would stay."""
+    key = TOPIC + "skew"
+    old_ms = now_ms() - 20 * 60 * 1000
+    for i in range(10):
+        await redis.xadd(key, {"n": str(i)}, id=f"{old_ms + i}-0")
+    ahead_ms = 15 * 60 * 1000
+    pub = EventPublisher(
+        server.url,
+        PublisherOptions(approximate_trim=False),
+        clock_ms=lambda: now_ms() + ahead_ms,
+    )
+    await pub.publish([progress("skew", "TASK-1", 0)])
+    assert await pub.flush(5)
+    entries = await xrange(redis, key)
+    assert len(entries) == 1
+    assert isinstance(decode_event(entries[0][1]), ProgressEvent)
     await pub.aclose()
