@@ -491,15 +491,20 @@ class QueueClient:
 
         Parsed one entry at a time: an entry the Task model cannot read lands in
         ``TakeResponse.rejected`` (the server has already popped it; the caller answers or
-        logs it), and the rest of the answer is kept.
+        logs it), and the rest of the answer is kept, also when one task is nested too deeply
+        for the JSON parser (``TakeResponse.from_text``).
+
+        A take that times out here may have been served: the server pops the tasks before it
+        answers, and nothing tells it the answer never arrived. Level-0 tasks so lost are
+        never answered (their producers' own waits end them); level-1 tasks come back after
+        ``process_timeout`` when it was sent (§2.5), and are otherwise left ``queued``.
         """
         what = "POST /v1/queue/take"
         response = await self._request("POST", "/v1/queue/take", json_body=request.to_wire())
-        body = self._json_object(response, what)
-        for queue, entries in body.items():
-            if not isinstance(entries, list):
-                self._bad_body(response, what, f"queue {queue!r} maps to a non-list")
-        parsed = TakeResponse.from_wire(body)
+        try:
+            parsed = TakeResponse.from_text(response.text)
+        except ValueError as exc:
+            self._bad_body(response, what, str(exc))
         for invalid in parsed.rejected:
             task_id = invalid.raw.get("task_id") if isinstance(invalid.raw, dict) else None
             task_id = task_id if isinstance(task_id, str) else None

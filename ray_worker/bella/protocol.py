@@ -411,6 +411,146 @@ def task_return_path(raw: Any) -> Task | None:
         return None
 
 
+def _queue_label(key: Any) -> str:
+    return key if isinstance(key, str) and _is_utf8(key) else repr(key)
+
+
+def _read_entries(queue: str, entries: list[Any], rejected: list[InvalidTask]) -> list[Task]:
+    """The entries of one queue that are Tasks; the others are appended to ``rejected``."""
+    parsed: list[Task] = []
+    for entry in entries:
+        try:
+            parsed.append(Task.model_validate(entry))
+        except ValidationError as exc:
+            rejected.append(InvalidTask(queue, describe_validation(exc), entry))
+        except RecursionError:
+            rejected.append(InvalidTask(queue, "the task is nested too deeply", entry))
+    return parsed
+
+
+def _too_deep(queue: str, entry_text: str) -> InvalidTask:
+    """A take entry nested too deeply to parse, with the top-level fields that do parse.
+
+    ``raw`` keeps every top-level field of the entry but the too-deep ones, so that
+    :func:`task_return_path` finds its id and return path; ``None`` when the entry is not an
+    object. The reason names the too-deep fields the Task model knows, never a value.
+    """
+    try:
+        members = split_json_object(entry_text)
+    except ValueError:
+        return InvalidTask(queue, "the task is nested too deeply", None)
+    raw: dict[str, Any] = {}
+    deep: list[str] = []
+    for key, value_text in members:
+        try:
+            raw[key] = json.loads(value_text)
+        except RecursionError:
+            deep.append(key if key in Task.model_fields else "another field")
+    where = ", ".join(sorted(set(deep))) or "the task"
+    return InvalidTask(queue, f"{where}: nested too deeply", raw)
+
+
+# --------------------------------------------------------------------------------------
+# Splitting JSON text without parsing it (a take answer too deep for json.loads)
+# --------------------------------------------------------------------------------------
+
+_WS_RE = re.compile(r"[ \t\n\r]*")
+_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET_RE = re.compile(r'["\[\]{}]')
+_SCALAR_END_RE = re.compile(r"[,\]}\s]")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    match = _WS_RE.match(text, pos)
+    return match.end() if match else pos
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value starting at ``pos`` ends, scanning without recursion.
+
+    Strings are skipped whole (escaped quotes, brackets inside strings); only brackets
+    outside strings are counted. The value itself is checked by whoever parses it.
+    """
+    if pos >= len(text):
+        raise ValueError("a JSON value is missing at the end of the text")
+    first = text[pos]
+    if first == '"':
+        string = _STRING_RE.match(text, pos)
+        if string is None:
+            raise ValueError("unterminated JSON string")
+        return string.end()
+    if first not in "[{":
+        end = _SCALAR_END_RE.search(text, pos)
+        return len(text) if end is None else end.start()
+    depth = 0
+    while True:
+        bracket = _BRACKET_RE.search(text, pos)
+        if bracket is None:
+            raise ValueError("unterminated JSON array or object")
+        if bracket.group() == '"':
+            string = _STRING_RE.match(text, bracket.start())
+            if string is None:
+                raise ValueError("unterminated JSON string")
+            pos = string.end()
+            continue
+        depth += 1 if bracket.group() in "[{" else -1
+        pos = bracket.end()
+        if depth == 0:
+            return pos
+
+
+def _members(text: str, opening: str) -> list[tuple[str, str]]:
+    # (key, value text) of an object, ("", element text) of an array.
+    closing = "}" if opening == "{" else "]"
+    pos = _skip_ws(text, 0)
+    if text[pos : pos + 1] != opening:
+        raise ValueError(f"expected a JSON {'object' if opening == '{' else 'array'}")
+    pos = _skip_ws(text, pos + 1)
+    found: list[tuple[str, str]] = []
+    if text[pos : pos + 1] == closing:
+        pos += 1
+    else:
+        while True:
+            key = ""
+            if opening == "{":
+                if text[pos : pos + 1] != '"':
+                    raise ValueError("an object key must be a string")
+                key_end = _value_end(text, pos)
+                key = json.loads(text[pos:key_end])
+                pos = _skip_ws(text, key_end)
+                if text[pos : pos + 1] != ":":
+                    raise ValueError("expected ':' after an object key")
+                pos = _skip_ws(text, pos + 1)
+            end = _value_end(text, pos)
+            found.append((key, text[pos:end]))
+            pos = _skip_ws(text, end)
+            separator = text[pos : pos + 1]
+            pos += 1
+            if separator == closing:
+                break
+            if separator != ",":
+                raise ValueError(f"expected ',' or {closing!r}")
+            pos = _skip_ws(text, pos)
+    if _skip_ws(text, pos) != len(text):
+        raise ValueError("extra data after the JSON value")
+    return found
+
+
+def split_json_object(text: str) -> list[tuple[str, str]]:
+    """The top-level members of the JSON object ``text`` as ``(key, value JSON text)``.
+
+    Keys are decoded, values are left as text: no value is parsed, so a value nested deeper
+    than ``json.loads`` goes does not stop the others from being read. Raises ``ValueError``
+    when ``text`` is not one object (a malformed value is only found when it is parsed).
+    """
+    return _members(text, "{")
+
+
+def split_json_array(text: str) -> list[str]:
+    """The elements of the JSON array ``text`` as JSON texts (see :func:`split_json_object`)."""
+    return [element for _, element in _members(text, "[")]
+
+
 class TakeResponse(BaseModel):
     """``take`` answers ``{"<queue>:<level>": [Task, ...]}`` (§1.4); ``{}`` when empty.
 
@@ -435,19 +575,52 @@ class TakeResponse(BaseModel):
         tasks: dict[str, list[Task]] = {}
         rejected: list[InvalidTask] = []
         for key, value in body.items():
-            queue = key if isinstance(key, str) and _is_utf8(key) else repr(key)
+            queue = _queue_label(key)
             if not isinstance(value, list):
                 rejected.append(InvalidTask(queue, "the queue maps to a non-list", value))
                 continue
-            parsed: list[Task] = []
-            for entry in value:
+            tasks[queue] = _read_entries(queue, value, rejected)
+        return cls(tasks=tasks, rejected=rejected)
+
+    @classmethod
+    def from_text(cls, text: str) -> TakeResponse:
+        """Parse the take answer's JSON text; raise ``ValueError`` when it is not an object of
+        lists (not JSON, a queue mapped to a non-list: the server misbehaved).
+
+        One ``json.loads`` of the whole text. Only when that fails on nesting (a task's
+        ``data`` nested deeper than the parser goes) is the text split with
+        :func:`split_json_object` and each task parsed on its own: the deep one is rejected
+        with the top-level fields that could be read (its id and return path, so it is
+        answered 400), and the others are kept.
+        """
+        try:
+            body = json.loads(text)
+        except RecursionError:
+            return cls._from_split(text)
+        if not isinstance(body, dict):
+            raise ValueError(f"expected a JSON object, got {type(body).__name__}")
+        for queue, entries in body.items():
+            if not isinstance(entries, list):
+                raise ValueError(f"queue {_queue_label(queue)!r} maps to a non-list")
+        return cls.from_wire(body)
+
+    @classmethod
+    def _from_split(cls, text: str) -> TakeResponse:
+        # Duplicate keys: the last one wins, as with json.loads.
+        queues = dict(split_json_object(text))
+        tasks: dict[str, list[Task]] = {}
+        rejected: list[InvalidTask] = []
+        for key, value_text in queues.items():
+            queue = _queue_label(key)
+            if not value_text.startswith("["):
+                raise ValueError(f"queue {queue!r} maps to a non-list")
+            entries: list[Any] = []
+            for entry_text in split_json_array(value_text):
                 try:
-                    parsed.append(Task.model_validate(entry))
-                except ValidationError as exc:
-                    rejected.append(InvalidTask(queue, describe_validation(exc), entry))
+                    entries.append(json.loads(entry_text))
                 except RecursionError:
-                    rejected.append(InvalidTask(queue, "the task is nested too deeply", entry))
-            tasks[queue] = parsed
+                    rejected.append(_too_deep(queue, entry_text))
+            tasks[queue] = _read_entries(queue, entries, rejected)
         return cls(tasks=tasks, rejected=rejected)
 
     def to_wire(self) -> dict[str, Any]:
@@ -776,6 +949,8 @@ __all__ = [
     "progress_fields",
     "redact_url",
     "result_body",
+    "split_json_array",
+    "split_json_object",
     "sse_data",
     "stream_key",
     "task_return_path",

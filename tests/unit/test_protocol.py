@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -734,3 +735,160 @@ def test_from_wire_never_raises_property(raw: dict[str, Any]) -> None:
     response = TakeResponse.from_wire({"q:0": [raw, GOOD_TASK]})
     assert len(response.all_tasks()) + len(response.rejected) == 2
     assert response.all_tasks()[-1].task_id == GOOD_TASK["task_id"]
+
+
+# --------------------------------------------------------------------------------------
+# A take answer too deep for json.loads: split it, parse each task on its own
+# --------------------------------------------------------------------------------------
+
+DEEP = "[" * 5000 + "]" * 5000
+"""A JSON value nested far deeper than ``json.loads`` goes."""
+
+tricky_text = st.text(
+    alphabet=st.characters()
+    | st.characters(categories=["Cs"])
+    | st.sampled_from('"\\[]{},: \n\t/'),
+    max_size=12,
+)
+"""Strings with quotes, backslashes, brackets, control characters and lone surrogates."""
+
+tricky_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | tricky_text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(tricky_text, children, max_size=4)
+    ),
+    max_leaves=15,
+)
+
+take_entries = st.lists(
+    st.builds(
+        lambda n, data: {**GOOD_TASK, "task_id": f"T-{n}", "data": data}, st.integers(), tricky_json
+    )
+    | tricky_json,
+    max_size=4,
+)
+take_bodies = st.dictionaries(tricky_text, take_entries, max_size=3)
+
+
+def _dump(body: Any, style: int) -> str:
+    if style == 0:
+        return json.dumps(body)
+    if style == 1:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(body, ensure_ascii=False, indent=1)
+
+
+@given(body=take_bodies, style=st.integers(0, 2))
+def test_split_gives_what_json_loads_gives_property(body: dict[str, Any], style: int) -> None:
+    text = _dump(body, style)
+    split = {
+        key: [json.loads(entry) for entry in protocol.split_json_array(value)]
+        for key, value in protocol.split_json_object(text)
+    }
+    assert split == json.loads(text)
+
+
+@given(body=take_bodies, style=st.integers(0, 2), at=st.integers(0, 10))
+def test_a_too_deep_task_is_rejected_alone_property(
+    body: dict[str, Any], style: int, at: int
+) -> None:
+    marker = "@deep@"
+    deep_task = {"task_id": "T-deep", "response_mode": "callback", "data": {"x": marker}}
+    queue = next(iter(body), "q:0")
+    entries = body.setdefault(queue, [])
+    entries.insert(at % (len(entries) + 1), deep_task)
+    text = _dump(body, style).replace(json.dumps(marker), DEEP)
+    entries.remove(deep_task)
+    expected = TakeResponse.from_wire(body)
+
+    response = TakeResponse.from_text(text)
+
+    assert response.tasks == expected.tasks
+    deep = [
+        r for r in response.rejected if r.raw == {"task_id": "T-deep", "response_mode": "callback"}
+    ]
+    assert [(r.queue, r.reason) for r in deep] == [
+        (protocol._queue_label(queue), "data: nested too deeply")
+    ]
+    assert [r for r in response.rejected if r not in deep] == expected.rejected
+
+
+def test_too_deep_take_keeps_every_other_task_and_the_deep_ones_return_path() -> None:
+    good = json.dumps(GOOD_TASK)
+    deep_online = json.dumps({**GOOD_TASK, "task_id": "T-deep", "ak": "sk-x"}).replace(
+        '"data": {', f'"data": {{"deep": {DEEP}, '
+    )
+    text = (
+        f'{{"q:0": [{good}, {deep_online}, {DEEP}], "q:1": [{good.replace("000001", "000002")}]}}'
+    )
+    with pytest.raises(RecursionError):
+        json.loads(text)
+
+    response = TakeResponse.from_text(text)
+
+    assert [t.task_id for t in response.all_tasks()] == [
+        GOOD_TASK["task_id"],
+        GOOD_TASK["task_id"].replace("000001", "000002"),
+    ]
+    first, second = response.rejected
+    assert (first.queue, first.reason) == ("q:0", "data: nested too deeply")
+    assert first.raw == {k: v for k, v in GOOD_TASK.items() if k != "data"} | {
+        "task_id": "T-deep",
+        "ak": "sk-x",
+    }
+    stub = protocol.task_return_path(first.raw)
+    assert stub is not None
+    assert (stub.task_id, stub.response_mode, stub.instance_id) == (
+        "T-deep",
+        ResponseMode.BLOCKING,
+        GOOD_TASK["instance_id"],
+    )
+    assert "sk-x" not in repr(response)
+    # An entry that is not even an object has no return path: logged and dropped.
+    assert (second.queue, second.reason, second.raw) == (
+        "q:0",
+        "the task is nested too deeply",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "Expecting value"),
+        ("[]", "expected a JSON object, got list"),
+        ('"q"', "expected a JSON object, got str"),
+        ('{"q:0": {"task_id": "t"}}', "queue 'q:0' maps to a non-list"),
+        ('{"q:0": []} extra', "Extra data"),
+        ('{"q:0": [' + DEEP + "}", "expected ',' or '}'"),
+        ('{"q:0": [' + DEEP + ", {bad}]}", "Expecting property name"),
+        ('{"q:0": [' + DEEP + "], " + DEEP + ": []}", "an object key must be a string"),
+        ('{"q:0": [' + DEEP + '], "q:1": {"task_id": "t"}}', "queue 'q:1' maps to a non-list"),
+        ('{"q:0": [' + DEEP + '] "q:1": []}', "expected ',' or '}'"),
+        ('{"q:0": [' + DEEP + '], "q:1": ["unterminated]}', "unterminated JSON string"),
+        ('{"q:0": [' + DEEP + "]", "expected ',' or '}'"),
+    ],
+)
+def test_from_text_rejects_what_is_not_an_object_of_lists(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TakeResponse.from_text(text)
+
+
+def test_from_text_parses_a_plain_answer_with_one_json_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    real = json.loads
+
+    def counting(text: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(text)
+        return real(text, *args, **kwargs)
+
+    wire = load("take_response_online.json")
+    monkeypatch.setattr(protocol.json, "loads", counting)
+    assert TakeResponse.from_text(json.dumps(wire)).to_wire() == wire
+    assert len(calls) == 1

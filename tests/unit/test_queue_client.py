@@ -933,3 +933,30 @@ async def test_batch_unexpected_bodies(response: httpx.Response, call: str) -> N
     }
     with pytest.raises(QueueUnavailableError, match="unexpected answer"):
         await calls[call]()
+
+
+# --------------------------------------------------------------------------------------
+# take: one task nested too deeply for the JSON parser does not lose the others
+# --------------------------------------------------------------------------------------
+
+
+async def test_take_keeps_the_tasks_beside_one_nested_too_deeply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = load("take_response_offline.json")["deepseek-r1:1"][0]
+    deep = "[" * 3000 + "]" * 3000
+    deep_task = json.dumps({**good, "task_id": "T-deep", "ak": "sk-producer-3"}).replace(
+        '"data": {', f'"data": {{"deep": {deep}, ', 1
+    )
+    body = f'{{"deepseek-r1:1": [{deep_task}, {json.dumps(good)}]}}'
+    client, _ = client_for(Recorder(httpx.Response(200, content=body.encode())))
+    caplog.set_level(logging.ERROR, logger="ray_worker.bella.client")
+    response = await client.take(TakeRequest(queues=["deepseek-r1:1"], size=2))
+    assert [t.task_id for t in response.all_tasks()] == [good["task_id"]]
+    (rejected,) = response.rejected
+    assert rejected.reason == "data: nested too deeply"
+    assert rejected.raw["task_id"] == "T-deep"
+    assert "data" not in rejected.raw
+    (skipped,) = [r for r in caplog.records if "skipping unreadable task" in r.getMessage()]
+    assert getattr(skipped, "task_id", None) == "T-deep"
+    assert "sk-producer-3" not in skipped.getMessage()
