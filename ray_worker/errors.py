@@ -10,13 +10,15 @@ Ray actor boundaries.
     WorkerError
     ├── RetryableError               try again later, with backoff
     │   ├── QueueUnavailableError    Bella-Queue timed out, refused, or answered 5xx
+    │   │   └── QueueGatewayError    a 3xx/4xx without Bella-Queue's error body: something in
+    │   │                            front of it answered (gateway, WAF, proxy, wrong URL)
     │   ├── EventBusUnavailableError the event-bus Redis is unreachable
     │   │   └── EventsGivenUpError   the publisher gave a task's events up (counted there)
     │   ├── EngineOverloadedError    the LLM replicas cannot take more right now (HTTP 503/429)
     │   └── ReplicaUnavailableError  the replica serving a request died or is unreachable
     ├── PermanentError               the same call will fail the same way
     │   ├── AuthenticationError      Bella-Queue answered 401 (bad or missing API key)
-    │   ├── BadRequestError          Bella-Queue answered 400 (its message is kept)
+    │   ├── BadRequestError          Bella-Queue's own 4xx, with its error body (message kept)
     │   └── TaskError                one task cannot be served; carries the HTTP status
     │       ├── InvalidTaskError     malformed request body (400)
     │       ├── EngineError          the engine failed on this task (500 unless it said otherwise)
@@ -40,15 +42,29 @@ class RetryableError(WorkerError):
 
 
 class QueueUnavailableError(RetryableError):
-    """Bella-Queue could not be reached, timed out, or answered with a 5xx status."""
+    """Bella-Queue could not be reached, timed out, or answered with a 5xx status.
 
-    def __init__(self, message: str, status_code: int | None = None) -> None:
+    ``retry_after_s`` is the answer's ``Retry-After`` in seconds (an HTTP date already turned
+    into a wait), ``None`` when it had none: a retry should not come sooner.
+    """
+
+    def __init__(
+        self, message: str, status_code: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.status_code))
+        return (type(self), (self.message, self.status_code, self.retry_after_s))
+
+
+class QueueGatewayError(QueueUnavailableError):
+    """A 3xx or 4xx answer without Bella-Queue's ``{code, message, timestamp}`` error body:
+    a gateway, WAF, proxy or key rotation in front of Bella-Queue answered, not Bella-Queue
+    (or the URL is not Bella-Queue's). Retryable: it says nothing about the request itself.
+    ``status_code`` is always set."""
 
 
 class EventBusUnavailableError(RetryableError):
@@ -77,7 +93,8 @@ class AuthenticationError(PermanentError):
 
 
 class BadRequestError(PermanentError):
-    """Bella-Queue answered 400; ``message`` is the server's own text."""
+    """Bella-Queue's own refusal: a 4xx (400 from its exception handler) carrying its error
+    body; ``message`` is the server's own text. The same request fails the same way."""
 
     def __init__(self, message: str, status_code: int = 400) -> None:
         super().__init__(message)
@@ -190,6 +207,7 @@ __all__ = [
     "InvalidTaskError",
     "ModelNotFoundError",
     "PermanentError",
+    "QueueGatewayError",
     "QueueUnavailableError",
     "ReplicaUnavailableError",
     "RetryableError",

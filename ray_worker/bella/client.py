@@ -10,10 +10,15 @@ it as a class from :mod:`ray_worker.errors`.
 Error mapping:
 
 - httpx timeouts, connection and protocol errors → :class:`QueueUnavailableError` (no status);
-- HTTP 5xx → ``QueueUnavailableError(server message, status_code)``;
-- HTTP 401 → :class:`AuthenticationError`;
-- HTTP 400 → ``BadRequestError(server message)``; other 4xx (and 3xx) →
-  ``BadRequestError(message, status_code)``;
+- HTTP 5xx → ``QueueUnavailableError(server message, status_code, retry_after_s)``;
+- HTTP 401 → :class:`AuthenticationError` (Bella-Queue's own 401 has an empty body, so a
+  gateway's cannot be told from it; both mean the key was not accepted);
+- a 4xx with Bella-Queue's error body ``{code, message, timestamp[, stacktrace]}`` (§1.0) →
+  ``BadRequestError(server message, status_code)``: Bella-Queue itself refused the request;
+- any other 3xx/4xx (HTML, empty, foreign JSON) → :class:`QueueGatewayError` (retryable): a
+  gateway, WAF or proxy in front of Bella-Queue answered, not Bella-Queue;
+- ``retry_after_s`` on the retryable ones is the answer's ``Retry-After`` (delay-seconds or
+  an HTTP date, taken against the answer's own ``Date``), ``None`` without one;
 - a 2xx whose body is not what the endpoint promises (not JSON, wrong shape) →
   ``QueueUnavailableError(..., status_code)``: the server, or a proxy in front of it,
   misbehaved, and a later call may well succeed.
@@ -27,10 +32,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, NoReturn
 from urllib.parse import quote
@@ -54,7 +62,12 @@ from ray_worker.bella.protocol import (
     describe_validation,
     redact_url,
 )
-from ray_worker.errors import AuthenticationError, BadRequestError, QueueUnavailableError
+from ray_worker.errors import (
+    AuthenticationError,
+    BadRequestError,
+    QueueGatewayError,
+    QueueUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +192,60 @@ def _is_error_body(body: Any) -> bool:
         and "code" in body
         and "timestamp" in body
         and set(body) <= _ERROR_BODY_KEYS
+    )
+
+
+def _is_bella_body(body: Any) -> bool:
+    """Bella-Queue's own answer to a failed call: its error object, or the put wrapper
+    ``{code, timestamp, data?, message?}`` (§1.0). Nothing in front of it writes these."""
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("code"), int)
+        and "timestamp" in body
+        and set(body) <= _ERROR_BODY_KEYS | {"data"}
+    )
+
+
+def _http_date_s(value: str) -> float | None:
+    """Epoch seconds of an HTTP date (a zone-less one read as GMT); ``None`` if unreadable."""
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _retry_after_s(value: str | None, date: str | None, now_s: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds, or an HTTP date taken
+    against the same answer's ``Date`` (so a skewed server clock does not matter), else
+    against ``now_s``. ``None`` when absent or unreadable; never negative."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        at_s = _http_date_s(value)
+        if at_s is None:
+            return None
+        sent_s = _http_date_s(date) if date else None
+        seconds = at_s - (now_s if sent_s is None else sent_s)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _gateway_message(body: Any, status_code: int, what: str) -> str:
+    """What a 3xx/4xx from something in front of Bella-Queue says, kept short (an HTML page
+    is cut to its first words)."""
+    said = " ".join(_error_message(body, status_code, what).split())
+    if len(said) > 200:
+        said = said[:200] + "…"
+    return (
+        f"HTTP {status_code} from {what} without Bella-Queue's error body: a gateway or proxy "
+        f"in front of it answered, or BELLA_QUEUE_URL is not the Bella-Queue base URL ({said})"
     )
 
 
@@ -352,20 +419,26 @@ class QueueClient:
         status = response.status_code
         if 200 <= status < 300:
             return
-        self._raise_status(status, _parse_body(response), what)
+        retry_after_s = _retry_after_s(
+            response.headers.get("retry-after"), response.headers.get("date"), time.time()
+        )
+        self._raise_status(status, _parse_body(response), what, retry_after_s=retry_after_s)
 
-    def _raise_status(self, status: int, body: Any, what: str) -> NoReturn:
+    def _raise_status(
+        self, status: int, body: Any, what: str, *, retry_after_s: float | None = None
+    ) -> NoReturn:
+        """Raise the error of a non-2xx answer: who answered decides whether retrying can
+        help. Only Bella-Queue's own 4xx (its error body) says the request itself is wrong."""
         if status == 401:
             raise AuthenticationError(
                 f"Bella-Queue rejected the API key on {what} (HTTP 401): check "
                 "BELLA_QUEUE_APIKEY (sent as 'Authorization: Bearer <key>')"
             )
-        message = _error_message(body, status, what)
         if status >= 500:
-            raise QueueUnavailableError(message, status)
-        if status == 400:
-            raise BadRequestError(message)
-        raise BadRequestError(message, status)
+            raise QueueUnavailableError(_error_message(body, status, what), status, retry_after_s)
+        if 400 <= status < 500 and _is_bella_body(body):
+            raise BadRequestError(_error_message(body, status, what), status)
+        raise QueueGatewayError(_gateway_message(body, status, what), status, retry_after_s)
 
     def _bad_body(self, response: httpx.Response, what: str, detail: str) -> NoReturn:
         raise QueueUnavailableError(
@@ -521,10 +594,12 @@ class QueueClient:
         """``POST /v1/queue/{task_id}/complete``, retried on retryable faults (§1.5).
 
         Complete is idempotent on the server, so repeating it after a timeout is safe.
-        Timeouts, connection errors and 5xx are retried per ``complete_retry``; 4xx are not.
-        After the last attempt the last error is raised. Completes use their own connection
-        pool (``complete_max_connections``), apart from takes and every other call. An LLM
-        replica makes one attempt per call and retries from its outbox
+        Timeouts, connection errors, 5xx and answers from a gateway in front of Bella-Queue
+        (:class:`QueueGatewayError`) are retried per ``complete_retry``, waiting at least
+        their ``Retry-After`` (up to the policy's ``max_delay_s``); Bella-Queue's own 4xx and
+        401 are not. After the last attempt the last error is raised. Completes use their
+        own connection pool (``complete_max_connections``), apart from takes and every other
+        call. An LLM replica makes one attempt per call and retries from its outbox
         (``ray_worker.task.outbox``) until the task expires.
         """
         path = f"/v1/queue/{quote(task_id, safe='')}/complete"
@@ -547,6 +622,8 @@ class QueueClient:
                     )
                     raise
                 delay_s = policy.delay_s(attempt, self._rng)
+                if exc.retry_after_s is not None:
+                    delay_s = max(delay_s, min(exc.retry_after_s, policy.max_delay_s))
                 self.counters.complete_retries += 1
                 logger.warning(
                     "complete of %s failed (attempt %d/%d): %s; retrying in %.2f s",

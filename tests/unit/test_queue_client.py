@@ -33,6 +33,7 @@ from ray_worker.errors import (
     AuthenticationError,
     BadRequestError,
     PermanentError,
+    QueueGatewayError,
     QueueUnavailableError,
     RetryableError,
 )
@@ -250,13 +251,100 @@ async def test_5xx_bodies_of_any_shape(
     assert fragment in info.value.message
 
 
-@pytest.mark.parametrize("status", [403, 404, 405, 409, 413, 302])
-async def test_other_non_2xx_are_bad_requests_with_status(status: int) -> None:
+@pytest.mark.parametrize("status", [403, 404, 405, 409, 413, 429, 302, 307])
+async def test_a_3xx_or_4xx_without_bellas_error_body_is_a_retryable_gateway_answer(
+    status: int,
+) -> None:
     client, _ = client_for(Recorder(httpx.Response(status, text="nope")))
-    with pytest.raises(BadRequestError) as info:
+    with pytest.raises(QueueGatewayError) as info:
         await client.eventbus()
+    assert isinstance(info.value, RetryableError)
+    assert isinstance(info.value, QueueUnavailableError)
     assert info.value.status_code == status
-    assert info.value.message == "nope"
+    assert "nope" in info.value.message
+    assert info.value.retry_after_s is None
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(429, text="<html><body><h1>429 Too Many Requests</h1></body></html>"),
+        httpx.Response(403),  # a WAF's empty refusal
+        json_response(403, {"message": "Invalid authentication credentials"}),  # Kong
+        json_response(404, {"timestamp": 1, "status": 404, "error": "Not Found", "path": "/"}),
+        json_response(429, {"code": 429, "message": "rate limited"}),  # no timestamp
+        json_response(400, "bad"),  # a JSON string, not Bella's object
+    ],
+)
+async def test_foreign_4xx_bodies_are_gateway_answers(response: httpx.Response) -> None:
+    client, _ = client_for(Recorder(response))
+    with pytest.raises(QueueGatewayError) as info:
+        await client.take(TakeRequest(queues=["q:0"], size=1))
+    assert info.value.status_code == response.status_code
+    assert "gateway" in info.value.message
+    assert "BELLA_QUEUE_URL" in info.value.message  # what `ray-worker check` shows
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 429])
+async def test_a_4xx_with_bellas_error_body_is_bellas_own_refusal(status: int) -> None:
+    body = {"code": status, "message": 'For input string: "x"', "timestamp": 1}
+    client, _ = client_for(Recorder(json_response(status, body, headers={"Retry-After": "5"})))
+    with pytest.raises(BadRequestError) as info:
+        await client.complete("TASK-x", {"status_code": 200})
+    assert info.value.status_code == status
+    assert info.value.message == 'For input string: "x"'
+
+
+async def test_a_gateway_html_page_is_cut_short_in_the_message() -> None:
+    page = "<html>\n<body>" + "blocked " * 200 + "</body></html>"
+    client, _ = client_for(Recorder(httpx.Response(403, text=page)))
+    with pytest.raises(QueueGatewayError) as info:
+        await client.eventbus()
+    assert len(info.value.message) < 400
+    assert "\n" not in info.value.message
+
+
+DATE = "Sun, 06 Dec 2026 21:00:00 GMT"
+
+
+@pytest.mark.parametrize(
+    ("headers", "retry_after_s"),
+    [
+        ({"Retry-After": "1"}, 1.0),
+        ({"Retry-After": " 120 "}, 120.0),
+        ({"Retry-After": "2.5"}, 2.5),
+        ({"Retry-After": "0"}, 0.0),
+        ({"Retry-After": "-3"}, 0.0),
+        # An HTTP date counts from the answer's own Date: the server's clock, not ours.
+        ({"Retry-After": "Sun, 06 Dec 2026 21:00:30 GMT", "Date": DATE}, 30.0),
+        ({"Retry-After": "Sunday, 06-Dec-26 21:01:00 GMT", "Date": DATE}, 60.0),
+        ({"Retry-After": "Sun, 06 Dec 2026 20:59:00 GMT", "Date": DATE}, 0.0),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "nan"}, None),
+        ({"Retry-After": ""}, None),
+        ({}, None),
+    ],
+)
+async def test_retry_after_is_carried_on_the_error(
+    headers: dict[str, str], retry_after_s: float | None
+) -> None:
+    client, _ = client_for(Recorder(httpx.Response(429, text="<html/>", headers=headers)))
+    with pytest.raises(QueueGatewayError) as info:
+        await client.eventbus()
+    assert info.value.retry_after_s == retry_after_s
+
+
+async def test_retry_after_of_an_http_date_without_a_date_header_counts_from_now() -> None:
+    from email.utils import formatdate
+    from time import time
+
+    later = formatdate(time() + 3600, usegmt=True)
+    client, _ = client_for(Recorder(httpx.Response(503, headers={"Retry-After": later})))
+    with pytest.raises(QueueUnavailableError) as info:
+        await client.eventbus()
+    assert info.value.retry_after_s is not None
+    assert 3500 < info.value.retry_after_s <= 3600
+    assert info.value.status_code == 503
 
 
 @pytest.mark.parametrize(
@@ -288,6 +376,18 @@ async def test_exceptions_pickle() -> None:
         await client.eventbus()
     copy = pickle.loads(pickle.dumps(info.value))
     assert (copy.message, copy.status_code) == ("Queue full", 500)
+
+    gateway = httpx.Response(429, text="busy", headers={"Retry-After": "7"})
+    client, _ = client_for(Recorder(gateway))
+    with pytest.raises(QueueGatewayError) as gateway_info:
+        await client.eventbus()
+    copy = pickle.loads(pickle.dumps(gateway_info.value))
+    assert type(copy) is QueueGatewayError
+    assert (copy.message, copy.status_code, copy.retry_after_s) == (
+        gateway_info.value.message,
+        429,
+        7.0,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -735,8 +835,8 @@ async def test_complete_gives_up_with_the_last_error() -> None:
             json_response(400, {"code": 400, "message": "For input string", "timestamp": 1}),
             BadRequestError,
         ),
+        (json_response(404, {"code": 404, "message": "no", "timestamp": 1}), BadRequestError),
         (httpx.Response(401), AuthenticationError),
-        (httpx.Response(404, text="no"), BadRequestError),
     ],
 )
 async def test_complete_does_not_retry_permanent_errors(
@@ -750,6 +850,35 @@ async def test_complete_does_not_retry_permanent_errors(
     assert delays == []
     assert client.counters.complete_retries == 0
     assert client.counters.complete_failures == 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        httpx.Response(429, text="<html>Too Many Requests</html>"),
+        httpx.Response(403),
+        httpx.Response(404, text="no"),
+        httpx.Response(302, headers={"Location": "https://login.example/"}),
+    ],
+)
+async def test_complete_retries_answers_from_a_gateway(fault: httpx.Response) -> None:
+    recorder = Recorder(fault, string_literal(200, TASK_ID))
+    client, delays = client_for(recorder, attempts=3)
+    await client.complete(TASK_ID, {"status_code": 200})
+    assert len(recorder.requests) == 2
+    assert delays == [0.5]
+    assert client.counters.complete_failures == 0
+
+
+@pytest.mark.parametrize(("retry_after", "delay_s"), [("3", 3.0), ("0", 0.5), ("600", 10.0)])
+async def test_complete_waits_at_least_retry_after_up_to_the_policy_cap(
+    retry_after: str, delay_s: float
+) -> None:
+    fault = httpx.Response(429, text="<html/>", headers={"Retry-After": retry_after})
+    recorder = Recorder(fault, string_literal(200, TASK_ID))
+    client, delays = client_for(recorder, attempts=3)  # base 0.5 s, max_delay_s 10 s
+    await client.complete(TASK_ID, {"status_code": 200})
+    assert delays == [delay_s]
 
 
 async def test_complete_single_attempt_policy() -> None:
