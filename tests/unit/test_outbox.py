@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +14,12 @@ import pytest
 
 from ray_worker.bella.protocol import Task
 from ray_worker.config import DispatcherConfig
-from ray_worker.errors import BadRequestError, QueueUnavailableError
+from ray_worker.errors import (
+    AuthenticationError,
+    BadRequestError,
+    QueueGatewayError,
+    QueueUnavailableError,
+)
 from ray_worker.task.outbox import Outbox
 from ray_worker.testing.waiting import wait_for
 
@@ -248,3 +254,213 @@ async def test_a_second_answer_for_a_task_replaces_the_first() -> None:
     completer.down = False
     await _settled(outbox)
     assert completer.accepted == [("T", {"n": 2})]
+
+
+# -- who refused: a gateway in front of Bella-Queue, or Bella-Queue itself ------------------
+
+
+def _gateway(status: int = 429, retry_after_s: float | None = None) -> QueueGatewayError:
+    return QueueGatewayError(f"HTTP {status} from a gateway (<html>)", status, retry_after_s)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _gateway(429),
+        _gateway(403),
+        _gateway(404),
+        _gateway(302),
+        AuthenticationError("HTTP 401"),
+        QueueUnavailableError("Queue full", 503),
+    ],
+    ids=["429", "403", "404", "302", "401", "503"],
+)
+async def test_anything_but_bellas_own_refusal_is_retried(error: Exception) -> None:
+    completer = FlakyCompleter(fail_first=3, error=error)
+    outbox = Outbox(completer, FAST)
+    outbox.expect(_task("T"))
+    await outbox.complete("T", {"status_code": 200})
+    await _settled(outbox)
+    assert [t for t, _ in completer.accepted] == ["T"]
+    assert outbox.counters.rejected == 0
+    assert outbox.counters.retries == 3
+
+
+async def test_failed_attempts_are_counted_by_cause() -> None:
+    completer = FlakyCompleter()
+    errors = iter(
+        [_gateway(429), _gateway(429), AuthenticationError("401"), QueueUnavailableError("x")]
+    )
+
+    async def complete(task_id: str, result: Mapping[str, Any]) -> None:
+        error = next(errors, None)
+        if error is not None:
+            raise error
+        completer.accepted.append((task_id, dict(result)))
+
+    completer.complete = complete  # type: ignore[method-assign]
+    outbox = Outbox(completer, FAST)
+    await outbox.complete("T", {})
+    await _settled(outbox)
+    assert outbox.counters.failed_attempts == {
+        "gateway_429": 2,
+        "unauthorized": 1,
+        "unreachable": 1,
+    }
+
+
+async def test_bellas_own_4xx_is_given_up_at_once_whatever_its_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    completer = FlakyCompleter(error=BadRequestError("no such task", 404))
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    with caplog.at_level(logging.ERROR, logger="ray_worker.task.outbox"):
+        await outbox.complete("T", {})
+        await _settled(outbox)
+    assert completer.calls == 1
+    assert outbox.counters.rejected == 1
+    assert outbox.metrics.total("complete_given_up", reason="rejected") == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "rejected" in record.getMessage()
+    assert "Bella-Queue refused it" in record.getMessage()
+
+
+class _Pauses:
+    """Records the waits the outbox decides on, without waiting."""
+
+    def __init__(self) -> None:
+        self.waits: list[tuple[float, float]] = []
+
+    async def __call__(self, delay_s: float, floor_s: float) -> None:
+        self.waits.append((delay_s, floor_s))
+        await asyncio.sleep(0)
+
+
+async def test_a_retry_waits_at_least_the_answers_retry_after() -> None:
+    completer = FlakyCompleter(fail_first=2, error=_gateway(429, retry_after_s=1.5))
+    outbox = Outbox(completer, FAST)  # its own backoff is 10-20 ms
+    pauses = _Pauses()
+    outbox._pause = pauses  # type: ignore[method-assign]
+    outbox.expect(_task("T", expire_in_s=60))
+    await outbox.complete("T", {})
+    await _settled(outbox)
+    assert [round(d, 6) for d, _ in pauses.waits] == [1.5, 1.5]
+    assert [f for _, f in pauses.waits] == [1.5, 1.5]  # another's success does not cut it
+
+
+async def test_retry_after_never_keeps_an_answer_past_its_deadline() -> None:
+    completer = FlakyCompleter(error=_gateway(429, retry_after_s=3600))
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    pauses = _Pauses()
+    outbox._pause = pauses  # type: ignore[method-assign]
+    outbox.expect(_task("T", expire_in_s=30))
+    await outbox.complete("T", {})
+    await wait_for(lambda: pauses.waits, 5, interval=0.005)
+    delay_s, floor_s = pauses.waits[0]
+    assert 25 < delay_s <= 30
+    assert floor_s == delay_s
+
+
+async def test_a_wake_up_does_not_cut_a_retry_after_short() -> None:
+    outbox = Outbox(FlakyCompleter(), FAST)
+    held = asyncio.create_task(outbox._pause(30, 30))
+    plain = asyncio.create_task(outbox._pause(30, 0))
+    await asyncio.sleep(0.01)
+    outbox._wake_all()  # another answer got through
+    await asyncio.wait_for(plain, 5)
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    held.cancel()
+
+
+# -- hand-over ------------------------------------------------------------------------------
+
+
+async def test_hand_over_returns_the_undelivered_answers_and_stops_delivering() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    tasks = [_task("A", level=1, expire_in_s=60), _task("B", level=0, expire_in_s=90)]
+    for task in tasks:
+        outbox.expect(task)
+        await outbox.complete(task.task_id, {"status_code": 200, "request_id": task.task_id})
+    await wait_for(lambda: completer.calls >= 4, 5, interval=0.005)
+
+    handed = outbox.hand_over()
+
+    assert [a["task_id"] for a in handed] == ["A", "B"]
+    assert [a["level"] for a in handed] == [1, 0]
+    assert [a["deadline"] for a in handed] == [t.expire_time / 1000 for t in tasks]
+    assert handed[0]["result"] == {"status_code": 200, "request_id": "A"}
+    assert all(a["attempts"] >= 1 for a in handed)
+    assert pickle.loads(pickle.dumps(handed)) == handed
+    assert outbox.entries == 0
+    assert outbox.bytes == 0
+    assert outbox.counters.handed_over == 2
+    assert outbox.stats()["complete_handed_over"] == 2
+    assert outbox.stats()["complete_given_up"] == 0
+    calls = completer.calls
+    completer.down = False
+    await asyncio.sleep(0.1)  # many backoff rounds: nothing more is sent from here
+    assert completer.calls == calls
+    assert completer.accepted == []
+    with pytest.raises(QueueUnavailableError):
+        await outbox.complete("LATE", {})
+
+
+async def test_adopted_answers_are_delivered_with_their_deadlines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first = FlakyCompleter()
+    first.down = True
+    old = Outbox(first, FAST)
+    old.expect(_task("A", level=1, expire_in_s=60))
+    await old.complete("A", {"n": 1})
+    old.expect(_task("GONE", level=0, expire_in_s=0.05))
+    await old.complete("GONE", {"n": 2})
+    await wait_for(lambda: first.calls >= 2, 5, interval=0.005)
+    handed = old.hand_over()
+    attempts = {a["task_id"]: a["attempts"] for a in handed}
+    await asyncio.sleep(0.1)  # GONE's task expires meanwhile
+
+    second = FlakyCompleter(fail_first=1)
+    new = Outbox(second, FAST)
+    with caplog.at_level(logging.INFO, logger="ray_worker.task.outbox"):
+        assert new.adopt(pickle.loads(pickle.dumps(handed))) == 2
+        await _settled(new)
+    assert second.accepted == [("A", {"n": 1})]
+    assert new.counters.adopted == 2
+    assert new.counters.expired == 1  # GONE: past its deadline, given up, logged
+    assert new.stats()["complete_adopted"] == 2
+    assert new.counters.delivered == 1
+    # The attempts carried over count on: one failed here, the next one went through.
+    assert f"delivered after {attempts['A'] + 2} attempts" in caplog.text
+
+
+async def test_an_adopted_answer_replaces_one_waiting_for_the_same_task() -> None:
+    completer = FlakyCompleter()
+    completer.down = True
+    outbox = Outbox(completer, FAST)
+    await outbox.complete("T", {"n": 1})
+    deadline = time.time() + 60
+    outbox.adopt([{"task_id": "T", "result": {"n": 2}, "deadline": deadline, "level": 1}])
+    assert outbox.entries == 1
+    completer.down = False
+    await _settled(outbox)
+    assert completer.accepted == [("T", {"n": 2})]
+
+
+async def test_adopt_refuses_when_closed_or_malformed_taking_none() -> None:
+    outbox = Outbox(FlakyCompleter(), FAST)
+    good = {"task_id": "T", "result": {}, "deadline": time.time() + 60, "level": 1}
+    with pytest.raises(ValueError, match="handed-over answer"):
+        outbox.adopt([good, {"task_id": "U", "result": {}}])  # no deadline
+    with pytest.raises(ValueError, match="handed-over answer"):
+        outbox.adopt([{**good, "result": "not a mapping"}])
+    assert outbox.entries == 0
+    assert outbox.hand_over() == []
+    with pytest.raises(QueueUnavailableError):
+        outbox.adopt([good])
+    assert outbox.counters.adopted == 0
