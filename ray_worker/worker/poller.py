@@ -37,7 +37,11 @@ __all__ = ["Poller", "Pool", "Taker"]
 
 
 class Taker(Protocol):
-    """Bella-Queue's take (a ``QueueClient``)."""
+    """Bella-Queue's take (a ``QueueClient``).
+
+    A taker with ``timeout_s`` and ``connect_timeout_s`` attributes (a ``QueueClient``) bounds
+    a take by them; otherwise ``PollerConfig.take_timeout_s`` stands for both.
+    """
 
     async def take(self, request: TakeRequest) -> TakeResponse:
         """``POST /v1/queue/take``."""
@@ -126,8 +130,9 @@ class Poller:
         self.metrics = metrics or dispatcher.metrics
         self._stop = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
-        self._taking: set[int] = set()
-        """``id()`` of the pools whose take request is on the wire."""
+        self._taking: dict[int, float] = {}
+        """``id()`` of the pools whose take request is on the wire, with the monotonic time
+        by which its own HTTP timeouts have ended it (see :meth:`take_bound_s`)."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -154,15 +159,20 @@ class Poller:
     async def stop(self) -> None:
         """Stop taking; in-flight tasks keep running (drain them with the dispatcher).
 
-        A take already sent may finish (within ``take_timeout_s``): the tasks the server
-        popped for it are handed to the dispatcher instead of being lost.
+        A take already sent is let finish: the server may have popped its tasks, which are
+        then handed to the dispatcher (it runs them, or answers or leaves them once its drain
+        began) instead of being lost. It is waited for until its own HTTP timeouts end it
+        (:meth:`take_bound_s` from when it began), never cut short before; only a take that
+        outlives them (an answer still trickling in) is cancelled, its tasks left to the
+        server (level 1 comes back after ``process_timeout``; level 0 is lost).
         """
         self._stop.set()
         for task, pool in zip(self._loops, self.pools, strict=True):
             if id(pool) not in self._taking:
                 task.cancel()
-        if self._loops:
-            await asyncio.wait(self._loops, timeout=self.config.take_timeout_s)
+        if self._taking:
+            wait_s = max(self._taking.values()) - time.monotonic()
+            await asyncio.wait(self._loops, timeout=max(0.0, wait_s))
         for task in self._loops:
             task.cancel()
         for task in self._loops:
@@ -170,6 +180,13 @@ class Poller:
                 await task
         for pool in self.pools:
             pool.state = "stopped"
+
+    def take_bound_s(self) -> float:
+        """The longest a take lasts before its own HTTP timeouts end it: the connection pool,
+        connect, write and read timeouts in turn (httpx counts each on its own)."""
+        timeout_s = float(getattr(self.taker, "timeout_s", self.config.take_timeout_s))
+        connect_s = float(getattr(self.taker, "connect_timeout_s", timeout_s))
+        return 3 * timeout_s + connect_s
 
     def status(self) -> dict[str, Any]:
         """Per pool: take state and capacity."""
@@ -199,12 +216,12 @@ class Poller:
             started = time.monotonic()
             pool.takes += 1
             pool.last_take_size = request.size
-            self._taking.add(id(pool))
+            self._taking[id(pool)] = started + self.take_bound_s()
             try:
                 try:
                     response = await self.taker.take(request)
                 finally:
-                    self._taking.discard(id(pool))
+                    self._taking.pop(id(pool), None)
             except WorkerError as err:
                 pool.failed_takes += 1
                 pool.errors_in_a_row += 1

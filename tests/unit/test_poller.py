@@ -446,6 +446,25 @@ async def test_stop_gives_up_on_a_take_that_never_returns(make: Any) -> None:
     assert rig.pool.state == "stopped"
 
 
+async def test_stop_waits_for_a_take_until_its_own_http_timeouts_end_it(make: Any) -> None:
+    # The answer comes after take_timeout_s, while the take's connect, write and read
+    # timeouts (counted one after the other) have not all run out: its tasks are dispatched.
+    gate = asyncio.Event()
+    rig = make(["q:1"], take_timeout_s=0.05)
+    rig.taker.timeout_s = 0.05  # a QueueClient's pool, write and read timeouts
+    rig.taker.connect_timeout_s = 30.0
+    rig.taker.add(gate, tasks_of(2))
+    rig.poller.start()
+    await rig.takes(1)
+    stopping = asyncio.create_task(rig.poller.stop())
+    await asyncio.sleep(0.3)  # take_timeout_s is long past; the take's own timeouts are not
+    assert not stopping.done()
+    gate.set()
+    await stopping
+    await until(lambda: len(rig.completer.completes) == 2)
+    assert rig.pool.state == "stopped"
+
+
 async def test_status_shape(make: Any) -> None:
     rig = make(["q:0", "q:1"])
     rig.taker.add(tasks_of(1))
