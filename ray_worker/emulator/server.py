@@ -14,6 +14,11 @@ Emulator extensions, absent from a real server (clients must tolerate their abse
 ``GET /v1/queue/{q:level}/stats`` also returns ``pending`` (tasks waiting in that queue);
 ``/v1/files`` is a local file store; a put or batch without ``queue`` is routed through
 ``EmulatorConfig.routes`` (model → queue) or to a registered queue named like the model.
+
+Test control (no HTTP surface): :meth:`EmulatorServer.fail_completes` makes
+``POST /v1/queue/{id}/complete`` answer a given status, body and headers without completing
+anything, as a gateway or WAF in front of Bella-Queue would, until
+:meth:`EmulatorServer.heal_completes`.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from ray_worker.emulator.store import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CompleteFaults",
     "EmulatorConfig",
     "EmulatorServer",
     "create_app",
@@ -135,6 +141,43 @@ class EmulatorConfig:
     def topic(self) -> str:
         """``redis-mesh:private-stream:<profile>:`` (§1.2)."""
         return f"{TOPIC_PREFIX}{self.profile}:"
+
+
+class CompleteFaults:
+    """What ``POST /v1/queue/{id}/complete`` answers instead of completing, while set (the
+    request is not read nor acted on: something in front of Bella-Queue answered it).
+
+    Thread-safe: tests set it from their thread while the server runs in its own. It belongs
+    to the :class:`EmulatorServer` and survives its restarts.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answer: tuple[int, bytes, tuple[tuple[str, str], ...]] | None = None
+        self.answered = 0
+        """Completes answered with the fault so far (all faults together)."""
+
+    def set(
+        self, status: int, body: bytes | str = b"", headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer every complete with ``status``, ``body`` and ``headers`` from now on."""
+        raw = body.encode() if isinstance(body, str) else bytes(body)
+        with self._lock:
+            self._answer = (status, raw, tuple((headers or {}).items()))
+
+    def clear(self) -> None:
+        """Complete normally again."""
+        with self._lock:
+            self._answer = None
+
+    def response(self) -> Response | None:
+        """The fault's answer to one complete (counted), or ``None`` when none is set."""
+        with self._lock:
+            if self._answer is None:
+                return None
+            self.answered += 1
+            status, body, headers = self._answer
+        return Response(body, status_code=status, headers=dict(headers))
 
 
 def format_sse(event_id: str | None, event_name: str | None, data: str) -> str:
@@ -335,8 +378,11 @@ async def _next_completion(waiter: asyncio.Queue[StreamEvent]) -> CompletionEven
 class _Emulator:
     """The state behind one app: Redis, the queue store, the event bus and batches."""
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    def __init__(
+        self, config: EmulatorConfig, complete_faults: CompleteFaults | None = None
+    ) -> None:
         self.config = config
+        self.complete_faults = complete_faults or CompleteFaults()
         self.instance_id = config.resolved_instance_id
         self.stream = config.topic + self.instance_id
         self._tmp_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -642,6 +688,9 @@ class _Emulator:
         return _json(await self.store.take(params))
 
     async def complete(self, request: Request) -> Response:
+        injected = self.complete_faults.response()
+        if injected is not None:
+            return injected
         task_id = request.path_params["task_id"]
         body = await _read_object(request)
         await self.store.complete(task_id, body)
@@ -752,12 +801,13 @@ class _Emulator:
         ]
 
 
-def create_app(config: EmulatorConfig) -> Starlette:
+def create_app(config: EmulatorConfig, complete_faults: CompleteFaults | None = None) -> Starlette:
     """The emulator as an ASGI app; its lifespan opens Redis and starts the background tasks.
 
     ``config.port`` must be the real port (it is part of the default ``instance_id``).
+    ``complete_faults`` lets a test make completes fail (a fresh, unset one when None).
     """
-    emulator = _Emulator(config)
+    emulator = _Emulator(config, complete_faults)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -815,6 +865,8 @@ class EmulatorServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.complete_faults = CompleteFaults()
+        """What completes answer instead of completing (see :meth:`fail_completes`)."""
 
     @property
     def url(self) -> str:
@@ -852,7 +904,7 @@ class EmulatorServer:
         # A later start (see restart) comes back on the same port and instance id.
         self._requested = self.config
         uv_config = uvicorn.Config(
-            create_app(self.config),
+            create_app(self.config, self.complete_faults),
             log_level=self.log_level,
             log_config=None,
             lifespan="on",
@@ -916,6 +968,19 @@ class EmulatorServer:
         if down_s > 0:
             time.sleep(down_s)
         return self.start()
+
+    def fail_completes(
+        self, status: int, body: bytes | str = b"", headers: Mapping[str, str] | None = None
+    ) -> None:
+        """From now on answer every ``POST /v1/queue/{id}/complete`` with ``status``, ``body``
+        and ``headers`` and complete nothing, as a gateway in front of Bella-Queue would
+        (e.g. ``429``, an HTML page, ``{"Retry-After": "1"}``); until :meth:`heal_completes`.
+        ``complete_faults.answered`` counts the completes answered so."""
+        self.complete_faults.set(status, body, headers)
+
+    def heal_completes(self) -> None:
+        """Completes work again."""
+        self.complete_faults.clear()
 
     def __enter__(self) -> EmulatorServer:
         return self.start()
