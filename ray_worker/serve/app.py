@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from ray_worker.bella.client import QueueClient, RetryPolicy
 from ray_worker.config import EnvSettings, WorkerAppArgs
@@ -43,6 +43,7 @@ from ray_worker.task.outbox import Outbox
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
 from ray_worker.worker.poller import Poller, make_pools
+from ray_worker.worker.status_cache import StatusCache
 
 if TYPE_CHECKING:
     from ray.serve.llm import LLMConfig
@@ -54,6 +55,10 @@ __all__ = ["QueuePoller", "build_app"]
 _STATUS_GAUGE_PERIOD_S = 1.0
 _OUTBOX_KEYS = ("outbox_", "complete_")
 """Keys of a replica's load report that are its outbox figures (``Outbox.stats``)."""
+_STATUS_MAX_AGE_S = 1.0
+"""``GET /bella`` and the publisher's figures are rebuilt at most this often (StatusCache)."""
+_STATUS_MAX_WAITING = 8
+"""HTTP callers that wait for a rebuild of the status; the others get the previous copy."""
 
 
 @serve.deployment(
@@ -251,7 +256,18 @@ class QueuePoller:
 
     async def _publisher_stats(self) -> dict[str, Any] | None:
         """This node's publisher actor: buffered, published, and what it gave up (tasks whole,
-        events by kind) after Redis outages. None while it is not reachable."""
+        events by kind) after Redis outages. None while it is not reachable. One call to the
+        actor per ``_STATUS_MAX_AGE_S`` at most, shared by concurrent callers."""
+        cache: StatusCache[dict[str, Any] | None] | None = getattr(self, "_publisher_cache", None)
+        if cache is None:
+            # No bound on waiting: its callers are status() builds, few (HTTP ones are cached).
+            cache = StatusCache(
+                self._fetch_publisher_stats, max_age_s=_STATUS_MAX_AGE_S, max_waiting=None
+            )
+            self._publisher_cache = cache
+        return await cache.get()
+
+    async def _fetch_publisher_stats(self) -> dict[str, Any] | None:
         actor = self.events.actor if self.events.started else None
         if actor is None:
             return None
@@ -261,9 +277,34 @@ class QueuePoller:
             return None
         return stats
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        """``GET /<route_prefix>``: the status as JSON."""
-        return JSONResponse(await self.status())
+    async def __call__(self, request: Request) -> Response:
+        """``GET /<route_prefix>``: the status as JSON, from a copy rebuilt at most once per
+        ``_STATUS_MAX_AGE_S`` however many call (Serve's port may answer anyone: README
+        "Observe"). Callers that come during a rebuild wait for it, ``_STATUS_MAX_WAITING`` at
+        most; the others get the previous copy at once, or a 503 with ``Retry-After: 1`` while
+        there is none yet."""
+        body = await self._http_status().get()
+        if body is None:
+            return JSONResponse(
+                {"error": "the status is being built; retry"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        return Response(body, media_type="application/json")
+
+    def _http_status(self) -> StatusCache[bytes]:
+        cache: StatusCache[bytes] | None = getattr(self, "_http_status_cache", None)
+        if cache is None:
+            cache = StatusCache(
+                self._render_status,
+                max_age_s=_STATUS_MAX_AGE_S,
+                max_waiting=_STATUS_MAX_WAITING,
+            )
+            self._http_status_cache = cache
+        return cache
+
+    async def _render_status(self) -> bytes:
+        return bytes(JSONResponse(await self.status()).body)
 
     async def check_health(self) -> None:
         """Serve health check: fails when start-up or a take loop died, or when this node's
