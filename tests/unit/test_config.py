@@ -520,3 +520,10 @@ def test_plaintext_warnings_name_the_url_hidden_password_and_what_leaks() -> Non
 def test_plaintext_warning_for_other_hosts(url: str) -> None:
     [warning] = plaintext_url_warnings(queue_url=url, eventbus_url=None)
     assert "not a loopback address" in warning
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_serve_the_status_on_loopback_only(path: Path) -> None:
+    # GET /bella answers without authentication: exposing it is the operator's deliberate act.
+    http = yaml.safe_load(path.read_text()).get("http_options") or {}
+    assert http.get("host", "127.0.0.1") in ("127.0.0.1", "localhost", "::1")
