@@ -24,7 +24,24 @@ LLM replica's task runner or the poller uses). It must not talk to Redis itself 
     is resent. What a dead actor had buffered but not yet written to Redis is lost, and a
     batch it had written whose reply never came back is written again by its successor
     (the successor does not know the dead one's sequence marks): exactly-once holds across
-    transient failures, not across an actor's death.
+    transient failures, not across an actor's death. So after a re-attach, every task
+    still open that had events in a batch sent to the dead actor (``PublisherClient``
+    sequence numbers up to the last one sent then) is settled this way: its events not yet
+    acknowledged are withdrawn from the batcher; a task with progress events (a stream)
+    gets an error chunk (``eventId`` after the last one it queued) and a 503 completion
+    (``code: events_lost``) instead of whatever it had left, and its later events, its own
+    completion included, are dropped; a task without (blocking) whose completion was
+    handed over gets that completion sent again (the server keeps the first completion of
+    a task and drops a second one, §4.4). Either way the caller's ``completion()`` returns
+    once the completion sent for the task is acknowledged, and ``stats()["events_lost"]``
+    counts the streams so ended. Every confirmation wait has a deadline
+    (``confirm_timeout_s``).
+
+    The actor exits when its writer loop dies (a bug): clients see it gone, and
+    ``node_publisher`` makes a fresh one by name.
+
+    Clock: the client passes Bella-Queue's clock offset (``clock``, a
+    ``bella.clock.ServerClock``) with each lease; the actor trims (``MINID``) by it.
 """
 
 from __future__ import annotations
@@ -41,10 +58,21 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from ray_worker.bella.protocol import redact_url
+from ray_worker.bella.clock import ServerClock
+from ray_worker.bella.protocol import (
+    completion_fields,
+    now_ms,
+    redact_url,
+    stream_key,
+)
 from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError, EventsGivenUpError
-from ray_worker.eventbus.batcher import Batch, PublisherClient
+from ray_worker.eventbus.batcher import (
+    Batch,
+    PublisherClient,
+    entry_task_id,
+    lost_events_answer,
+)
 from ray_worker.eventbus.writer import EventPublisher
 from ray_worker.metrics import WorkerMetrics
 
@@ -114,13 +142,25 @@ class RedisPublisher:
         self._watchdog_error: BaseException | None = None
         self._exiting = False
         self._duplicates = 0
+        self._clock_offset_ms = 0
 
     def _make(self, url: str) -> EventPublisher:
         return EventPublisher(
             url,
             self._options,
             on_acked=lambda s: self._metrics.observe("publish_latency_s", s),
+            on_dead=self._writer_died,
+            clock_ms=lambda: now_ms() + self._clock_offset_ms,
         )
+
+    def _writer_died(self, exc: BaseException) -> None:
+        """The writer loop died: what it buffered is lost, and a broken actor must not linger
+        (clients would keep sending to it). Exit, so the next client makes a fresh one."""
+        if self._exiting:
+            return
+        self._exiting = True
+        logger.error("event-bus writer loop died (%s): the publisher actor exits", _describe(exc))
+        ray.get_runtime_context().current_actor._exit.remote()
 
     async def configure(self, url: str, topic: str) -> None:
         """Set (or replace) the Redis URL and topic; a previous publisher is drained first."""
@@ -141,8 +181,13 @@ class RedisPublisher:
         url = self._publisher.url if self._publisher is not None else None
         return {"url": url, "topic": self._topic, "exiting": self._exiting}
 
-    async def lease(self, client_id: str, ttl_s: float) -> bool:
-        """Take or renew ``client_id``'s lease for ``ttl_s``; False once the actor is exiting."""
+    async def lease(self, client_id: str, ttl_s: float, clock_offset_ms: int | None = None) -> bool:
+        """Take or renew ``client_id``'s lease for ``ttl_s``; False once the actor is exiting.
+
+        ``clock_offset_ms`` (Bella-Queue's clock minus ours, when the client knows it) sets the
+        clock ``MINID`` trims by."""
+        if clock_offset_ms is not None:
+            self._clock_offset_ms = int(clock_offset_ms)
         if self._exiting:
             return False
         self._leases[client_id] = time.monotonic() + ttl_s
@@ -350,13 +395,45 @@ def node_publisher(
         time.sleep(0.1)
 
 
+class _Track:
+    """What an ``EventBusClient`` knows of one open task (see the module docstring)."""
+
+    __slots__ = ("first_seq", "instance_id", "lost", "next_event_id", "result", "streaming")
+
+    def __init__(self, instance_id: str, first_seq: int) -> None:
+        self.instance_id = instance_id
+        self.first_seq = first_seq
+        """The batch sequence number its first event went out with (or later)."""
+        self.next_event_id = 0
+        self.streaming = False
+        """It had progress events (only streaming tasks do)."""
+        self.result: Mapping[str, Any] | None = None
+        """Its completion's result once handed to the batcher."""
+        self.lost = False
+        """Ended with an error answer: its events reached a publisher that died."""
+
+
+_TRACKS_MAX = 100_000
+LOST_MESSAGE = "the worker's event-bus publisher was lost; some of this stream's events were lost"
+
+
+class _Waiter:
+    __slots__ = ("deadline", "future")
+
+    def __init__(self, future: asyncio.Future[bool], deadline: float) -> None:
+        self.future = future
+        self.deadline = deadline
+
+
 class EventBusClient:
     """The event sink of one task runner or poller: events to this node's publisher actor.
 
     ``client_id`` names the caller in logs and leases (e.g. the replica id); a random
     suffix is added per instance (``session``) so a restarted caller with the same id is
     never mistaken for a resend of the old one. ``progress`` only enqueues (no Ray call per
-    event); ``completion`` waits until its batch was accepted by the actor.
+    event); ``completion`` waits until Redis acknowledged it, at most ``confirm_timeout_s``
+    (default: the publisher's ``outage_timeout_s`` + 60 s). ``clock`` (Bella-Queue's clock
+    as the caller sees it) makes the publisher trim by the server's time.
     """
 
     def __init__(
@@ -367,6 +444,8 @@ class EventBusClient:
         *,
         call_timeout_s: float = 10.0,
         lease_ttl_s: float = 15.0,
+        confirm_timeout_s: float | None = None,
+        clock: ServerClock | None = None,
     ) -> None:
         self.app_name = app_name
         self.client_id = client_id
@@ -374,13 +453,21 @@ class EventBusClient:
         self.session = f"{client_id}#{uuid.uuid4().hex[:8]}"
         self._call_timeout_s = call_timeout_s
         self._lease_ttl_s = lease_ttl_s
+        self._confirm_timeout_s = (
+            confirm_timeout_s
+            if confirm_timeout_s is not None
+            else (options or PublisherOptions()).outage_timeout_s + 60.0
+        )
+        self._clock = clock
         self._url = ""
         self._topic = ""
         self._actor: Any = None
         self._batcher: PublisherClient | None = None
         self._renewer: asyncio.Task[None] | None = None
-        self._unconfirmed: dict[str, asyncio.Future[bool]] = {}
+        self._unconfirmed: dict[str, _Waiter] = {}
         """Completions handed over, waiting for Redis' acknowledgement (by task id)."""
+        self._tracks: dict[str, _Track] = {}
+        """Open tasks (an event queued, the completion not yet returned), oldest first."""
         self._confirmer: asyncio.Task[None] | None = None
         self._resolve_lock = asyncio.Lock()
         self._closed = False
@@ -390,7 +477,11 @@ class EventBusClient:
             "duplicates_acked": 0,
             "lease_renew_failures": 0,
             "confirm_retries": 0,
+            "confirm_timeouts": 0,
             "unconfirmed_lost": 0,
+            "events_lost": 0,
+            "completions_resent": 0,
+            "dropped_after_loss": 0,
         }
 
     @property
@@ -426,8 +517,21 @@ class EventBusClient:
     async def progress(
         self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
     ) -> None:
-        """Queue a progress event (hot path: one per chunk; no Ray call here)."""
-        await self._require().progress(instance_id, task_id, event_id, event_name, event_data)
+        """Queue a progress event (hot path: one per chunk; no Ray call here).
+
+        Dropped when the task was already ended with an error answer (its events reached a
+        publisher that died)."""
+        batcher = self._require()
+        track = self._tracks.get(task_id)
+        if track is None:
+            track = self._track(task_id, instance_id, batcher)
+        elif track.lost:
+            self._counters["dropped_after_loss"] += 1
+            return
+        track.streaming = True
+        if event_id.isdigit() and int(event_id) >= track.next_event_id:
+            track.next_event_id = int(event_id) + 1
+        await batcher.progress(instance_id, task_id, event_id, event_name, event_data)
 
     async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
         """Queue a completion event; return once Redis acknowledged it.
@@ -435,23 +539,42 @@ class EventBusClient:
         The answer counts as delivered only then: until Redis is back (or the publisher gives
         the task up) the caller holds the task, so the poller takes no more for that slot.
         Raises ``EventsGivenUpError`` if the publisher gave it up (counted there), and
-        ``EventBusUnavailableError`` if it could not be handed over or its fate is unknown
-        (the publisher died holding it).
+        ``EventBusUnavailableError`` if it could not be handed over or no acknowledgement
+        came within ``confirm_timeout_s``. A task whose events reached a publisher that died
+        was answered 503 instead (module docstring): this returns once that answer was
+        acknowledged (``stats()["events_lost"]`` counts them).
         """
-        await self._require().completion(instance_id, task_id, result)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._unconfirmed[task_id] = future
+        batcher = self._require()
+        track = self._tracks.get(task_id)
+        if track is None:
+            track = self._track(task_id, instance_id, batcher)
         try:
-            if self._confirmer is None or self._confirmer.done():
-                self._confirmer = asyncio.get_running_loop().create_task(
-                    self._confirm_loop(), name="event-bus-confirm"
-                )
-            delivered = await future
+            if not track.lost:
+                track.result = result
+                await batcher.completion(instance_id, task_id, result)
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._unconfirmed[task_id] = _Waiter(future, time.monotonic() + self._confirm_timeout_s)
+            try:
+                if self._confirmer is None or self._confirmer.done():
+                    self._confirmer = asyncio.get_running_loop().create_task(
+                        self._confirm_loop(), name="event-bus-confirm"
+                    )
+                delivered = await future
+            finally:
+                waiter = self._unconfirmed.get(task_id)
+                if waiter is not None and waiter.future is future:
+                    del self._unconfirmed[task_id]
         finally:
-            if self._unconfirmed.get(task_id) is future:
-                del self._unconfirmed[task_id]
+            if self._tracks.get(task_id) is track:
+                del self._tracks[task_id]
         if not delivered:
             raise EventsGivenUpError(f"the publisher gave up the completion of task {task_id}")
+        if track.lost:
+            logger.warning(
+                "task %s was answered 503 (events_lost) instead: its events reached a "
+                "publisher that died",
+                task_id,
+            )
 
     async def flush(self) -> None:
         """Wait until everything queued so far was accepted; raise if a batch failed."""
@@ -494,6 +617,7 @@ class EventBusClient:
             out.update(self._batcher.stats())
         out.update(self._counters)
         out["unconfirmed"] = len(self._unconfirmed)
+        out["open_tasks"] = len(self._tracks)
         return out
 
     # ---------------------------------------------------------------- internals
@@ -529,44 +653,118 @@ class EventBusClient:
                 self._counters["duplicates_acked"] += 1
             return
 
+    def _track(self, task_id: str, instance_id: str, batcher: PublisherClient) -> _Track:
+        track = self._tracks[task_id] = _Track(instance_id, batcher.next_seq)
+        if len(self._tracks) > _TRACKS_MAX:
+            del self._tracks[next(iter(self._tracks))]
+        return track
+
     async def _confirm_loop(self) -> None:
         """Ask the publisher, one call at a time for every waiting completion, which ones
-        Redis acknowledged; resolve each caller once its fate is known.
+        Redis acknowledged; resolve each caller once its fate is known, or fail it once its
+        ``confirm_timeout_s`` passed.
 
         A call that times out or finds the actor unavailable is repeated. A publisher that
-        died took its buffer with it: the completions it held are failed, not resent (their
-        stream may have lost progress events too, and must not end as a success).
+        died is replaced (``_attach``, which also resends or replaces what it held), and the
+        same completions are asked of the new one.
         """
         wait_s = min(5.0, self._call_timeout_s / 2)
         while self._unconfirmed:
+            self._expire_waiters()
+            if not self._unconfirmed:
+                break
             actor = self._actor
             ids = list(self._unconfirmed)
+            left = min(w.deadline for w in self._unconfirmed.values()) - time.monotonic()
             try:
                 fates = await asyncio.wait_for(
-                    actor.delivery.remote(ids, wait_s), self._call_timeout_s
+                    actor.delivery.remote(ids, max(0.0, min(wait_s, left))),
+                    self._call_timeout_s,
                 )
             except (ActorUnavailableError, TimeoutError):
                 self._counters["confirm_retries"] += 1
                 await asyncio.sleep(0.1)
                 continue
+            except RayActorError as exc:
+                self._counters["confirm_retries"] += 1
+                logger.warning("event-bus publisher lost while confirming: %s", _describe(exc))
+                try:
+                    await self._attach(actor)
+                except EventBusUnavailableError as attach_error:
+                    logger.error("event-bus publisher lost: %s", _describe(attach_error))
+                    await asyncio.sleep(0.5)
+                continue
             except Exception as exc:
-                # RayActorError (died), or anything else: the fate cannot be learned.
-                self._counters["unconfirmed_lost"] += len(ids)
-                error = EventBusUnavailableError(
-                    f"the event-bus publisher was lost before Redis acknowledged: {_describe(exc)}"
+                # Anything else: the fate cannot be learned.
+                self._fail_waiters(
+                    ids, f"the event-bus publisher could not confirm delivery: {_describe(exc)}"
                 )
-                for task_id in ids:
-                    future = self._unconfirmed.pop(task_id, None)
-                    if future is not None and not future.done():
-                        future.set_exception(error)
-                if isinstance(exc, RayActorError):
-                    with contextlib.suppress(EventBusUnavailableError):
-                        await self._attach(actor)
                 continue
             for task_id, delivered in fates.items():
-                future = self._unconfirmed.pop(task_id, None)
-                if future is not None and not future.done():
-                    future.set_result(delivered)
+                waiter = self._unconfirmed.pop(task_id, None)
+                if waiter is not None and not waiter.future.done():
+                    waiter.future.set_result(delivered)
+
+    def _expire_waiters(self) -> None:
+        now = time.monotonic()
+        expired = [t for t, w in self._unconfirmed.items() if w.deadline <= now]
+        if expired:
+            self._counters["confirm_timeouts"] += len(expired)
+            self._fail_waiters(
+                expired,
+                f"no acknowledgement from Redis within {self._confirm_timeout_s:.0f} s",
+            )
+
+    def _fail_waiters(self, task_ids: list[str], message: str) -> None:
+        self._counters["unconfirmed_lost"] += len(task_ids)
+        error = EventBusUnavailableError(message)
+        for task_id in task_ids:
+            waiter = self._unconfirmed.pop(task_id, None)
+            if waiter is not None and not waiter.future.done():
+                waiter.future.set_exception(error)
+
+    def _settle_lost(self) -> None:
+        """After a re-attach: settle every open task that had events in a batch sent to the
+        dead publisher (see the module docstring). Synchronous: nothing is sent in between."""
+        batcher = self._batcher
+        if batcher is None:
+            return
+        upto = batcher.sent_seq
+        affected = {
+            task_id: track
+            for task_id, track in self._tracks.items()
+            if not track.lost
+            and track.first_seq <= upto
+            and (track.streaming or track.result is not None)
+        }
+        if not affected:
+            return
+        batcher.discard(lambda _key, fields: entry_task_id(fields) not in affected)
+        entries: Batch = []
+        now = time.monotonic()
+        for task_id, track in affected.items():
+            key = stream_key(self._topic, track.instance_id)
+            if track.streaming:
+                track.lost = True
+                entries.extend(
+                    (key, f) for f in lost_events_answer(task_id, track.next_event_id, LOST_MESSAGE)
+                )
+                track.next_event_id += 1
+                self._counters["events_lost"] += 1
+            else:
+                assert track.result is not None
+                entries.append((key, completion_fields(task_id, track.result)))
+                self._counters["completions_resent"] += 1
+            waiter = self._unconfirmed.get(task_id)
+            if waiter is not None:
+                waiter.deadline = max(waiter.deadline, now + self._confirm_timeout_s)
+        batcher.push(entries)
+        logger.warning(
+            "event-bus publisher lost: %d streams end with an events_lost error, "
+            "%d completions sent again",
+            sum(1 for t in affected.values() if t.streaming),
+            sum(1 for t in affected.values() if not t.streaming),
+        )
 
     async def _stop_confirming(self) -> None:
         if self._confirmer is not None:
@@ -574,10 +772,13 @@ class EventBusClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._confirmer
         error = EventBusUnavailableError("event-bus client closed before Redis acknowledged")
-        for future in self._unconfirmed.values():
-            if not future.done():
-                future.set_exception(error)
+        for waiter in self._unconfirmed.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
         self._unconfirmed.clear()
+
+    def _clock_offset_ms(self) -> int | None:
+        return None if self._clock is None else self._clock.offset_ms
 
     async def _attach(self, dead: Any) -> Any:
         """Resolve the node's publisher and lease it; ``dead`` is the handle that failed.
@@ -599,17 +800,20 @@ class EventBusClient:
                 )
                 try:
                     granted = await asyncio.wait_for(
-                        handle.lease.remote(self.session, self._lease_ttl_s),
+                        handle.lease.remote(
+                            self.session, self._lease_ttl_s, self._clock_offset_ms()
+                        ),
                         self._call_timeout_s,
                     )
                 except (RayActorError, TimeoutError) as exc:
                     granted = False
                     logger.warning("event-bus publisher lease failed: %s", _describe(exc))
                 if granted:
+                    self._actor = handle
                     if dead is not None:
                         self._counters["reattached"] += 1
                         logger.warning("event-bus client %s re-attached", self.client_id)
-                    self._actor = handle
+                        self._settle_lost()
                     return handle
                 if time.monotonic() >= deadline:
                     raise EventBusUnavailableError("could not lease an event-bus publisher")
@@ -621,7 +825,8 @@ class EventBusClient:
             actor = self._actor
             try:
                 granted = await asyncio.wait_for(
-                    actor.lease.remote(self.session, self._lease_ttl_s), self._call_timeout_s
+                    actor.lease.remote(self.session, self._lease_ttl_s, self._clock_offset_ms()),
+                    self._call_timeout_s,
                 )
                 if not granted:
                     await self._attach(actor)

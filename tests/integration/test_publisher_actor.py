@@ -281,19 +281,28 @@ async def test_sigkilled_actor_is_recreated_and_the_stream_goes_on(
     os.kill(await actor_pid(old), signal.SIGKILL)
     await wait_for(lambda: live_actor(app) is None, 15.0, message="the old actor is gone")
 
-    # Phase 2: the client re-creates the node's actor by name and carries on.
+    # Phase 2: the client re-creates the node's actor by name and carries on. The client
+    # cannot know what the dead actor had written: each open stream it fed ends with an
+    # error chunk and a 503 completion, never [DONE] + 200 over a possible hole.
     await stream_tasks(client, "K", tasks, range(10, 20), complete=True)
+    await stream_tasks(client, "N", 1, range(5), complete=True)  # starts on the new actor
     await client.flush()
     new = live_actor(app)
     assert new is not None
     assert new._actor_id != old._actor_id
     assert client.actor._actor_id == new._actor_id
     assert client.stats()["reattached"] == 1
+    assert client.stats()["events_lost"] == tasks
     assert await new.flush.remote(10.0)
 
-    expected = [str(i) for i in range(20)] + ["done"]
     got = await read_stream(redis_server.url, topic + "inst:1")
-    assert got == {f"K-{t}": expected for t in range(tasks)}
+    assert set(got) == {f"K-{t}" for t in range(tasks)} | {"N-0"}
+    for t in range(tasks):
+        *written, error_id, done = got[f"K-{t}"]
+        assert written == [str(i) for i in range(10)]
+        assert int(error_id) >= 10
+        assert done == "done"
+    assert got["N-0"] == ["0", "1", "2", "3", "4", "done"]
     await client.aclose()
 
 
@@ -301,9 +310,9 @@ async def test_sigkill_while_streaming_keeps_order(app: str, redis_server: Redis
     """Kill while batches are in flight: what may go wrong is bounded and visible.
 
     Lost: entries the dead actor had buffered but not yet written to Redis (its publish
-    had returned, so the client never resends them). Duplicated: a batch the dead actor
-    wrote whose reply never came back (the new actor has no sequence mark for it). Never:
-    reordering within a task, or a missing completion (completions wait for acceptance).
+    had returned, so the client never resends them); so every stream it fed ends with an
+    error chunk (after its last eventId) and one 503 completion. Never: reordering within a
+    task, a second completion, or a missing one.
     """
     topic = new_topic()
     await precreate(app, redis_server.url, topic)
@@ -338,6 +347,24 @@ async def test_sigkill_while_streaming_keeps_order(app: str, redis_server: Redis
         assert labels.count("done") == 1
         first_seen = list(dict.fromkeys(labels[:-1]))
         assert first_seen == sorted(first_seen, key=int), "order kept within a task"
+    assert client.stats()["events_lost"] == tasks
+    await client.aclose()
+
+
+async def test_a_dead_writer_loop_takes_its_actor_down(app: str, redis_server: RedisServer) -> None:
+    """A broken actor must not linger: the next client gets a fresh one by name."""
+    topic = new_topic()
+    old = await precreate(app, redis_server.url, topic)
+    # A bug in the writer's round (a lambda: pickled by value into the actor).
+    await old.__ray_call__.remote(lambda p: setattr(p._publisher, "_write_round", None))
+    client = EventBusClient(app, "replica-w", call_timeout_s=5.0)
+    await client.start(redis_server.url, topic)
+    await client.completion("inst:1", "W-1", DONE)  # kills the writer, then goes to a new one
+    new = live_actor(app)
+    assert new is not None
+    assert new._actor_id != old._actor_id
+    assert client.stats()["reattached"] == 1
+    assert (await read_stream(redis_server.url, topic + "inst:1"))["W-1"] == ["done"]
     await client.aclose()
 
 

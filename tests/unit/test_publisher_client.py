@@ -1,4 +1,5 @@
-"""PublisherClient: caller-side coalescing of event-bus entries, with a fake ``send``."""
+"""PublisherClient: caller-side coalescing of event-bus entries, with a fake ``send``; and
+``EventBusClient`` around a fake publisher actor (deaths, resends, confirmation deadlines)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import asyncio
 import json
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from ray.exceptions import RayActorError
 
+from ray_worker.bella.clock import ServerClock
 from ray_worker.bella.protocol import (
     COMPLETION_EVENT,
     PROGRESS_EVENT,
@@ -17,6 +21,8 @@ from ray_worker.bella.protocol import (
     decode_event,
 )
 from ray_worker.errors import EventBusUnavailableError
+from ray_worker.eventbus import actor as actor_module
+from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.eventbus.batcher import PublisherClient
 
 Batch = list[tuple[str, dict[str, str]]]
@@ -270,3 +276,169 @@ async def test_interval_gathers_events_but_first_chunks_and_completions_leave_at
     await client.progress("i", "B", "1", "message", {"n": 1})
     await asyncio.wait_for(client.flush(), 5)  # flush does not wait for the interval either
     assert len(send.batches) == 4
+
+
+# ------------------------------------------------------------------ EventBusClient
+# A fake publisher actor: handle.method.remote(...) is awaitable like a Ray ObjectRef.
+
+
+class _Method:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+class FakeActor:
+    """Buffers nothing: a batch it accepts is "written" at once, unless ``hold``. ``dead``
+    makes every call raise ``RayActorError`` (what a SIGKILLed actor's callers see)."""
+
+    def __init__(self) -> None:
+        self.dead = False
+        self.hold = False
+        self.entries: Batch = []
+        self.fates: dict[str, bool] = {}
+        self.leases: list[tuple[Any, ...]] = []
+        for name in ("publish", "lease", "delivery", "release"):
+            setattr(self, name, _Method(getattr(self, f"_{name}")))
+
+    def _check(self) -> None:
+        if self.dead:
+            raise RayActorError()
+
+    async def _publish(self, _session: str, _seq: int, batch: Batch) -> str:
+        self._check()
+        self.entries.extend(batch)
+        if not self.hold:
+            for _key, fields in batch:
+                if fields["name"] == COMPLETION_EVENT:
+                    self.fates[json.loads(fields["payload"])["taskId"]] = True
+        return "ok"
+
+    async def _lease(self, *args: Any) -> bool:
+        self._check()
+        self.leases.append(args)
+        return True
+
+    async def _delivery(self, task_ids: list[str], wait_s: float) -> dict[str, bool]:
+        self._check()
+        await asyncio.sleep(min(wait_s, 0.01))
+        self._check()
+        return {t: self.fates.pop(t) for t in task_ids if t in self.fates}
+
+    async def _release(self, _session: str) -> None:
+        self._check()
+
+    def events(self, task_id: str) -> list[Any]:
+        out = []
+        for _key, fields in self.entries:
+            event = decode_event(fields)
+            if event is not None and event.task_id == task_id:
+                out.append(event)
+        return out
+
+
+@pytest.fixture
+def actors(monkeypatch: pytest.MonkeyPatch) -> list[FakeActor]:
+    """The node's publishers, in the order ``node_publisher`` hands them out (a fresh one
+    each time the previous died)."""
+    made: list[FakeActor] = []
+
+    def node_publisher(*_args: Any, **_kw: Any) -> FakeActor:
+        if not made or made[-1].dead:
+            made.append(FakeActor())
+        return made[-1]
+
+    monkeypatch.setattr(actor_module, "node_publisher", node_publisher)
+    return made
+
+
+def labels_of(events: list[Any]) -> list[str]:
+    return [
+        str(e.event_id) if isinstance(e, ProgressEvent) else f"done:{e.result['status_code']}"
+        for e in events
+    ]
+
+
+async def test_a_dead_publishers_streams_end_in_an_error_and_its_blocking_answers_are_resent(
+    actors: list[FakeActor],
+) -> None:
+    client = EventBusClient("app", "replica", call_timeout_s=1.0, confirm_timeout_s=30)
+    await client.start("redis://x", "t:")
+    first = actors[0]
+    first.hold = True  # accepted, never written: lost with the actor
+    for i in range(3):
+        await client.progress("inst", "STREAM", str(i), "message", {"i": i})
+    await client.flush()
+    blocking = asyncio.create_task(
+        client.completion("inst", "BLOCK", {"status_code": 200, "request_id": "BLOCK"})
+    )
+    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f in first.entries))
+    first.dead = True  # SIGKILL: what it held is gone
+
+    # The stream goes on (its next events reveal the death), then finishes with [DONE].
+    await client.progress("inst", "STREAM", "3", "message", {"i": 3})
+    await client.progress("inst", "STREAM", "4", "message", "[DONE]")
+    await asyncio.wait_for(
+        client.completion("inst", "STREAM", {"status_code": 200, "request_id": "STREAM"}), 10
+    )
+    await asyncio.wait_for(blocking, 10)
+    (_, second) = actors
+    # The stream may have lost 0..2: an error chunk after its last event and a 503, no [DONE].
+    stream = second.events("STREAM")
+    assert labels_of(stream) == ["5", "done:503"]
+    assert stream[0].event_data["error"]["code"] == "events_lost"
+    # The blocking answer the dead actor held is sent again, unchanged.
+    assert labels_of(second.events("BLOCK")) == ["done:200"]
+
+    # A stream that starts on the new publisher is not affected.
+    for i in range(2):
+        await client.progress("inst", "AFTER", str(i), "message", {"i": i})
+    await client.completion("inst", "AFTER", {"status_code": 200, "request_id": "AFTER"})
+    assert labels_of(second.events("AFTER")) == ["0", "1", "done:200"]
+    stats = client.stats()
+    assert (stats["reattached"], stats["events_lost"], stats["completions_resent"]) == (1, 1, 1)
+    assert stats["open_tasks"] == 0
+    await client.aclose()
+
+
+async def test_a_stream_written_before_the_death_ends_normally(actors: list[FakeActor]) -> None:
+    """A stream whose completion was acknowledged before the actor died is left alone."""
+    client = EventBusClient("app", "replica", call_timeout_s=1.0)
+    await client.start("redis://x", "t:")
+    await client.progress("inst", "DONE", "0", "message", {"i": 0})
+    await client.completion("inst", "DONE", {"status_code": 200, "request_id": "DONE"})
+    actors[0].dead = True
+    # A blocking answer finds the publisher dead (it may have taken the batch as it died:
+    # unknown, so it is sent again, once); a stream started afterwards is whole.
+    await client.completion("inst", "BLOCK", {"status_code": 200, "request_id": "BLOCK"})
+    await client.progress("inst", "NEXT", "0", "message", {"i": 0})
+    await client.completion("inst", "NEXT", {"status_code": 200, "request_id": "NEXT"})
+    assert labels_of(actors[0].events("DONE")) == ["0", "done:200"]
+    assert labels_of(actors[1].events("BLOCK")) == ["done:200"]
+    assert labels_of(actors[1].events("NEXT")) == ["0", "done:200"]
+    assert actors[1].events("DONE") == []
+    assert client.stats()["events_lost"] == 0
+    await client.aclose()
+
+
+async def test_every_confirmation_has_a_deadline(actors: list[FakeActor]) -> None:
+    client = EventBusClient("app", "replica", call_timeout_s=1.0, confirm_timeout_s=0.3)
+    await client.start("redis://x", "t:")
+    actors[0].hold = True  # Redis never acknowledges, and the publisher never gives up
+    with pytest.raises(EventBusUnavailableError, match="no acknowledgement"):
+        await asyncio.wait_for(
+            client.completion("inst", "T", {"status_code": 200, "request_id": "T"}), 10
+        )
+    assert client.stats()["confirm_timeouts"] == 1
+    await client.aclose()
+
+
+async def test_leases_carry_the_servers_clock_offset(actors: list[FakeActor]) -> None:
+    clock = ServerClock()
+    clock.offset_ms = 90_000
+    client = EventBusClient("app", "replica", clock=clock)
+    await client.start("redis://x", "t:")
+    assert actors[0].leases[-1][2] == 90_000
+    await client.aclose()
