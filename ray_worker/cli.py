@@ -674,11 +674,14 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check",
-        help="check config, API key, queues and event-bus Redis",
+        help="check config, API key, queues, event-bus Redis and redelivery settings",
         description=(
             "Load the config with the environment overrides, then check the API key "
-            "(GET /v1/queue/eventbus), each queue's registration and the event-bus Redis "
-            "(PING). Exit 0 only if every check passes."
+            "(GET /v1/queue/eventbus), each queue's registration, the event-bus Redis "
+            "(PING) and what redelivery of level-1 tasks needs (process_timeout_s; the "
+            "Redis's notify-keyspace-events). WARN lines pass but name what to look at "
+            "(plaintext URLs to other hosts, settings that could not be read). Exit 0 only "
+            "if every check passes."
         ),
     )
     _config_flags(check)
