@@ -9,6 +9,7 @@ Per replica ``r`` of a model:
 
     slots(r)  = ceil(max_num_seqs(r) * target_ratio)       # target, not max
     slots(r)  = min(slots(r), running(r) + waiting(r))     # when its KV cache is nearly full
+    slots(r)  = 0                                          # while it stops (draining)
     target    = sum of slots(r) over fresh replicas
     remaining = max(0, target - in_flight)                  # level 0
     remaining = max(0, target - reserve - in_flight)        # level 1, reserve kept for level 0
@@ -49,10 +50,15 @@ class ReplicaLoad:
     held_unknown: int = 0
     """Tasks the replica runs that this poller did not hand it (a restarted poller's
     predecessor did): counted as in flight so a restart takes nothing twice."""
+    draining: bool = False
+    """The replica is stopping: it finishes what it holds and takes nothing new (no slots)."""
+    held_ids: frozenset[str] = frozenset()
+    """The tasks the replica said it runs, as of ``received_at``."""
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any], received_at: float) -> ReplicaLoad:
         """Build from the dict an LLM replica sends (``LLMServer.get_load``)."""
+        held = report.get("held_ids")
         return cls(
             replica_id=str(report["replica_id"]),
             model_id=str(report["model_id"]),
@@ -61,6 +67,10 @@ class ReplicaLoad:
             kv_cache_usage=float(report.get("kv_cache_usage", 0.0)),
             max_num_seqs=max(1, int(report.get("max_num_seqs", 1))),
             received_at=received_at,
+            draining=bool(report.get("draining", False)),
+            held_ids=frozenset(str(i) for i in held)
+            if isinstance(held, list | tuple)
+            else frozenset(),
         )
 
 
@@ -117,8 +127,8 @@ class CapacityTracker:
         state = self._models.get(load.model_id)
         if state is None:
             return
-        held = report.get("held_ids")
-        if isinstance(held, list | tuple) and held:
+        held = load.held_ids
+        if held:
             self._forget_released(now)
             unknown = sum(1 for i in held if i not in self._mine and i not in self._recent)
             if unknown:
@@ -174,8 +184,24 @@ class CapacityTracker:
         return list(state.loads.values())
 
     def replicas(self, model_id: str) -> int:
-        """Replicas counted as running."""
-        return len(self.fresh_loads(model_id))
+        """Replicas counted as running (fresh reports, not draining)."""
+        return sum(1 for load in self.fresh_loads(model_id) if not load.draining)
+
+    def task_fate(self, model_id: str, replica_id: str, task_id: str, *, since: float) -> str:
+        """What ``replica_id`` of ``model_id`` says of ``task_id`` in reports received after
+        ``since`` (this tracker's clock, ``now()``): ``"held"`` (it still runs it),
+        ``"ended"`` (it reported since without it: it ended there), ``"unknown"`` (no report
+        since yet, and it is not stale) or ``"gone"`` (its reports went stale: it died)."""
+        load = self._models[model_id].loads.get(replica_id)
+        if load is None or load.received_at < self._clock() - self.config.load_stale_after_s:
+            return "gone"
+        if load.received_at <= since:
+            return "unknown"
+        return "held" if task_id in load.held_ids else "ended"
+
+    def now(self) -> float:
+        """This tracker's clock (what ``holder``'s ``reported_after`` is measured on)."""
+        return self._clock()
 
     def target(self, model_id: str) -> int:
         """Tasks the model's running replicas should hold: enough to keep batches full."""
@@ -204,7 +230,8 @@ class CapacityTracker:
         for model_id, state in self._models.items():
             loads = self.fresh_loads(model_id)
             out[model_id] = {
-                "replicas": len(loads),
+                "replicas": sum(1 for x in loads if not x.draining),
+                "draining": sum(1 for x in loads if x.draining),
                 "target": self.target(model_id),
                 "max_num_seqs": sum(x.max_num_seqs for x in loads),
                 "in_flight_online": state.in_flight[Level.ONLINE],
@@ -237,6 +264,8 @@ class CapacityTracker:
 
 
 def _slots(load: ReplicaLoad, config: CapacityConfig) -> int:
+    if load.draining:
+        return 0
     slots = math.ceil(load.max_num_seqs * config.target_ratio)
     if load.kv_cache_usage >= config.kv_cache_high_watermark:
         slots = min(slots, load.running + load.waiting)

@@ -48,12 +48,19 @@ from ray_worker.worker.capacity import CapacityTracker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ANSWERING", "DONE", "Dispatcher", "ReplicaLostAnswer", "Replicas"]
+__all__ = ["ACCEPTED", "ANSWERING", "DONE", "Dispatcher", "ReplicaLostAnswer", "Replicas"]
 
+ACCEPTED = "accepted"
+"""Phase a replica reports once it started the task and owns it:
+``{"phase": "accepted", "replica_id": ...}``. From then on only that replica answers it,
+unless it dies."""
 ANSWERING = "answering"
 """Phase a replica reports right before the task's first event or answer leaves it."""
 DONE = "done"
 """Phase of the last message of a run: ``{"phase": "done", "outcome": Outcome}``."""
+
+_FATE_POLL_S = 0.25
+"""How often a task's fate is read from the load reports after its replica call failed."""
 
 SAFETY_NET_EVENT_ID = "error"
 """``eventId`` of the error chunk the poller sends for a streaming task whose replica died:
@@ -71,8 +78,9 @@ class Replicas(Protocol):
         ``multiplexed_model_id`` (``base:adapter``) makes Serve prefer a replica that holds
         that LoRA adapter already.
 
-        Yields ``{"phase": "answering"}`` once the replica is about to send the task's first
-        event or answer, then ``{"phase": "done", "outcome": ...}``. Raises
+        Yields ``{"phase": "accepted", "replica_id": ...}`` once a replica started the task,
+        ``{"phase": "answering"}`` once it is about to send the task's first event or answer,
+        then ``{"phase": "done", "outcome": ...}``. Raises
         ``ReplicaUnavailableError`` (no replica, or it died) or ``EngineOverloadedError``
         (the deployment refused the call for load: it never reached a replica).
         """
@@ -88,11 +96,13 @@ class ReplicaLostAnswer(TaskError):
 
 
 class _Job:
-    __slots__ = ("answering", "in_call")
+    __slots__ = ("accepted_by", "answering", "in_call")
 
     def __init__(self) -> None:
         self.in_call = False
         self.answering = False
+        self.accepted_by: str | None = None
+        """The replica that reported the task accepted (it owns the task from then on)."""
 
 
 class Dispatcher:
@@ -111,8 +121,12 @@ class Dispatcher:
         config: DispatcherConfig | None = None,
         metrics: WorkerMetrics | None = None,
         clock: Callable[[], int] = now_ms,
+        redelivers: bool = True,
     ) -> None:
         self.replicas = replicas
+        self.redelivers = redelivers
+        """Level-1 tasks left unanswered come back (the takes set ``process_timeout``): a stop
+        leaves them for redelivery. Without it they are answered 503 instead."""
         self.clock = clock
         """Epoch ms on the server's clock (deadlines are the server's timestamps)."""
         self.events = events
@@ -199,10 +213,12 @@ class Dispatcher:
         return True
 
     async def drain(self, timeout_s: float) -> int:
-        """Stop accepting; wait up to ``timeout_s`` for the tasks in flight.
+        """Stop accepting; wait up to ``timeout_s`` for the tasks in flight (their replicas
+        finish them within their own stop budget, ``drain_timeout_s``).
 
-        What is still running then stays with its replica, which answers it; this only stops
-        waiting for it. Returns how many were left so.
+        Then this stops waiting: a task a replica accepted stays with it (it answers); one that
+        never reached a replica (still queued at a Serve handle) is refused: 503, or left for
+        redelivery at level 1. Returns how many were still in flight.
         """
         self._accepting = False
         return await cut_short(list(self._running.values()), timeout_s)
@@ -226,18 +242,22 @@ class Dispatcher:
             model_id, adapter_id = self._resolve_model(task)
             outcome = await self._dispatch(task, model_id, job, adapter_id)
         except asyncio.CancelledError:
-            if not job.in_call:
-                # Stopping before the task reached a replica.
+            if job.accepted_by is None:
+                # Stopping before a replica took the task (it may have waited at a Serve
+                # handle for a replica): nobody else will answer it.
                 await self._answer_refused(task)
             raise
         except TaskError as err:
             await self._answer(task, err, event_id="0")
         else:
-            self._record(outcome)
+            if outcome is not None:
+                self._record(outcome)
 
     async def _dispatch(
         self, task: Task, model_id: str, job: _Job, adapter_id: str | None = None
-    ) -> Outcome:
+    ) -> Outcome | None:
+        """Run ``task`` on a replica; its outcome, or None when it ended without one reaching
+        here (its replica answered it, or it was left for redelivery)."""
         failures = 0
         overload_wait = self.config.overload_retry_initial_s
         deadline = deadline_ms(task, self.config.max_task_time_s, now=self.clock())
@@ -248,7 +268,9 @@ class Dispatcher:
                     model_id, task, multiplexed_model_id=adapter_id
                 ):
                     phase = message.get("phase")
-                    if phase == ANSWERING:
+                    if phase == ACCEPTED:
+                        job.accepted_by = str(message.get("replica_id") or "")
+                    elif phase == ANSWERING:
                         job.answering = True
                     elif phase == DONE:
                         outcome: Outcome = message["outcome"]
@@ -264,13 +286,50 @@ class Dispatcher:
                     ) from None
                 await asyncio.sleep(wait)
                 overload_wait = min(overload_wait * 2, self.config.overload_retry_max_s)
-            except ReplicaUnavailableError as err:
+            except (TaskError, asyncio.CancelledError):
+                raise
+            except Exception as err:
+                # ReplicaUnavailableError, or any other failure of the call: the task's fate on
+                # its replica is unknown until the replica's load reports tell.
                 job.in_call = False
+                if not isinstance(err, ReplicaUnavailableError):
+                    logger.error(
+                        "the replica call failed: %s: %s",
+                        type(err).__name__,
+                        err,
+                        extra=task_context(task),
+                    )
+                if job.accepted_by is not None:
+                    if await self._ended_on_replica(task, model_id, job.accepted_by, deadline):
+                        # A blip of the call, not a death: the replica ran the task to its end
+                        # and answered it (or left it for redelivery) itself.
+                        logger.warning(
+                            "the call to replica %s failed (%s) but the task ended there",
+                            job.accepted_by,
+                            err,
+                            extra=task_context(task),
+                        )
+                        return None
+                    job.accepted_by = None
                 if job.answering:
                     self.metrics.inc("replica_failures")
+                    if self._leaves_for_redelivery(task):
+                        # Its answer may have left already; the server redelivers it if not.
+                        self.metrics.inc("left_for_redelivery")
+                        logger.warning(
+                            "the replica running a level-1 task failed mid-answer; it is left "
+                            "for the server's redelivery: %s",
+                            err,
+                            extra=task_context(task),
+                        )
+                        return None
                     raise ReplicaLostAnswer(
                         f"the replica running the task failed mid-way: {err}"
                     ) from None
+                if not self._accepting:
+                    # Stopping: the replicas stop too; nothing would run it.
+                    await self._answer_refused(task)
+                    return None
                 failures += 1
                 if failures > self.config.max_replica_retries:
                     raise EngineOverloadedAnswer(
@@ -285,11 +344,36 @@ class Dispatcher:
                 )
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0) * random.uniform(0.5, 1.0))
 
+    async def _ended_on_replica(
+        self, task: Task, model_id: str, replica_id: str, deadline: int
+    ) -> bool:
+        """After a failed call: wait for ``replica_id``'s load reports to tell whether it still
+        runs ``task`` (then wait for its end there) or died. True when it ended there."""
+        since = self.capacity.now()
+        grace_ms = 30_000  # the replica answers an expired task itself, 408, just after
+        while True:
+            fate = self.capacity.task_fate(model_id, replica_id, task.task_id, since=since)
+            if fate == "ended":
+                return True
+            if fate == "gone":
+                return False
+            if self.clock() >= deadline + grace_ms:
+                logger.error(
+                    "replica %s still reports the task past its deadline; not waiting longer",
+                    replica_id,
+                    extra=task_context(task),
+                )
+                return True
+            await asyncio.sleep(_FATE_POLL_S)
+
+    def _leaves_for_redelivery(self, task: Task) -> bool:
+        return self.redelivers and task.level != 0 and not task.is_online
+
     async def _refuse(self, task: Task) -> None:
         await self._answer_refused(task)
 
     async def _answer_refused(self, task: Task) -> None:
-        if task.level != 0 and not task.is_online:
+        if self._leaves_for_redelivery(task):
             self.metrics.inc("left_for_redelivery")
             logger.warning(
                 "stopping: a level-1 task is left for the server's redelivery",

@@ -264,6 +264,11 @@ class FakeReplicas:
         self.steps: deque[ReplicaStep] = deque()
         self.calls: list[ReplicaCall] = []
 
+    @staticmethod
+    def replica_id(model_id: str) -> str:
+        """The id the fake replica of ``model_id`` reports in its ``accepted`` phase."""
+        return f"{model_id}#fake"
+
     def script(self, *steps: ReplicaStep) -> None:
         """Queue what the next calls do (each call takes one step; then they run the task)."""
         self.steps.extend(steps)
@@ -277,8 +282,9 @@ class FakeReplicas:
     ) -> AsyncIterator[dict[str, Any]]:
         """Play the next step, or run ``task`` on ``model_id``'s runner."""
         from ray_worker.errors import ReplicaUnavailableError
-        from ray_worker.worker.dispatcher import ANSWERING, DONE
+        from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE
 
+        accepted = {"phase": ACCEPTED, "replica_id": self.replica_id(model_id)}
         call = ReplicaCall(model_id, task.task_id, multiplexed_model_id=multiplexed_model_id)
         self.calls.append(call)
         step = self.steps.popleft() if self.steps else None
@@ -287,6 +293,8 @@ class FakeReplicas:
         elif isinstance(step, BaseException):
             raise step
         elif isinstance(step, DieAfterAnswering):
+            call.messages.append(accepted)
+            yield accepted
             call.messages.append({"phase": ANSWERING})
             yield {"phase": ANSWERING}
             if task.response_mode is ResponseMode.STREAMING:
@@ -303,6 +311,8 @@ class FakeReplicas:
             call.messages.append(done)
             yield done
             return
+        call.messages.append(accepted)
+        yield accepted
         signal = asyncio.ensure_future(answering.wait())
         try:
             await asyncio.wait({signal, job}, return_when=asyncio.FIRST_COMPLETED)

@@ -205,6 +205,7 @@ def test_snapshot_shape() -> None:
     assert cap.snapshot() == {
         "m": {
             "replicas": 2,
+            "draining": 0,
             "target": 16,
             "max_num_seqs": 16,
             "in_flight_online": 1,
@@ -345,3 +346,32 @@ async def test_wait_changed_wakes_every_waiter() -> None:
     cap.release("m", ONLINE)
     await until(lambda: all(t.done() for t in tasks))
     assert not cap._waiters
+
+
+def test_a_draining_replica_gives_no_capacity_but_its_tasks_stay_in_flight() -> None:
+    cap = tracker()
+    cap.report(load("r1"))
+    cap.report({**load("r2", held=["t-old"]), "draining": True})
+    assert cap.replicas("m") == 1
+    assert cap.target("m") == 8  # r1 alone
+    assert cap.in_flight("m") == 1  # r2 still runs a task this poller did not hand out
+    assert cap.remaining("m", ONLINE) == 7
+    snap = cap.snapshot()["m"]
+    assert (snap["replicas"], snap["draining"]) == (1, 1)
+
+
+def test_task_fate_from_the_reports_after_a_failed_call() -> None:
+    clock = Clock()
+    cap = tracker(clock=clock, load_stale_after_s=5)
+    cap.report(load("r1", held=["t1"]))
+    since = cap.now()
+    assert cap.task_fate("m", "r1", "t1", since=since) == "unknown"  # no report since
+    clock.now += 0.5
+    cap.report(load("r1", held=["t1"]))
+    assert cap.task_fate("m", "r1", "t1", since=since) == "held"
+    clock.now += 0.5
+    cap.report(load("r1", held=[]))
+    assert cap.task_fate("m", "r1", "t1", since=since) == "ended"
+    clock.now += 6
+    assert cap.task_fate("m", "r1", "t1", since=since) == "gone"  # stale: it died
+    assert cap.task_fate("m", "r9", "t1", since=since) == "gone"  # never reported

@@ -29,7 +29,7 @@ from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
 from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
 from ray_worker.errors import EngineOverloadedError, ReplicaUnavailableError
 from ray_worker.worker.capacity import CapacityTracker
-from ray_worker.worker.dispatcher import ANSWERING, DONE, Dispatcher
+from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE, Dispatcher
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING
@@ -54,6 +54,7 @@ class Rig:
         queues: list[QueueSpec] | None = None,
         completer: FakeCompleter | None = None,
         lora_models: tuple[str, ...] = (),
+        redelivers: bool = True,
         **config: Any,
     ) -> None:
         settings: dict[str, Any] = {
@@ -92,6 +93,7 @@ class Rig:
             served_models=list(models),
             lora_models=lora_models,
             config=self.config,
+            redelivers=redelivers,
         )
         self.pool = models[0]
 
@@ -156,7 +158,7 @@ async def test_a_task_runs_in_its_replica_and_the_outcome_is_counted(rig: Rig) -
 
     (call,) = rig.replicas.calls
     assert (call.model_id, call.task_id) == ("m", task.task_id)
-    assert [m["phase"] for m in call.messages] == [ANSWERING, DONE]
+    assert [m["phase"] for m in call.messages] == [ACCEPTED, ANSWERING, DONE]
     assert call.messages[-1]["outcome"]["status_code"] == 200
     assert [e.data for e in rig.events.progress_of(task.task_id)] == [*CHUNKS, STREAM_DONE]
     assert rig.only_answer(task) == {"status_code": 200, "request_id": task.task_id}
@@ -405,10 +407,14 @@ async def test_replica_dying_after_answering_streaming_gets_one_503_chunk(rig: R
     assert rig.dispatcher.answered == {"2xx": 0, "4xx": 0, "5xx": 1}
 
 
-@pytest.mark.parametrize(("mode", "level"), [(BLOCKING, 0), (CALLBACK, 1), (BATCH, 1)])
+@pytest.mark.parametrize(
+    ("mode", "level", "redelivers"),
+    [(BLOCKING, 0, True), (CALLBACK, 0, True), (CALLBACK, 1, False), (BATCH, 1, False)],
+)
 async def test_replica_dying_after_answering_gets_one_503(
-    rig: Rig, mode: ResponseMode, level: int
+    mode: ResponseMode, level: int, redelivers: bool
 ) -> None:
+    rig = Rig(redelivers=redelivers)
     rig.replicas.script(DieAfterAnswering())
     task = make_task(mode, level=level)
     await rig.run(task)
@@ -417,6 +423,140 @@ async def test_replica_dying_after_answering_gets_one_503(
     assert answer["status_code"] == 503
     assert error_code(answer) == "replica_failed"
     assert rig.events.progress_of(task.task_id) == []
+
+
+@pytest.mark.parametrize("mode", [CALLBACK, BATCH])
+async def test_replica_dying_mid_answer_leaves_a_level_1_task_for_redelivery(
+    rig: Rig, mode: ResponseMode
+) -> None:
+    # Its answer may have left the replica already: a 503 now could be a second, final answer.
+    rig.replicas.script(DieAfterAnswering())
+    task = make_task(mode, level=1)
+    await rig.run(task)
+    assert len(rig.replicas.calls) == 1
+    assert rig.answers(task) == []
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 1
+    assert rig.dispatcher.metrics.total("replica_failures") == 1
+
+
+class _Blip:
+    """A replica call that breaks after the replica accepted the task, while the replica
+    (a real runner) goes on running it: a network blip, not a death."""
+
+    def __init__(self, rig: Rig, after: str) -> None:
+        self.rig = rig
+        self.after = after
+
+    async def run(
+        self, model_id: str, task: Task, *, multiplexed_model_id: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        runner = self.rig.replicas.runners[model_id]
+        answering = asyncio.Event()
+        runner.start(task, on_answering=answering.set)
+        yield {"phase": ACCEPTED, "replica_id": "r-m"}
+        if self.after == ANSWERING:
+            await answering.wait()
+            yield {"phase": ANSWERING}
+        raise ReplicaUnavailableError("ActorUnavailableError: the connection dropped")
+
+
+def _report(rig: Rig, held: list[str]) -> None:
+    rig.capacity.report(
+        {"replica_id": "r-m", "model_id": "m", "max_num_seqs": 64, "held_ids": held}
+    )
+
+
+@pytest.mark.parametrize("after", [ACCEPTED, ANSWERING])
+async def test_a_broken_call_to_a_live_replica_is_neither_rerun_nor_answered(
+    rig: Rig, after: str
+) -> None:
+    gate = asyncio.Event()
+    rig.engine.script(CHUNKS[0], gate, CHUNKS[1], CHUNKS[2])
+    rig.dispatcher.replicas = _Blip(rig, after)
+    task = make_task(STREAMING)
+    assert rig.submit(task)
+    await until(lambda: rig.engine.active == 1)
+    await settle()
+    # The replica's next load report still lists the task: the poller waits for it.
+    _report(rig, [task.task_id])
+    await settle()
+    assert rig.dispatcher.holds(task.task_id)
+    assert rig.answers(task) == []
+    gate.set()
+    await until(lambda: rig.replicas.runners["m"].in_flight == 0)
+    _report(rig, [])  # ended there
+    await until(lambda: not rig.dispatcher.holds(task.task_id))
+
+    assert rig.only_answer(task) == {"status_code": 200, "request_id": task.task_id}
+    assert [e.event_id for e in rig.events.progress_of(task.task_id)] == ["0", "1", "2", "3"]
+    assert len(rig.engine.calls) == 1  # never run twice
+    assert rig.dispatcher.metrics.total("replica_failures") == 0
+    assert rig.released(task) == [("m", Level.ONLINE, task.task_id)]
+
+
+async def test_a_broken_call_whose_replica_stops_reporting_gets_the_safety_net() -> None:
+    rig = Rig()
+    rig.capacity.config = CapacityConfig(load_stale_after_s=0.2)
+    gate = asyncio.Event()
+    rig.engine.script(CHUNKS[0], gate)
+    rig.dispatcher.replicas = _Blip(rig, ANSWERING)
+    task = make_task(STREAMING)
+    assert rig.submit(task)
+    # No report comes any more (the replica died): once its reports are stale, one 503.
+    await until(lambda: not rig.dispatcher.holds(task.task_id))
+    answers = rig.events.completions_of(task.task_id)
+    assert [a["status_code"] for a in answers] == [503]
+    assert rig.dispatcher.metrics.total("replica_failures") == 1
+    gate.set()
+    await rig.replicas.runners["m"].drain(0)
+
+
+async def test_any_other_call_failure_is_retried_then_answered(rig: Rig) -> None:
+    rig.replicas.script(RuntimeError("RaySystemError: something Ray-internal"))
+    task = make_task(BLOCKING)
+    await rig.run(task)
+    assert len(rig.replicas.calls) == 2
+    assert rig.only_answer(task)["status_code"] == 200
+
+
+async def test_a_task_waiting_for_a_replica_when_the_drain_ends_is_refused() -> None:
+    # Queued at a Serve handle (no replica took it): at the end of the drain the poller answers.
+    rig = Rig()
+    online, offline = make_task(BLOCKING), make_task(CALLBACK, level=1)
+    rig.replicas.script(asyncio.Event(), asyncio.Event())
+    for task in (online, offline):
+        assert rig.submit(task)
+    await until(lambda: len(rig.replicas.calls) == 2)
+    assert await rig.dispatcher.drain(0.01) == 2
+    assert rig.only_answer(online)["status_code"] == 503
+    assert rig.answers(offline) == []
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 1
+
+
+async def test_without_redelivery_a_stop_answers_level_1_503() -> None:
+    rig = Rig(redelivers=False)
+    await rig.dispatcher.drain(0)
+    task = make_task(CALLBACK, level=1)
+    assert rig.submit(task)
+    await rig.idle()
+    assert rig.only_answer(task)["status_code"] == 503
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 0
+
+
+async def test_a_replica_refusing_while_the_poller_stops_is_not_an_overload_answer() -> None:
+    rig = Rig()
+    task = make_task(CALLBACK, level=1)
+    rig.replicas.script(
+        ReplicaUnavailableError("the replica died"),
+        ReplicaUnavailableError("this replica is stopping"),
+    )
+    assert rig.submit(task)
+    await until(lambda: len(rig.replicas.calls) == 1)
+    # The poller stops while the task waits to be retried: the retry meets a stopping replica.
+    assert await rig.dispatcher.drain(5) == 0
+    assert len(rig.replicas.calls) == 2
+    assert rig.answers(task) == []  # left for redelivery, not a final 503
+    assert rig.dispatcher.metrics.total("left_for_redelivery") == 1
 
 
 async def test_overload_is_waited_out_then_runs(rig: Rig) -> None:
