@@ -32,6 +32,8 @@ from ray_worker.errors import ConfigError
 
 __all__ = [
     "ADAPTER_SEPARATOR",
+    "DEFAULT_DRAIN_TIMEOUT_S",
+    "STOP_MARGIN_S",
     "CapacityConfig",
     "DispatcherConfig",
     "EnvSettings",
@@ -42,7 +44,15 @@ __all__ = [
     "WorkerAppArgs",
     "adapter_of",
     "load_app_args",
+    "plaintext_url_warnings",
 ]
+
+DEFAULT_DRAIN_TIMEOUT_S = 600.0
+"""The default stop budget (``poller.drain_timeout_s``): an online producer waits at most
+600 s (protocol §1.3), so no online task outlives it."""
+STOP_MARGIN_S = 30.0
+"""What a stopping replica gets after its budget: the cut tasks' answers, the outbox's last
+tries, closing. Serve's ``graceful_shutdown_timeout_s`` is the budget plus this."""
 
 ADAPTER_SEPARATOR = ":"
 """A task's ``data.model`` ``base:adapter`` names a LoRA adapter of the served model ``base``
@@ -147,11 +157,15 @@ class PollerConfig(_Frozen):
         description="While at capacity after full takes, how often queue stats are read.",
     )
     drain_timeout_s: float = Field(
-        default=20.0,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
         ge=0,
         description=(
-            "On shutdown, how long in-flight tasks may finish before a 503 answer; keep it "
-            "below the 30 s `serve run` gives the app to shut down."
+            "The stop budget: when a replica stops (Ctrl-C, `serve shutdown`, a redeploy, a "
+            "downscale) it takes nothing new and lets running tasks finish this long; what is "
+            "still running then is answered 503 (online, level 0) or left for redelivery "
+            "(level 1). Serve's `graceful_shutdown_timeout_s` of every deployment is set to it "
+            f"plus {STOP_MARGIN_S:.0f} s (the answers, the outbox, closing). The default lets "
+            "every online task finish (the producer waits at most 600 s)."
         ),
     )
 
@@ -338,7 +352,16 @@ class RunnerSettings(_Frozen):
     )
     publisher: PublisherOptions = Field(default_factory=PublisherOptions, description="Event bus.")
     drain_timeout_s: float = Field(
-        default=20.0, gt=0, description="How long a stopping replica lets its tasks finish."
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        ge=0,
+        description="How long a stopping replica lets its tasks finish (the stop budget).",
+    )
+    redelivers: bool = Field(
+        default=True,
+        description=(
+            "Level-1 takes set process_timeout, so the server redelivers a level-1 task left "
+            "unanswered: a stop leaves such tasks for redelivery (otherwise it answers 503)."
+        ),
     )
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="HTTP timeout of one call to Bella-Queue."
@@ -481,6 +504,7 @@ class WorkerAppArgs(_Frozen):
             dispatcher=self.dispatcher,
             publisher=self.publisher,
             drain_timeout_s=self.poller.drain_timeout_s,
+            redelivers=self.poller.process_timeout_s > 0,
             request_timeout_s=self.poller.take_timeout_s,
             redelivery_window_s=(
                 self.poller.process_timeout_s * (self.poller.process_max_retries + 1)

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ray_worker.bella.client import QueueClient, RetryPolicy
-from ray_worker.config import EnvSettings, WorkerAppArgs
+from ray_worker.config import STOP_MARGIN_S, EnvSettings, WorkerAppArgs, plaintext_url_warnings
 from ray_worker.errors import (
     BadRequestError,
     ConfigError,
@@ -67,7 +67,7 @@ _STATUS_MAX_WAITING = 8
     max_ongoing_requests=100_000,
     health_check_period_s=5,
     health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=90,
+    # build_app sets it from the stop budget: the poller outlives its replicas' stop.
     # I/O-bound: takes no CPU slot from the LLM replicas (a CPU-only cluster may have none left).
     ray_actor_options={"num_cpus": 0},
     # Replicas report load every 0.5 s and publishes are per batch: no access log per call.
@@ -118,6 +118,7 @@ class QueuePoller:
             config=dispatch,
             metrics=self.metrics,
             clock=self.client.clock.now_ms,
+            redelivers=self.args.poller.process_timeout_s > 0,
         )
         pools = make_pools(
             self.args.queues, {q.name: self.args.queue_model(q) for q in self.args.queues}
@@ -157,6 +158,8 @@ class QueuePoller:
                 await asyncio.sleep(wait * random.uniform(0.75, 1.25))
                 wait = min(wait * 2, 10.0)
         url = self.args.eventbus_url or eventbus.url
+        for warning in plaintext_url_warnings(queue_url=self.args.queue_url, eventbus_url=url):
+            logger.warning("%s", warning)
         await self.events.start(url, eventbus.topic)
         self.startup_error = None
         self.state = "running"
@@ -321,13 +324,14 @@ class QueuePoller:
                 raise RuntimeError(f"the event-bus publisher is unhealthy: {exc!r}") from None
 
     async def __del__(self) -> None:
-        """Drain: stop taking, wait a while for the tasks in flight (their replicas answer
-        them), close the clients."""
+        """Drain: stop taking at once, wait for the tasks in flight while their replicas
+        finish them within the stop budget (``poller.drain_timeout_s``; the replicas cut what
+        runs past it), close the clients."""
         self.state = "draining"
         self._main.cancel()
         self._gauges.cancel()
         await self.poller.stop()
-        left = await self.dispatcher.drain(self.args.poller.drain_timeout_s)
+        left = await self.dispatcher.drain(self.args.poller.drain_timeout_s + STOP_MARGIN_S)
         if left:
             logger.warning("stopped waiting for %d tasks; their replicas answer them", left)
         undelivered = await self.outbox.drain(10.0)
@@ -367,8 +371,14 @@ def build_app(args: dict[str, Any]) -> Application:
         )
         for cfg in configs
     }
+    # The poller waits for its replicas' stop (budget + margin), then for its own answers.
+    stop_s = app_args.poller.drain_timeout_s + 2 * STOP_MARGIN_S
     # Serve's decorator hides .bind from the type checker; the bound graph is an Application.
-    poller = cast(Any, QueuePoller).bind(app_args.model_dump(mode="json"), apikey, llm_apps)
+    poller = (
+        cast(Any, QueuePoller)
+        .options(graceful_shutdown_timeout_s=stop_s)
+        .bind(app_args.model_dump(mode="json"), apikey, llm_apps)
+    )
     return cast(Application, poller)
 
 

@@ -35,7 +35,12 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from ray_worker.config import ReasoningField, adapter_of
+from ray_worker.config import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    STOP_MARGIN_S,
+    ReasoningField,
+    adapter_of,
+)
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError, WorkerError
 from ray_worker.serve.engine_io import check_body, decode_item, map_exception
 from ray_worker.serve.llm_config import lora_path_of, sim_settings, with_worker_defaults
@@ -56,6 +61,7 @@ __all__ = [
     "BellaLLMServer",
     "ReplicaLoad",
     "build_llm_deployment",
+    "serve_stopping_replica",
     "server_class",
 ]
 
@@ -65,6 +71,31 @@ ENDPOINTS: dict[str, str] = dict(
 """Task endpoints served, and the engine method each runs."""
 
 _ABORTED_STATUS = 499  # client closed request: the caller aborted it
+_STOP_POLL_S = 0.25
+"""How often a replica looks whether Serve began stopping it."""
+
+
+def serve_stopping_replica() -> bool:
+    """Whether Serve began the graceful shutdown of the replica this code runs in.
+
+    Serve tells a replica's code of a stop only by calling ``__del__``, and only once no
+    request is ongoing: for a replica whose requests are whole tasks, after they all ended
+    or Serve's ``graceful_shutdown_timeout_s`` killed it. The worker needs to know at once
+    (stop taking, start the budget), so it reads Serve's own flag: the replica actor object
+    Ray keeps for this process (``global_worker.actors``), its ``_replica_impl`` (a
+    ``Replica``) and that one's ``_shutting_down``, set first thing by
+    ``_perform_graceful_shutdown``. Checked against
+    Ray 2.60.0 (``tests/unit/test_llm_server_seams.py`` fails when Ray changes them); if they
+    are missing this reads False and the stop begins at ``__del__``.
+    """
+    try:
+        from ray._private.worker import global_worker
+
+        actor = global_worker.actors.get(global_worker.actor_id)
+    except Exception:
+        return False
+    impl = getattr(actor, "_replica_impl", None)
+    return bool(getattr(impl, "_shutting_down", False))
 
 
 class ReplicaLoad(TypedDict):
@@ -79,6 +110,7 @@ class ReplicaLoad(TypedDict):
     in_flight: int
     engine: str
     ts: float
+    draining: bool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +153,7 @@ class _TaskServingMixin:
         self._load_report_interval_s = load_report_interval_s
         self._load_reporter: Any = None
         self._tasks: Any = None
+        self._stop_watch: asyncio.Task[None] | None = None
         await super().__init__(  # type: ignore[misc,call-arg]
             llm_config, engine_cls=engine_cls, model_downloader=model_downloader
         )
@@ -137,8 +170,12 @@ class _TaskServingMixin:
                 model_id=str(self._llm_config.model_id),
                 app_name=serve.get_replica_context().app_name,
                 client_id=f"replica-{self._get_replica_id()}",
+                replica_id=self._get_replica_id(),
             )
             self._reasoning_field = self._tasks.settings.dispatcher.reasoning_field
+            self._stop_watch = asyncio.get_running_loop().create_task(
+                self._watch_stop(), name="replica-stop-watch"
+            )
         if load_report_interval_s:
             from ray_worker.serve.handles import LoadReporter
 
@@ -188,10 +225,21 @@ class _TaskServingMixin:
             }
         return options
 
+    async def _watch_stop(self) -> None:
+        """Begin the task host's stop as soon as Serve begins stopping this replica."""
+        # Polled: Serve sets a plain attribute, it signals no event.
+        while not serve_stopping_replica():  # noqa: ASYNC110
+            await asyncio.sleep(_STOP_POLL_S)
+        self._tasks.begin_stop()
+
     async def __del__(self) -> None:
+        watch = getattr(self, "_stop_watch", None)
+        if watch is not None:
+            watch.cancel()
         tasks = getattr(self, "_tasks", None)
         if tasks is not None:
-            # Serve waited for the ongoing ``run`` calls already; this cuts what is left.
+            # Serve waited for the ongoing ``run`` calls already (the stop budget cut what ran
+            # past it); this delivers what the outbox holds and closes the clients.
             with contextlib.suppress(Exception):
                 await tasks.aclose()
         reporter = getattr(self, "_load_reporter", None)
@@ -346,6 +394,7 @@ class _TaskServingMixin:
             in_flight=len(self._inflight),
             engine=str(raw.get("engine", "vllm")),
             ts=time.time(),
+            draining=self._tasks is not None and self._tasks.stopping,
         )
         out: dict[str, Any] = dict(load)
         if self._tasks is not None:
@@ -425,6 +474,27 @@ def server_class() -> type:
     return cls
 
 
+def _set_stop_budget(cfg: LLMConfig, drain_timeout_s: float) -> None:
+    """Serve's ``graceful_shutdown_timeout_s`` (its force-kill deadline for a stopping replica,
+    20 s by default) becomes the stop budget plus ``STOP_MARGIN_S``, unless the operator set
+    it; one set below that is kept, with a warning: tasks then die at Serve's deadline."""
+    needed = drain_timeout_s + STOP_MARGIN_S
+    deployment = cfg.deployment_config
+    chosen = deployment.get("graceful_shutdown_timeout_s")
+    if chosen is None:
+        deployment["graceful_shutdown_timeout_s"] = needed
+    elif float(chosen) < needed:
+        logger.warning(
+            "%s: graceful_shutdown_timeout_s %.0f s is below the stop budget "
+            "(poller.drain_timeout_s %.0f s + %.0f s): a stopping replica is killed with its "
+            "tasks before the budget ends",
+            cfg.model_id,
+            float(chosen),
+            drain_timeout_s,
+            STOP_MARGIN_S,
+        )
+
+
 def build_llm_deployment(
     llm_config: LLMConfig | Mapping[str, Any],
     *,
@@ -463,6 +533,7 @@ def build_llm_deployment(
         # The worker app: replicas run and answer whole tasks (``RunnerSettings`` as a dict).
         bind_kwargs["bella"] = dict(bella)
         bind_kwargs["apikey"] = apikey
+        _set_stop_budget(cfg, float(bella.get("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S)))
     app: Application = ray_build_llm_deployment(
         cfg,
         deployment_cls=server_class(),

@@ -5,9 +5,15 @@ replica's ``QueueClient`` (HTTP complete, one attempt per call) behind its ``Out
 retries each answer until its task expires), its ``EventBusClient`` (the node's publisher
 actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner`` with its
 ``CancelWatch`` (long offline tasks Bella-Queue cancelled are aborted), and the
-``run`` stream the poller calls: ``{"phase": "answering"}`` right before the task's first
-event or answer leaves, then ``{"phase": "done", "outcome": ...}``. The task's work is
-shielded from that call: a poller that dies or restarts does not stop it.
+``run`` stream the poller calls: ``{"phase": "accepted", "replica_id": ...}`` once the task
+runs here, ``{"phase": "answering"}`` right before its first event or answer leaves, then
+``{"phase": "done", "outcome": ...}``. The task's work is shielded from that call: a poller
+that dies or restarts does not stop it.
+
+Stopping (``begin_stop``, as soon as Serve starts stopping the replica, and ``aclose``): new
+runs are refused with ``ReplicaUnavailableError`` (the poller runs them elsewhere), running
+tasks get the stop budget (``drain_timeout_s``) to finish, then the runner cuts the rest short
+(503, or left for redelivery at level 1); the outbox gets what is left of the margin.
 
 It must not hold task logic (``ray_worker.task.runner`` does).
 """
@@ -26,17 +32,20 @@ from pydantic import SecretStr
 
 from ray_worker.bella.client import QueueClient, RetryPolicy
 from ray_worker.bella.protocol import Task
-from ray_worker.config import RunnerSettings
-from ray_worker.errors import EngineError, WorkerError
+from ray_worker.config import STOP_MARGIN_S, RunnerSettings
+from ray_worker.errors import EngineError, ReplicaUnavailableError, WorkerError
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.outbox import Outbox
 from ray_worker.task.runner import Outcome, TaskRunner
-from ray_worker.worker.dispatcher import ANSWERING, DONE
+from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ReplicaTasks"]
+
+_CLOSE_TIME_S = 5.0
+"""Of the stop margin: what closing the event-bus client gets at the end."""
 
 StreamFn = Callable[..., AsyncIterator[dict[str, Any]]]
 
@@ -60,6 +69,7 @@ class ReplicaTasks:
         model_id: str = "",
         app_name: str,
         client_id: str,
+        replica_id: str = "",
     ) -> None:
         from ray_worker.eventbus.actor import EventBusClient
 
@@ -69,6 +79,10 @@ class ReplicaTasks:
             else RunnerSettings.model_validate(dict(settings))
         )
         dispatch = self.settings.dispatcher
+        self.replica_id = replica_id or client_id
+        """Reported with each accepted task (the poller asks the load reports about it)."""
+        self._stopping: asyncio.Task[int] | None = None
+        self._stop_started = 0.0
         self.client = QueueClient(
             self.settings.queue_url,
             apikey,
@@ -91,6 +105,7 @@ class ReplicaTasks:
             clock=self.client.clock.now_ms,
             redelivery_window_s=self.settings.redelivery_window_s,
             model_id=model_id,
+            redelivers=self.settings.redelivers,
         )
         self.cancel_watch: CancelWatch | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -129,8 +144,32 @@ class ReplicaTasks:
         self.bus_error = None
         self._bus_ready.set()
 
+    @property
+    def stopping(self) -> bool:
+        """The replica is stopping: it takes no new task (its load report says draining)."""
+        return self._stopping is not None
+
+    def begin_stop(self) -> None:
+        """Serve began stopping this replica: refuse new runs, let the running tasks finish
+        within the stop budget (``drain_timeout_s``), then cut them short. Idempotent."""
+        if self._stopping is not None:
+            return
+        self._stop_started = time.monotonic()
+        budget_s = self.settings.drain_timeout_s
+        logger.info(
+            "stopping: %d tasks may finish within %.0f s; new ones go to other replicas",
+            self.runner.in_flight,
+            budget_s,
+        )
+        self._stopping = asyncio.get_running_loop().create_task(
+            self.runner.drain(budget_s), name="replica-stop"
+        )
+
     async def run(self, task_wire: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Run one task given by the poller; see the module docstring for what it yields."""
+        if self._stopping is not None:
+            # Serve may still route a call here while it stops the replica: run it elsewhere.
+            raise ReplicaUnavailableError("this replica is stopping; the task runs elsewhere")
         task = Task.model_validate(dict(task_wire))
         if not task.is_online:
             self.outbox.expect(task)
@@ -142,6 +181,7 @@ class ReplicaTasks:
         if job is None:
             yield {"phase": DONE, "outcome": await self.runner.run(task)}
             return
+        yield {"phase": ACCEPTED, "replica_id": self.replica_id}
         signal = asyncio.ensure_future(answering.wait())
         try:
             await asyncio.wait({signal, job}, return_when=asyncio.FIRST_COMPLETED)
@@ -169,18 +209,20 @@ class ReplicaTasks:
             raise EngineError(f"the cancellation watch stopped: {watching.exception()!r}")
 
     async def aclose(self) -> None:
-        """Drain the runner, then the outbox, both within ``drain_timeout_s``; close the
-        clients. Answers the outbox could not deliver are logged at ERROR per task id."""
-        budget_s = self.settings.drain_timeout_s
-        started = time.monotonic()
+        """Finish the stop (``begin_stop``, if Serve's stop was not seen before): the tasks'
+        budget, then the outbox until the margin's end less closing time; close the clients.
+        Answers the outbox could not deliver are logged at ERROR per task id."""
+        self.begin_stop()
         if self._watching is not None:
             self._watching.cancel()
-        cut = await self.runner.drain(budget_s)
+        assert self._stopping is not None
+        cut = await self._stopping
         if cut:
             logger.warning("%d tasks were cut short by the replica's stop", cut)
-        # The outbox delivered all along; what is left gets the rest of the budget (at least
-        # a moment, for the answers of the tasks the runner's drain just cut short).
-        left_s = max(budget_s - (time.monotonic() - started), min(2.0, budget_s))
+        # The outbox delivered all along; what is left gets the rest of the margin (at least
+        # a moment, for the answers of the tasks the stop just cut short).
+        ends_at = self._stop_started + self.settings.drain_timeout_s + STOP_MARGIN_S - _CLOSE_TIME_S
+        left_s = max(ends_at - time.monotonic(), 2.0)
         undelivered = await self.outbox.drain(left_s)
         if undelivered:
             logger.error(
@@ -189,5 +231,5 @@ class ReplicaTasks:
             )
         self._start.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.events.aclose(), 10)
+            await asyncio.wait_for(self.events.aclose(), _CLOSE_TIME_S)
         await self.client.aclose()

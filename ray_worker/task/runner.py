@@ -18,7 +18,8 @@ answer is sent (the server would ignore it); its outcome says ``cancelled``.
 Stopping: ``drain`` waits for the running tasks; what it must cut short is answered 503 when
 its producer waits online (or at level 0, which the server never redelivers), and left
 unanswered at level 1, where the server redelivers it after ``process_timeout``: a final 503
-would end a batch line for good.
+would end a batch line for good. Without redelivery (``redelivers=False``: the takes set no
+``process_timeout``) a level-1 task left so would never be answered: it gets the 503 too.
 """
 
 from __future__ import annotations
@@ -207,8 +208,11 @@ class TaskRunner:
         clock: Callable[[], int] = now_ms,
         redelivery_window_s: float = 0.0,
         model_id: str = "",
+        redelivers: bool = True,
     ) -> None:
         self.engine = engine
+        self.redelivers = redelivers
+        """Whether the server redelivers a level-1 task left unanswered (see the module doc)."""
         self.events = events
         self.completer = completer
         self.config = config or DispatcherConfig()
@@ -357,8 +361,8 @@ class TaskRunner:
     async def _stopped(self, task: Task, run: _Run) -> Outcome:
         """A stop cut ``task`` short (or came before it): 503 online and at level 0; left
         unanswered at level 1, where the server redelivers it after ``process_timeout`` (an
-        answer now would be final)."""
-        if task.level != 0 and not task.is_online:
+        answer now would be final), unless nothing redelivers it."""
+        if self.redelivers and task.level != 0 and not task.is_online:
             logger.warning(
                 "stopping: a level-1 task is left for the server's redelivery",
                 extra=task_context(task),

@@ -25,7 +25,7 @@ import httpx
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
 from ray_worker.testing.waiting import wait_for
 
-__all__ = ["ServeRun", "deployed_worker", "worker_running"]
+__all__ = ["ServeRun", "deploy_worker", "deployed_worker", "worker_running"]
 
 
 class ServeRun:
@@ -136,13 +136,10 @@ class ServeRun:
         self.stop()
 
 
-@contextlib.contextmanager
-def deployed_worker(args: Mapping[str, Any], name: str, apikey: str) -> Iterator[Any]:
-    """Deploy the worker app in-process on the connected Ray (``serve.run``); yields its handle.
-
-    ``args`` are the app's ``WorkerAppArgs``; ``apikey`` is set as ``BELLA_QUEUE_APIKEY`` only
-    while the app is built. The app is deleted on exit.
-    """
+def deploy_worker(args: Mapping[str, Any], name: str, apikey: str) -> Any:
+    """``serve.run`` the worker app ``name`` with ``args`` (a first deploy, or a redeploy of a
+    changed config as ``serve deploy`` would make); returns its handle. ``apikey`` is set as
+    ``BELLA_QUEUE_APIKEY`` only while the app is built. Blocking (Serve waits for the app)."""
     from ray import serve
 
     from ray_worker.app import build_app
@@ -156,9 +153,18 @@ def deployed_worker(args: Mapping[str, Any], name: str, apikey: str) -> Iterator
             os.environ.pop("BELLA_QUEUE_APIKEY", None)
         else:
             os.environ["BELLA_QUEUE_APIKEY"] = previous
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    return serve.get_app_handle(name)
+
+
+@contextlib.contextmanager
+def deployed_worker(args: Mapping[str, Any], name: str, apikey: str) -> Iterator[Any]:
+    """Deploy the worker app in-process on the connected Ray (``deploy_worker``); yields its
+    handle. The app is deleted on exit."""
+    from ray import serve
+
     try:
-        serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
-        yield serve.get_app_handle(name)
+        yield deploy_worker(args, name, apikey)
     finally:
         with contextlib.suppress(Exception):
             serve.delete(name)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SIM_MODEL", "sim_worker_args"]
+__all__ = ["SIM_MODEL", "TEST_DRAIN_TIMEOUT_S", "sim_worker_args"]
 
 SIM_MODEL = "sim-model"
+TEST_DRAIN_TIMEOUT_S = 5.0
+"""The stop budget of test apps (production: ``poller.drain_timeout_s``, 600 s)."""
 
 
 def sim_worker_args(
@@ -24,7 +26,10 @@ def sim_worker_args(
 
     ``sim`` are ``SimEngineSettings`` fields, ``deployment`` extra ``deployment_config``
     keys; ``sections`` are further app args (``poller={...}``, ``dispatcher={...}``, ...).
+    The stop budget (``poller.drain_timeout_s``) is ``TEST_DRAIN_TIMEOUT_S`` unless given: a
+    test app deleted with long tasks still running then stops in seconds, not minutes.
     """
+    sections["poller"] = {"drain_timeout_s": TEST_DRAIN_TIMEOUT_S, **sections.get("poller", {})}
     return {
         "queue_url": queue_url,
         "queues": [f"{queue}:0", f"{queue}:1"],

@@ -64,7 +64,7 @@ def test_poller_defaults() -> None:
         "error_backoff_max_s": 10.0,
         "take_timeout_s": 10.0,
         "stats_interval_s": 2.0,
-        "drain_timeout_s": 20.0,
+        "drain_timeout_s": 600.0,
     }
 
 

@@ -56,6 +56,7 @@ class Rig:
         *,
         events: FakeEventSink | None = None,
         completer: FakeCompleter | None = None,
+        redelivers: bool = True,
         **config: Any,
     ) -> None:
         settings: dict[str, Any] = {
@@ -71,6 +72,7 @@ class Rig:
             events=self.events,
             completer=self.completer,
             config=DispatcherConfig(**settings),
+            redelivers=redelivers,
         )
 
     async def run(self, task: Task) -> Outcome:
@@ -698,6 +700,22 @@ async def test_start_after_drain_is_answered_503_without_running(rig: Rig) -> No
     assert rig.only_answer(task)["status_code"] == 503
     expect_outcome(outcome, task, status_code=503, answered=True)
     assert rig.runner.in_flight == 0
+
+
+async def test_without_redelivery_a_stop_answers_level_1_503() -> None:
+    # process_timeout 0: nothing would redeliver a level-1 task left unanswered.
+    rig = Rig(redelivers=False)
+    gate = asyncio.Event()
+    rig.engine.script(gate)
+    running = make_task(CALLBACK, level=1)
+    job = rig.runner.start(running)
+    assert job is not None
+    await until(lambda: rig.engine.active == 1)
+    assert await rig.runner.drain(0.01) == 1
+    assert rig.only_answer(running)["status_code"] == 503
+    late = make_task(BATCH, level=1)
+    assert (await rig.run(late))["status_code"] == 503
+    assert rig.runner.metrics.total("left_for_redelivery") == 0
 
 
 async def test_level_1_start_after_drain_is_left_for_redelivery(rig: Rig) -> None:

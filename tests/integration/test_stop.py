@@ -1,0 +1,313 @@
+"""A stop lets answers finish within the stop budget and never leaves one unanswered.
+
+Real redis-server, the emulator, local Ray Serve and the simulated engine (20 tokens/s per
+sequence, so a task's length is its running time). The stop budget (``poller.drain_timeout_s``)
+is 2 s here. Each stop meets short tasks (0.5 s: they fit) and long ones (5 s: they do not):
+a downscale (2 replicas to 1), a redeploy of a changed config, and the app's deletion (what
+Ctrl-C to ``serve run`` and ``serve shutdown`` do to every replica). The short tasks finish
+200; a long one is answered 503 once when its producer waits online or at level 0, and left
+for redelivery at level 1 (then answered once, 200, by the replica the server redelivers it
+to). Every answer is counted where it lands: completion events in the Redis stream, HTTP
+completes at the callback receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from ray_worker.bella.client import QueueClient
+from ray_worker.bella.protocol import PutRequest, ResponseMode
+from ray_worker.emulator.server import EmulatorServer
+from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.event_stream import completions_after, last_entry_id
+from ray_worker.testing.redis_server import RedisServer
+from ray_worker.testing.serve_run import deploy_worker, deployed_worker, worker_running
+from ray_worker.testing.waiting import wait_for
+from ray_worker.testing.worker_args import sim_worker_args
+
+pytestmark = pytest.mark.integration
+
+APIKEY = "test-key"
+MODEL = "sim-model"
+APP = "worker-stop"
+BUDGET_S = 2.0
+SHORT, LONG = 10, 100  # tokens: 0.5 s and 5 s at 20 tokens/s
+PROCESS_TIMEOUT_S = 8  # above a long task's run: a redelivered one ends before the next
+
+
+def _app_args(queue_url: str, queue: str, *, replicas: int, ttft_s: float) -> dict[str, Any]:
+    return sim_worker_args(
+        queue_url,
+        queue,
+        model=MODEL,
+        replicas=replicas,
+        sim={"max_num_seqs": 32, "ttft_s": ttft_s, "tokens_per_s": 20, "max_model_len": 8192},
+        poller={
+            "drain_timeout_s": BUDGET_S,
+            "process_timeout_s": PROCESS_TIMEOUT_S,
+            "process_max_retries": 2,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def queue() -> str:
+    return f"stop-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
+    args = _app_args(emulator.url, queue, replicas=2, ttft_s=0.05)
+    with deployed_worker(args, APP, APIKEY) as handle:
+        yield handle
+
+
+@pytest.fixture
+async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
+    async with QueueClient(emulator.url, APIKEY) as c:
+        yield c
+
+
+@pytest.fixture
+def receiver() -> Iterator[CallbackReceiver]:
+    with CallbackReceiver() as r:
+        yield r
+
+
+def _put(queue: str, mode: ResponseMode, tokens: int, *, level: int = 0, **kw: Any) -> PutRequest:
+    data = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens}
+    return PutRequest(
+        endpoint="/v1/chat/completions",
+        queue=queue,
+        response_mode=mode,
+        data=data,
+        level=level,
+        timeout=120,
+        **kw,
+    )
+
+
+async def _events(client: QueueClient, request: PutRequest) -> list[Any]:
+    return [event async for event in client.put_streaming(request)]
+
+
+@dataclass
+class Load:
+    """Tasks of every kind put while the worker runs, short (they fit) and long."""
+
+    blocking: dict[int, list[asyncio.Task[Any]]] = field(default_factory=dict)
+    streams: dict[int, list[asyncio.Task[Any]]] = field(default_factory=dict)
+    callbacks: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    """(tokens, level) -> task ids."""
+
+    @property
+    def count(self) -> int:
+        online = sum(len(v) for v in [*self.blocking.values(), *self.streams.values()])
+        return online + sum(len(v) for v in self.callbacks.values())
+
+
+async def _put_load(
+    client: QueueClient, queue: str, receiver: CallbackReceiver, *, long_online: int
+) -> Load:
+    load = Load()
+    for tokens, n in ((SHORT, 2), (LONG, long_online)):
+        load.blocking[tokens] = [
+            asyncio.create_task(client.put_blocking(_put(queue, ResponseMode.BLOCKING, tokens)))
+            for _ in range(n)
+        ]
+        load.streams[tokens] = [
+            asyncio.create_task(_events(client, _put(queue, ResponseMode.STREAMING, tokens)))
+            for _ in range(n)
+        ]
+    for tokens, level, n in ((SHORT, 1, 1), (LONG, 0, 1), (LONG, 1, 2)):
+        load.callbacks[(tokens, level)] = [
+            await client.put(
+                _put(
+                    queue,
+                    ResponseMode.CALLBACK,
+                    tokens,
+                    level=level,
+                    callback_url=receiver.url,
+                )
+            )
+            for _ in range(n)
+        ]
+    return load
+
+
+async def _all_running(worker: Any, n: int) -> None:
+    async def running() -> bool:
+        status = await worker.status.remote()
+        return bool(status["pools"][0]["capacity"]["engine_running"] >= n)
+
+    await wait_for(running, timeout=60, interval=0.05, message=f"{n} tasks generating")
+
+
+def _stream_ok(events: list[Any]) -> bool:
+    """A whole stream: eventIds 0..n-1 with no hole, ending in [DONE]."""
+    return (
+        bool(events)
+        and events[-1].data == "[DONE]"
+        and [int(e.id) for e in events[:-1]] == list(range(len(events) - 1))
+    )
+
+
+def _stream_cut_503(events: list[Any]) -> bool:
+    """A stream cut by the stop: its chunks without a hole, then one error chunk (503)."""
+    *chunks, last = events
+    return (
+        [int(e.id) for e in chunks] == list(range(len(chunks)))
+        and int(last.id) == len(chunks)
+        and '"overloaded"' in last.data
+        and "shutting down" in last.data
+    )
+
+
+async def _exactly_once(
+    redis_server: RedisServer, emulator: EmulatorServer, start: str, load: Load
+) -> None:
+    completions = await completions_after(
+        redis_server.url, emulator.topic + emulator.instance_id, start
+    )
+    online = sum(len(v) for v in [*load.blocking.values(), *load.streams.values()])
+    assert len(completions) == online, completions
+    assert set(completions.values()) == {1}, completions
+
+
+async def test_a_downscale_lets_short_tasks_finish_and_answers_the_rest_once(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    receiver: CallbackReceiver,
+    emulator: EmulatorServer,
+    redis_server: RedisServer,
+) -> None:
+    await worker_running(worker)
+    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
+
+    async def two_replicas() -> bool:
+        s = await worker.status.remote()
+        return bool(s["pools"][0]["capacity"]["replicas"] == 2)
+
+    await wait_for(two_replicas, timeout=120, interval=0.25, message="2 replicas reporting")
+    load = await _put_load(client, queue, receiver, long_online=4)
+    await _all_running(worker, load.count)
+
+    args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.05)
+    redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
+
+    blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[SHORT]), 60)
+    assert [r.status_code for r in blocking] == [200, 200]
+    for events in await asyncio.wait_for(asyncio.gather(*load.streams[SHORT]), 60):
+        assert _stream_ok(events)
+    # The long ones: the surviving replica finishes its own (200); the stopped replica's are
+    # cut at the end of the budget (503): one answer each either way, never a hole.
+    cut = 0
+    for answer in await asyncio.wait_for(asyncio.gather(*load.blocking[LONG]), 90):
+        assert answer.status_code in (200, 503)
+        cut += answer.status_code == 503
+    for events in await asyncio.wait_for(asyncio.gather(*load.streams[LONG]), 90):
+        assert _stream_ok(events) or _stream_cut_503(events), events[-3:]
+        cut += not _stream_ok(events)
+    assert cut >= 1, "no task ran on the stopped replica"
+    for key, ids in load.callbacks.items():
+        for task_id in ids:
+            answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=90)
+            expected = {200, 503} if key == (LONG, 0) else {200}  # level 1: redelivered
+            assert answers[0]["status_code"] in expected, (key, answers)
+    await redeploy
+    await _exactly_once(redis_server, emulator, start, load)
+    await asyncio.sleep(1.0)  # a late second complete would have arrived by now
+    for ids in load.callbacks.values():
+        for task_id in ids:
+            assert len(receiver.answers(task_id)) == 1, task_id
+    status = await worker_running(worker)
+    assert status["pools"][0]["capacity"]["replicas"] == 1
+
+
+async def test_a_redeploy_cuts_long_tasks_at_the_budget_and_redelivers_level_1(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    receiver: CallbackReceiver,
+    emulator: EmulatorServer,
+    redis_server: RedisServer,
+) -> None:
+    await worker_running(worker)
+    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
+    load = await _put_load(client, queue, receiver, long_online=2)
+    await _all_running(worker, load.count)
+
+    # A changed engine setting: every replica of the old version stops.
+    args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.06)
+    redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
+
+    blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[SHORT]), 60)
+    assert [r.status_code for r in blocking] == [200, 200]
+    for events in await asyncio.wait_for(asyncio.gather(*load.streams[SHORT]), 60):
+        assert _stream_ok(events)
+    long_blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[LONG]), 60)
+    assert [r.status_code for r in long_blocking] == [503, 503]
+    assert all("shutting down" in r.body["error"]["message"] for r in long_blocking)
+    for events in await asyncio.wait_for(asyncio.gather(*load.streams[LONG]), 60):
+        assert _stream_cut_503(events), events[-3:]
+        assert len(events) > 5  # it streamed until the budget's end
+    (short_offline,) = load.callbacks[(SHORT, 1)]
+    (online_callback,) = load.callbacks[(LONG, 0)]
+    answers = await wait_for(lambda: receiver.answers(short_offline), timeout=60)
+    assert answers[0]["status_code"] == 200
+    answers = await wait_for(lambda: receiver.answers(online_callback), timeout=60)
+    assert answers[0]["status_code"] == 503
+    # Level 1: no answer at the stop; the server redelivers them after process_timeout and the
+    # new replica answers each once.
+    await asyncio.sleep(2.0)
+    for task_id in load.callbacks[(LONG, 1)]:
+        assert receiver.answers(task_id) == []
+    for task_id in load.callbacks[(LONG, 1)]:
+        answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=90)
+        assert [a["status_code"] for a in answers] == [200]
+    await redeploy
+    await _exactly_once(redis_server, emulator, start, load)
+    for ids in load.callbacks.values():
+        for task_id in ids:
+            assert len(receiver.answers(task_id)) == 1, task_id
+
+
+async def test_deleting_the_app_answers_online_503_and_leaves_level_1(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    receiver: CallbackReceiver,
+    emulator: EmulatorServer,
+    redis_server: RedisServer,
+) -> None:
+    from ray import serve
+
+    await worker_running(worker)
+    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
+    load = await _put_load(client, queue, receiver, long_online=2)
+    await _all_running(worker, load.count)
+
+    # What Ctrl-C to `serve run` and `serve shutdown` do: every replica stops gracefully.
+    deleting = asyncio.create_task(asyncio.to_thread(serve.delete, APP))
+
+    blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[SHORT]), 60)
+    assert [r.status_code for r in blocking] == [200, 200]
+    long_blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[LONG]), 60)
+    assert [r.status_code for r in long_blocking] == [503, 503]
+    for events in await asyncio.wait_for(asyncio.gather(*load.streams[LONG]), 60):
+        assert _stream_cut_503(events), events[-3:]
+    await asyncio.wait_for(deleting, 90)
+    (short_offline,) = load.callbacks[(SHORT, 1)]
+    assert [a["status_code"] for a in receiver.answers(short_offline)] == [200]
+    (online_callback,) = load.callbacks[(LONG, 0)]
+    assert [a["status_code"] for a in receiver.answers(online_callback)] == [503]
+    for task_id in load.callbacks[(LONG, 1)]:
+        assert receiver.answers(task_id) == []  # left for redelivery (no worker runs now)
+    await _exactly_once(redis_server, emulator, start, load)
