@@ -38,7 +38,7 @@ from ray_worker.errors import (
 )
 from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
-from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas
+from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas, hand_over_answers
 from ray_worker.task.outbox import Outbox
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
@@ -197,6 +197,12 @@ class QueuePoller:
 
     # -- methods called through handles and HTTP -----------------------------------------
 
+    async def adopt_answers(self, answers: list[dict[str, Any]]) -> int:
+        """Undelivered HTTP answers a stopping LLM replica (or poller) handed over
+        (``ray_worker.serve.handles.hand_over_answers``): this outbox retries each until its
+        task's deadline. Raises while this poller stops too (the caller tries another)."""
+        return self.outbox.adopt(answers)
+
     async def report_load(self, load: dict[str, Any]) -> dict[str, Any]:
         """An LLM replica's load report (pushed every ``load_report_interval_s``).
 
@@ -334,9 +340,13 @@ class QueuePoller:
         left = await self.dispatcher.drain(self.args.poller.drain_timeout_s + STOP_MARGIN_S)
         if left:
             logger.warning("stopped waiting for %d tasks; their replicas answer them", left)
-        undelivered = await self.outbox.drain(10.0)
+        # What its outbox still holds (its own answers, and those stopping replicas handed it)
+        # goes to the next poller of a redeploy; with the whole app stopping it is given up.
+        undelivered = await hand_over_answers(
+            self.outbox, serve.get_replica_context().app_name, settle_s=5.0
+        )
         if undelivered:
-            logger.error("%d of the poller's own answers could not be delivered", undelivered)
+            logger.error("%d HTTP answers could not be delivered", undelivered)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.events.aclose(), 10)
         await self.client.aclose()

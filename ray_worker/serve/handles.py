@@ -2,8 +2,9 @@
 
 This module owns calling ``BellaLLMServer.run`` (one whole task) through Serve deployment
 handles as a stream, translating Ray's exceptions into ``ray_worker.errors`` so the
-dispatcher never sees Ray, and the ``LoadReporter`` each LLM replica runs to push its load to
-the poller. It must not hold business logic.
+dispatcher never sees Ray, the ``LoadReporter`` each LLM replica runs to push its load to
+the poller, and ``hand_over_answers``: a stopping replica's (or poller's) undelivered HTTP
+answers handed to a live poller. It must not hold business logic.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -26,10 +28,17 @@ from ray_worker.errors import (
     ReplicaUnavailableError,
     WorkerError,
 )
+from ray_worker.task.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["POLLER_DEPLOYMENT", "LoadReporter", "ServeReplicas", "translate_ray_error"]
+__all__ = [
+    "POLLER_DEPLOYMENT",
+    "LoadReporter",
+    "ServeReplicas",
+    "hand_over_answers",
+    "translate_ray_error",
+]
 
 POLLER_DEPLOYMENT = "QueuePoller"
 """Name of the poller deployment LLM replicas push their load to (same Serve app)."""
@@ -155,3 +164,42 @@ class LoadReporter:
                 self.last_error = repr(err)
                 handle = None if "not found" in str(err).lower() else handle
             await asyncio.sleep(self._interval_s)
+
+
+async def hand_over_answers(
+    outbox: Outbox,
+    app_name: str,
+    *,
+    settle_s: float,
+    timeout_s: float = 10.0,
+    deployment_name: str = POLLER_DEPLOYMENT,
+) -> int:
+    """At a stop: deliver what ``outbox`` can within ``settle_s``, then hand what is left to a
+    live ``QueuePoller`` replica of ``app_name`` (``adopt_answers``: its outbox keeps retrying
+    each until its task's deadline), so a downscale or redeploy during a Bella-Queue outage
+    loses no answer. A poller that refuses (it stops too) or cannot be reached is asked again
+    (Serve routes the next call to a live replica, the new one of a redeploy) until
+    ``timeout_s``; what no poller takes then (the whole app stops, say) is given up, logged at
+    ERROR per task id. Returns how many were given up."""
+    if await outbox.settle(settle_s) == 0:
+        return await outbox.drain(0)
+    answers = outbox.hand_over()
+    deadline = time.monotonic() + timeout_s
+    handle = serve.get_deployment_handle(deployment_name, app_name, _record_telemetry=False)
+    while True:
+        try:
+            left_s = max(deadline - time.monotonic(), 0.1)
+            taken = await asyncio.wait_for(handle.adopt_answers.remote(answers), left_s)
+            break
+        except Exception as err:
+            if time.monotonic() >= deadline:
+                outbox.lost(
+                    answers, f"no live poller took it at the stop: {translate_ray_error(err)}"
+                )
+                return len(answers)
+            await asyncio.sleep(0.5)
+    logger.warning(
+        "handed %d undelivered answers to a live poller (it retries them until their tasks expire)",
+        taken,
+    )
+    return 0

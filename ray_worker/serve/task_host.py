@@ -35,6 +35,7 @@ from ray_worker.bella.protocol import Task
 from ray_worker.config import STOP_MARGIN_S, RunnerSettings
 from ray_worker.errors import EngineError, ReplicaUnavailableError, WorkerError
 from ray_worker.metrics import WorkerMetrics
+from ray_worker.serve.handles import hand_over_answers
 from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.outbox import Outbox
 from ray_worker.task.runner import Outcome, TaskRunner
@@ -46,6 +47,11 @@ __all__ = ["ReplicaTasks"]
 
 _CLOSE_TIME_S = 5.0
 """Of the stop margin: what closing the event-bus client gets at the end."""
+_HAND_OVER_TIME_S = 10.0
+"""Of the stop margin: what handing undelivered answers to a live poller gets."""
+_SETTLE_MAX_S = 5.0
+"""Longest a stopping replica tries its undelivered answers itself before it hands them to a
+live poller (whose outbox keeps trying them until their tasks expire)."""
 
 StreamFn = Callable[..., AsyncIterator[dict[str, Any]]]
 
@@ -91,6 +97,7 @@ class ReplicaTasks:
             # One attempt per call: the outbox owns the retries and their deadline.
             complete_retry=RetryPolicy(attempts=1),
         )
+        self.app_name = app_name
         self.events = EventBusClient(app_name, client_id, self.settings.publisher)
         self.metrics = WorkerMetrics()
         self.outbox = Outbox(
@@ -210,8 +217,9 @@ class ReplicaTasks:
 
     async def aclose(self) -> None:
         """Finish the stop (``begin_stop``, if Serve's stop was not seen before): the tasks'
-        budget, then the outbox until the margin's end less closing time; close the clients.
-        Answers the outbox could not deliver are logged at ERROR per task id."""
+        budget, then a few seconds of the outbox's own tries, then what it still holds goes
+        to a live poller (``hand_over_answers``); close the clients. Answers nobody took are
+        logged at ERROR per task id."""
         self.begin_stop()
         if self._watching is not None:
             self._watching.cancel()
@@ -219,11 +227,21 @@ class ReplicaTasks:
         cut = await self._stopping
         if cut:
             logger.warning("%d tasks were cut short by the replica's stop", cut)
-        # The outbox delivered all along; what is left gets the rest of the margin (at least
-        # a moment, for the answers of the tasks the stop just cut short).
-        ends_at = self._stop_started + self.settings.drain_timeout_s + STOP_MARGIN_S - _CLOSE_TIME_S
-        left_s = max(ends_at - time.monotonic(), 2.0)
-        undelivered = await self.outbox.drain(left_s)
+        # The outbox delivered all along; what is left gets the rest of the margin, then goes
+        # to a live poller's outbox (a downscale during a Bella-Queue outage loses nothing).
+        ends_at = (
+            self._stop_started
+            + self.settings.drain_timeout_s
+            + STOP_MARGIN_S
+            - _HAND_OVER_TIME_S
+            - _CLOSE_TIME_S
+        )
+        undelivered = await hand_over_answers(
+            self.outbox,
+            self.app_name,
+            settle_s=min(max(ends_at - time.monotonic(), 2.0), _SETTLE_MAX_S),
+            timeout_s=_HAND_OVER_TIME_S,
+        )
         if undelivered:
             logger.error(
                 "%d answers were not delivered before the replica stopped (see the errors above)",

@@ -487,18 +487,23 @@ class Outbox:
 
     # -- stop -----------------------------------------------------------------------------
 
-    async def drain(self, timeout_s: float) -> int:
-        """Deliver what is waiting within ``timeout_s`` (backoff capped short meanwhile);
-        give up the rest, each logged at ERROR with its task id. Returns how many were
-        given up."""
+    async def settle(self, timeout_s: float) -> int:
+        """Deliver what is waiting within ``timeout_s`` (backoff capped short meanwhile) and
+        keep what is left, for :meth:`hand_over` or :meth:`drain`. Returns how many are left."""
         self._draining = True
         self._wake_all()
         jobs = list(self._jobs.values())
-        pending: set[asyncio.Task[None]] = set()
         if jobs:
-            _, pending = await asyncio.wait(jobs, timeout=max(0.0, timeout_s))
+            await asyncio.wait(jobs, timeout=max(0.0, timeout_s))
+        return len(self._entries)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Deliver what is waiting within ``timeout_s`` (:meth:`settle`); give up the rest,
+        each logged at ERROR with its task id. Returns how many were given up."""
+        await self.settle(timeout_s)
         self._closed = True
         self._signal_room()
+        pending = [job for job in self._jobs.values() if not job.done()]
         left = 0
         for job in pending:
             task_id = job.get_name().removeprefix("complete-")
@@ -514,6 +519,13 @@ class Outbox:
         if pending:
             await asyncio.wait(pending, timeout=5)
         return left
+
+    def lost(self, answers: Iterable[Mapping[str, Any]], detail: str) -> None:
+        """Give up answers :meth:`hand_over` returned that no other outbox took (logged at
+        ERROR per task id, counted undelivered_at_stop)."""
+        for answer in answers:
+            entry = _entry_of(answer)
+            self._give_up(entry, "undelivered_at_stop", detail)
 
 
 def _some_ids(task_ids: Iterable[str], shown: int = 20) -> str:

@@ -279,6 +279,53 @@ async def test_a_redeploy_cuts_long_tasks_at_the_budget_and_redelivers_level_1(
             assert len(receiver.answers(task_id)) == 1, task_id
 
 
+async def test_answers_held_at_a_redeploy_in_an_outage_are_handed_on_and_delivered_once(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    receiver: CallbackReceiver,
+    emulator: EmulatorServer,
+) -> None:
+    await worker_running(worker)
+    # A gateway in front of Bella-Queue answers every complete 503 for now: the answers wait
+    # in the replica's outbox while the redeploy stops that replica and the poller.
+    emulator.fail_completes(503, "<html>maintenance</html>", {"Retry-After": "1"})
+    try:
+        ids = [
+            await client.put(
+                _put(queue, ResponseMode.CALLBACK, SHORT, level=level, callback_url=receiver.url)
+            )
+            for level in (0, 1, 0, 1)
+        ]
+
+        async def held() -> bool:
+            status = await worker.status.remote()
+            return bool(status["pools"][0]["outbox"].get("outbox_entries", 0) >= 4)
+
+        await wait_for(held, timeout=60, interval=0.2, message="answers held in the outbox")
+        args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.07)
+        await asyncio.to_thread(deploy_worker, args, APP, APIKEY)
+
+        async def handed_on() -> bool:
+            status = await worker.status.remote()
+            outbox = status["pools"][0]["outbox"]
+            # Only the new replica reports now, with an empty outbox: the answers live in the
+            # new poller's outbox.
+            return bool(outbox.get("outbox_entries", 1) == 0 and len(outbox["replicas"]) == 1)
+
+        await wait_for(handed_on, timeout=90, interval=0.5, message="the old replica gone")
+        await asyncio.sleep(PROCESS_TIMEOUT_S + 1)  # the old poller gone too; no redelivery
+        assert all(receiver.answers(task_id) == [] for task_id in ids)
+    finally:
+        emulator.heal_completes()
+    for task_id in ids:
+        answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=60)
+        assert [a["status_code"] for a in answers] == [200]
+    await asyncio.sleep(1.0)
+    for task_id in ids:
+        assert len(receiver.answers(task_id)) == 1, task_id
+
+
 async def test_deleting_the_app_answers_online_503_and_leaves_level_1(
     worker: Any,
     client: QueueClient,
