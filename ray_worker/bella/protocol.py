@@ -12,6 +12,7 @@ Section numbers in docstrings refer to the protocol specification.
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import logging
 import re
@@ -456,7 +457,6 @@ def _too_deep(queue: str, entry_text: str) -> InvalidTask:
 
 _WS_RE = re.compile(r"[ \t\n\r]*")
 _STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_BRACKET_RE = re.compile(r'["\[\]{}]')
 _SCALAR_END_RE = re.compile(r"[,\]}\s]")
 
 
@@ -469,7 +469,8 @@ def _value_end(text: str, pos: int) -> int:
     """Where the JSON value starting at ``pos`` ends, scanning without recursion.
 
     Strings are skipped whole (escaped quotes, brackets inside strings); only brackets
-    outside strings are counted. The value itself is checked by whoever parses it.
+    outside strings are counted, with ``str.count`` where the value cannot end (so a body of
+    millions of brackets costs milliseconds). The value itself is checked by whoever parses it.
     """
     if pos >= len(text):
         raise ValueError("a JSON value is missing at the end of the text")
@@ -482,21 +483,51 @@ def _value_end(text: str, pos: int) -> int:
     if first not in "[{":
         end = _SCALAR_END_RE.search(text, pos)
         return len(text) if end is None else end.start()
-    depth = 0
+    depth = 1
+    pos += 1
     while True:
-        bracket = _BRACKET_RE.search(text, pos)
-        if bracket is None:
+        quote = text.find('"', pos)
+        end = len(text) if quote < 0 else quote
+        closes = text.count("]", pos, end) + text.count("}", pos, end)
+        if closes < depth:  # the value goes on past this stretch
+            depth += text.count("[", pos, end) + text.count("{", pos, end) - closes
+        else:
+            closed, depth = _close_in(text, pos, end, depth)
+            if closed >= 0:
+                return closed
+        if quote < 0:
             raise ValueError("unterminated JSON array or object")
-        if bracket.group() == '"':
-            string = _STRING_RE.match(text, bracket.start())
-            if string is None:
-                raise ValueError("unterminated JSON string")
-            pos = string.end()
+        string = _STRING_RE.match(text, quote)
+        if string is None:
+            raise ValueError("unterminated JSON string")
+        pos = string.end()
+
+
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_SCAN_BLOCK = 4096
+
+
+def _close_in(text: str, start: int, end: int, depth: int) -> tuple[int, int]:
+    """The index after the bracket of ``text[start:end]`` (no strings in it) that brings
+    ``depth`` to 0, or -1 and the depth at ``end``.
+
+    Block by block: a block with fewer closing brackets than ``depth`` cannot close the value
+    and is only counted; the others are walked with running sums (C loops either way).
+    """
+    for block in range(start, end, _SCAN_BLOCK):
+        block_end = min(end, block + _SCAN_BLOCK)
+        closes = text.count("]", block, block_end) + text.count("}", block, block_end)
+        if closes < depth:
+            depth += text.count("[", block, block_end) + text.count("{", block, block_end)
+            depth -= closes
             continue
-        depth += 1 if bracket.group() in "[{" else -1
-        pos = bracket.end()
-        if depth == 0:
-            return pos
+        steps = map(_BRACKET_STEP.get, text[block:block_end], itertools.repeat(0))
+        sums = list(itertools.accumulate(steps))
+        try:
+            return block + sums.index(-depth) + 1, 0
+        except ValueError:
+            depth += sums[-1]
+    return -1, depth
 
 
 def _members(text: str, opening: str) -> list[tuple[str, str]]:

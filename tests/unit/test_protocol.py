@@ -892,3 +892,22 @@ def test_from_text_parses_a_plain_answer_with_one_json_loads(
     monkeypatch.setattr(protocol.json, "loads", counting)
     assert TakeResponse.from_text(json.dumps(wire)).to_wire() == wire
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "element",
+    [
+        "[" * 400 + "]" * 400,  # deep: most blocks are only counted
+        "[" + "[]," * 3000 + '"]}]"]',  # shallow and wide: blocks walked bracket by bracket
+        '{"a": ' * 300 + '"}]\\"{["' + "}" * 300,  # brackets in strings between the nests
+    ],
+    ids=["deep", "wide", "strings"],
+)
+def test_split_of_values_longer_than_a_scan_block(element: str) -> None:
+    body = '{"q:0": [' + ", ".join([element] * 60) + "]}"
+    assert len(body) > 10 * protocol._SCAN_BLOCK
+    ((key, value),) = protocol.split_json_object(body)
+    elements = protocol.split_json_array(value)
+    assert key == "q:0"
+    assert elements == [element] * 60
+    assert [json.loads(e) for e in elements] == json.loads(body)["q:0"]
