@@ -260,7 +260,10 @@ class RedisPublisher:
         return {"configured": True, **self._publisher.stats(), **own}
 
     async def check_health(self) -> None:
-        """Raise if the writer loop or the lease watchdog died."""
+        """Raise if the writer loop or the lease watchdog died (not once the actor is exiting:
+        it is going away, and its clients move to the next one)."""
+        if self._exiting:
+            return
         if self._watchdog_error is not None:
             raise EventBusUnavailableError(
                 f"publisher lease watchdog died: {_describe(self._watchdog_error)}"
@@ -575,6 +578,26 @@ class EventBusClient:
                 "publisher that died",
                 task_id,
             )
+
+    async def check_health(self) -> None:
+        """Raise ``EventBusUnavailableError`` if this node's publisher is unhealthy and none
+        can replace it: a dead one is replaced first (re-attach), so a caller's health check
+        does not fail, and its replica restart, for a publisher that is simply gone."""
+        actor = self._actor
+        if actor is None:
+            raise EventBusUnavailableError("event-bus client is not started")
+        try:
+            await asyncio.wait_for(actor.check_health.remote(), self._call_timeout_s)
+        except RayActorError:
+            await self._attach(actor)
+        except TimeoutError:
+            raise EventBusUnavailableError(
+                f"the event-bus publisher did not answer within {self._call_timeout_s} s"
+            ) from None
+        except Exception as exc:
+            raise EventBusUnavailableError(
+                f"the event-bus publisher is unhealthy: {_describe(exc)}"
+            ) from None
 
     async def flush(self) -> None:
         """Wait until everything queued so far was accepted; raise if a batch failed."""

@@ -300,7 +300,7 @@ class FakeActor:
         self.entries: Batch = []
         self.fates: dict[str, bool] = {}
         self.leases: list[tuple[Any, ...]] = []
-        for name in ("publish", "lease", "delivery", "release"):
+        for name in ("publish", "lease", "delivery", "release", "check_health"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     def _check(self) -> None:
@@ -328,6 +328,9 @@ class FakeActor:
         return {t: self.fates.pop(t) for t in task_ids if t in self.fates}
 
     async def _release(self, _session: str) -> None:
+        self._check()
+
+    async def _check_health(self) -> None:
         self._check()
 
     def events(self, task_id: str) -> list[Any]:
@@ -441,4 +444,17 @@ async def test_leases_carry_the_servers_clock_offset(actors: list[FakeActor]) ->
     client = EventBusClient("app", "replica", clock=clock)
     await client.start("redis://x", "t:")
     assert actors[0].leases[-1][2] == 90_000
+    await client.aclose()
+
+
+async def test_a_health_check_replaces_a_dead_publisher_instead_of_failing(
+    actors: list[FakeActor],
+) -> None:
+    client = EventBusClient("app", "poller", call_timeout_s=1.0)
+    await client.start("redis://x", "t:")
+    await client.check_health()
+    actors[0].dead = True
+    await client.check_health()  # the replica stays healthy: a new publisher took over
+    assert len(actors) == 2
+    assert client.actor is actors[1]
     await client.aclose()
