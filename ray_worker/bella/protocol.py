@@ -481,8 +481,8 @@ def _value_end(text: str, pos: int) -> int:
             raise ValueError("unterminated JSON string")
         return string.end()
     if first not in "[{":
-        end = _SCALAR_END_RE.search(text, pos)
-        return len(text) if end is None else end.start()
+        scalar_end = _SCALAR_END_RE.search(text, pos)
+        return len(text) if scalar_end is None else scalar_end.start()
     depth = 1
     pos += 1
     while True:
