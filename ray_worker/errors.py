@@ -16,6 +16,7 @@ Ray actor boundaries.
     │   │   └── EventsGivenUpError   the publisher gave a task's events up (counted there)
     │   ├── EngineOverloadedError    the LLM replicas cannot take more right now (HTTP 503/429)
     │   └── ReplicaUnavailableError  the replica serving a request died or is unreachable
+    │       └── EngineDeadError      its engine died: what had not begun answering runs elsewhere
     ├── PermanentError               the same call will fail the same way
     │   ├── AuthenticationError      Bella-Queue answered 401 (bad or missing API key)
     │   ├── BadRequestError          Bella-Queue's own 4xx, with its error body (message kept)
@@ -82,6 +83,11 @@ class EngineOverloadedError(RetryableError):
 
 class ReplicaUnavailableError(RetryableError):
     """The LLM replica serving a request died or could not be reached."""
+
+
+class EngineDeadError(ReplicaUnavailableError):
+    """The replica's engine died (a CUDA error, a segfault, an OOM kill of its process): a
+    task that had not begun answering runs on another replica; the replica takes no more."""
 
 
 class PermanentError(WorkerError):
@@ -199,6 +205,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConfigError",
+    "EngineDeadError",
     "EngineError",
     "EngineOverloadedError",
     "EventBusUnavailableError",

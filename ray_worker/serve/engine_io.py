@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ray_worker.errors import (
+    EngineDeadError,
     EngineError,
     EngineOverloadedError,
     InvalidTaskError,
@@ -99,7 +100,7 @@ def map_exception(err: BaseException, *, parsing: bool = False) -> BaseException
     if "GenerationError" in names and status is not None:
         return _error_for_status(int(status), message)
     if "EngineDeadError" in names:
-        return EngineError(f"the engine died: {message}", status_code=503)
+        return EngineDeadError(f"the engine died: {message}")
     return EngineError(f"{type(err).__name__}: {message}")
 
 

@@ -41,7 +41,13 @@ from ray_worker.config import (
     ReasoningField,
     adapter_of,
 )
-from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError, WorkerError
+from ray_worker.errors import (
+    EngineDeadError,
+    EngineError,
+    InvalidTaskError,
+    ModelNotFoundError,
+    WorkerError,
+)
 from ray_worker.serve.engine_io import check_body, decode_item, map_exception
 from ray_worker.serve.llm_config import lora_path_of, sim_settings, with_worker_defaults
 from ray_worker.serve.reasoning import apply_reasoning_field
@@ -186,6 +192,7 @@ class _TaskServingMixin:
         self, llm_config: Any, engine_cls: Any = None, model_downloader: Any = None
     ) -> None:
         self._inflight: dict[str, _Inflight] = {}
+        self._engine_dead = False
         self._replica_id: str | None = None
         self._warned_priority = False
         if not hasattr(self, "_load_reporter"):
@@ -226,11 +233,27 @@ class _TaskServingMixin:
         return options
 
     async def _watch_stop(self) -> None:
-        """Begin the task host's stop as soon as Serve begins stopping this replica."""
-        # Polled: Serve sets a plain attribute, it signals no event.
-        while not serve_stopping_replica():  # noqa: ASYNC110
+        """Begin the task host's stop as soon as Serve begins stopping this replica, and
+        notice an engine that died while no task ran."""
+        # Polled: Serve and vLLM set plain attributes, they signal no event.
+        while not serve_stopping_replica():
+            self._engine_died()
             await asyncio.sleep(_STOP_POLL_S)
         self._tasks.begin_stop()
+
+    def _engine_died(self) -> bool:
+        """Whether the engine died (vLLM's engine core gone): then this replica refuses new
+        tasks, reports no capacity and fails its health check, so Serve replaces it."""
+        if not self._engine_dead:
+            is_dead = getattr(self.engine, "is_dead", None)
+            if callable(is_dead) and is_dead():
+                self._engine_dead = True
+                logger.error(
+                    "the engine died: this replica takes no more tasks; those that had not "
+                    "begun answering run on another replica; Serve replaces it at its next "
+                    "health check"
+                )
+        return self._engine_dead
 
     async def __del__(self) -> None:
         watch = getattr(self, "_stop_watch", None)
@@ -250,6 +273,8 @@ class _TaskServingMixin:
 
     async def check_health(self) -> None:
         """Serve health check: the engine's, and the task host's start-up."""
+        if self._engine_died():
+            raise EngineDeadError("the engine of this replica died")
         await super().check_health()  # type: ignore[misc]
         tasks = getattr(self, "_tasks", None)
         if tasks is not None:
@@ -277,6 +302,8 @@ class _TaskServingMixin:
         """
         if self._tasks is None:
             raise EngineError("this LLM deployment was not built by the worker app: no task host")
+        if self._engine_died():
+            raise EngineDeadError("the engine of this replica died; the task runs elsewhere")
         async for message in self._tasks.run(task):
             yield message
 
@@ -350,7 +377,11 @@ class _TaskServingMixin:
                 raise
             except Exception as err:
                 finished = True
-                raise map_exception(err) from None
+                mapped = map_exception(err)
+                if not isinstance(mapped, EngineDeadError) and self._engine_died():
+                    # vLLM's serving layer may report the death as a plain 500.
+                    mapped = EngineDeadError(f"the engine died: {mapped}")
+                raise mapped from None
             finished = True
             if entry.aborted:
                 raise EngineError(
@@ -394,7 +425,7 @@ class _TaskServingMixin:
             in_flight=len(self._inflight),
             engine=str(raw.get("engine", "vllm")),
             ts=time.time(),
-            draining=self._tasks is not None and self._tasks.stopping,
+            draining=self._engine_died() or (self._tasks is not None and self._tasks.stopping),
         )
         out: dict[str, Any] = dict(load)
         if self._tasks is not None:

@@ -101,6 +101,17 @@ class SimFailure(BaseModel):
         default=False,
         description="Raise a RuntimeError inside the engine instead of an error response.",
     )
+    kill_engine: bool = Field(
+        default=False,
+        description=(
+            "Kill the whole engine there, as a CUDA error or a SIGKILL of vLLM's EngineCore "
+            "does: every request fails with EngineDeadError and the engine stays dead."
+        ),
+    )
+
+
+class EngineDeadError(RuntimeError):
+    """The simulated engine died (named as vLLM's, which ``engine_io`` recognises)."""
 
 
 class _ChatBody(BaseModel):
@@ -231,6 +242,8 @@ class SimEngine:
         self.started = False
         self.loaded_adapters: set[str] = set()
         """LoRA adapters ``resolve_lora`` was given (``base:adapter``)."""
+        self.dead = False
+        """A ``kill_engine`` failure killed the engine: every request fails from then on."""
 
     # -- Ray LLMEngine surface ----------------------------------------------------------------
 
@@ -239,7 +252,22 @@ class SimEngine:
         self.started = True
 
     async def check_health(self) -> None:
-        """Always healthy."""
+        """Healthy until a ``kill_engine`` failure."""
+        self._raise_if_dead()
+
+    def is_dead(self) -> bool:
+        """Whether the engine died (``kill_engine``)."""
+        return self.dead
+
+    def _raise_if_dead(self) -> None:
+        if self.dead:
+            raise EngineDeadError("EngineCore encountered an issue (simulated engine death)")
+
+    def _die(self) -> None:
+        self.dead = True
+        for seqs in list(self._by_id.values()):
+            for s in seqs:
+                s.wake()
 
     def routing_stats(self) -> dict[str, Any]:
         """No KV-aware routing."""
@@ -516,16 +544,19 @@ class SimEngine:
         if error is not None:
             yield error
             return
+        self._raise_if_dead()
         fmt = _Formatter(request, chat=chat, fingerprint=self._fingerprint)
         seq = self._register(request)
         try:
             if not await self._admit(seq):
+                self._raise_if_dead()
                 if request.stream:
                     yield fmt.delta("", "abort", first=True)
                 else:
                     yield fmt.full("", "abort", 0)
                 return
             await self._pause(seq, self.settings.ttft_s)
+            self._raise_if_dead()
             interval = 1.0 / self.settings.tokens_per_s
             failure = request.failure
             text: list[str] = []
@@ -535,10 +566,14 @@ class SimEngine:
             for i in range(max_tokens):
                 if i:
                     await self._pause(seq, interval)
+                self._raise_if_dead()
                 if seq.aborted:
                     finish = "abort"
                     break
                 if failure is not None and failure.after_tokens and i == failure.after_tokens:
+                    if failure.kill_engine:
+                        self._die()
+                        self._raise_if_dead()
                     if failure.raise_exception:
                         raise RuntimeError(failure.message)
                     yield _error_body(failure.message, failure.status_code, _error_type(failure))

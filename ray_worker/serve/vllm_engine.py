@@ -206,6 +206,12 @@ def _make_vllm_engine_class() -> type:
             if ids:
                 await client.abort(ids)
 
+        def is_dead(self) -> bool:
+            """Whether vLLM's engine core died (``AsyncLLM.errored``: its process is gone or
+            it failed): every request fails from then on."""
+            client = self._engine_client
+            return bool(client is not None and getattr(client, "errored", False))
+
         def get_load(self) -> dict[str, Any]:
             client = self._engine_client
             in_flight = (

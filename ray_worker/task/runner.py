@@ -44,6 +44,7 @@ from ray_worker.bella.protocol import (
 )
 from ray_worker.config import DispatcherConfig
 from ray_worker.errors import (
+    EngineDeadError,
     EngineError,
     EngineOverloadedError,
     EventsGivenUpError,
@@ -112,6 +113,9 @@ class Outcome(TypedDict):
     """The task already ran here; this call started nothing."""
     cancelled: bool
     """Bella-Queue cancelled the task (or its batch) while it ran: aborted, not answered."""
+    retry: bool
+    """The replica's engine died before the task began answering: not answered, the poller
+    runs it on another replica."""
     events: int
     prompt_tokens: int
     completion_tokens: int
@@ -336,6 +340,13 @@ class TaskRunner:
             job = asyncio.current_task()
             if job is not None and job.cancelling():
                 return await self._stopped(task, run)
+            if isinstance(err, EngineDeadError) and not run.answering:
+                # Nothing of it left the replica: another replica runs it from the start.
+                logger.warning(
+                    "the engine died before the task answered: handed back to the poller",
+                    extra=task_context(task),
+                )
+                return _outcome(task, retry=True, duration_s=time.monotonic() - run.started)
             answering = self._failed(task, err, run)
         else:
             if run.cancel_reason is not None:
@@ -348,6 +359,10 @@ class TaskRunner:
         """The answer of a task whose run raised ``err``."""
         if isinstance(err, TaskError):
             return self._answer_error(task, err, run)
+        if isinstance(err, EngineDeadError):
+            # Its first events are out: the producer gets the rest as an error, retryable.
+            lost = EngineError(str(err), status_code=503, code="engine_failed")
+            return self._answer_error(task, lost, run)
         # Outside the engine call (e.g. the event bus refused "[DONE]"): still one answer.
         logger.error(
             "task failed outside the engine call: %s",
@@ -435,6 +450,8 @@ class TaskRunner:
                         await self._chunk(task, run, item)
                     else:
                         response = item
+        except EngineDeadError:
+            raise
         except Exception as err:
             if timeout.expired():
                 # The deadline, whether it surfaced as TimeoutError or as the error an engine
@@ -619,6 +636,7 @@ def _outcome(task: Task, **fields: Any) -> Outcome:
         delivered=False,
         duplicate=False,
         cancelled=False,
+        retry=False,
         events=0,
         prompt_tokens=0,
         completion_tokens=0,

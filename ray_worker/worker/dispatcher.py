@@ -26,6 +26,7 @@ from ray_worker.aio import cut_short, to_the_end
 from ray_worker.bella.protocol import Level, Task, now_ms, task_return_path
 from ray_worker.config import DispatcherConfig, QueueSpec, adapter_of
 from ray_worker.errors import (
+    EngineDeadError,
     EngineOverloadedError,
     InvalidTaskError,
     ModelNotFoundError,
@@ -274,11 +275,20 @@ class Dispatcher:
                         job.answering = True
                     elif phase == DONE:
                         outcome: Outcome = message["outcome"]
-                        return outcome
+                        if not outcome.get("retry"):
+                            return outcome
+                        # Its engine died before the task began answering: nothing of it
+                        # left, so another replica runs it (Serve replaces the dead one).
+                        job.accepted_by = None
+                        raise EngineDeadError("the replica's engine died under the task")
                 raise ReplicaUnavailableError("the replica ended the call without an outcome")
-            except EngineOverloadedError as err:
-                # The deployment's queue is full: the call never reached a replica.
+            except (EngineOverloadedError, EngineDeadError) as err:
+                # The deployment's queue is full, or the replica it reached has a dead engine
+                # (it took nothing): wait for room on a live replica, within the deadline.
                 job.in_call = False
+                if not self._accepting:
+                    await self._answer_refused(task)
+                    return None
                 wait = overload_wait * random.uniform(0.5, 1.0)
                 if self.clock() + wait * 1000 >= deadline:
                     raise EngineOverloadedAnswer(

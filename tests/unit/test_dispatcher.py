@@ -27,7 +27,7 @@ from fakes import (
 
 from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
 from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
-from ray_worker.errors import EngineOverloadedError, ReplicaUnavailableError
+from ray_worker.errors import EngineDeadError, EngineOverloadedError, ReplicaUnavailableError
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE, Dispatcher
 
@@ -557,6 +557,27 @@ async def test_a_replica_refusing_while_the_poller_stops_is_not_an_overload_answ
     assert len(rig.replicas.calls) == 2
     assert rig.answers(task) == []  # left for redelivery, not a final 503
     assert rig.dispatcher.metrics.total("left_for_redelivery") == 1
+
+
+async def test_a_task_handed_back_by_a_dead_engine_runs_again_and_is_answered_once(
+    rig: Rig,
+) -> None:
+    # The first replica's engine dies under the task; the next call runs it.
+    rig.engine.script(EngineDeadError("the engine died"))
+    task = make_task(BLOCKING)
+    await rig.run(task)
+    assert len(rig.replicas.calls) == 2
+    assert len(rig.engine.calls) == 2
+    assert rig.only_answer(task)["status_code"] == 200
+
+
+async def test_a_replica_with_a_dead_engine_is_waited_out_not_answered_503(rig: Rig) -> None:
+    # More refusals than max_replica_retries: the task waits for a live replica meanwhile.
+    rig.replicas.script(*(EngineDeadError("the engine of this replica died") for _ in range(4)))
+    task = make_task(CALLBACK, level=1)
+    await rig.run(task)
+    assert len(rig.replicas.calls) == 5
+    assert rig.only_answer(task)["status_code"] == 200
 
 
 async def test_overload_is_waited_out_then_runs(rig: Rig) -> None:

@@ -27,6 +27,7 @@ from fakes import (
 from ray_worker.bella.protocol import STREAM_DONE, ResponseMode, Task
 from ray_worker.config import DispatcherConfig
 from ray_worker.errors import (
+    EngineDeadError,
     EngineError,
     EngineOverloadedError,
     InvalidTaskError,
@@ -908,3 +909,31 @@ async def test_deadline_is_408_even_when_the_engine_turns_it_into_an_error() -> 
     task = make_task(CALLBACK, expire_in_ms=200)
     await rig.run(task)
     assert rig.only_answer(task)["status_code"] == 408
+
+
+# -- a dead engine ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [BLOCKING, CALLBACK, STREAMING])
+async def test_an_engine_dying_before_the_task_answers_hands_it_back(
+    rig: Rig, mode: ResponseMode
+) -> None:
+    rig.engine.script(EngineDeadError("the engine died: EngineCore encountered an issue"))
+    task = make_task(mode, level=1 if mode is CALLBACK else 0)
+    outcome = await rig.run(task)
+    assert outcome["retry"] is True
+    assert outcome["answered"] is False
+    assert rig.answers(task) == []  # another replica runs it from the start
+    assert rig.events.progress_of(task.task_id) == []
+
+
+async def test_an_engine_dying_mid_stream_ends_the_stream_with_one_503(rig: Rig) -> None:
+    rig.engine.script(CHUNKS[0], CHUNKS[1], EngineDeadError("the engine died"))
+    task = make_task(STREAMING)
+    outcome = await rig.run(task)
+    assert outcome["retry"] is False
+    answer = rig.only_answer(task)
+    assert answer["status_code"] == 503
+    progress = rig.events.progress_of(task.task_id)
+    assert [e.event_id for e in progress] == ["0", "1", "2"]
+    assert progress[-1].data["error"]["code"] == "engine_failed"

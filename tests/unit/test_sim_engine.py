@@ -16,6 +16,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
 from ray_worker.errors import (
+    EngineDeadError,
     EngineError,
     EngineOverloadedError,
     InvalidTaskError,
@@ -383,3 +384,39 @@ async def test_server_priority_reaches_the_engine() -> None:
         ):
             pass
     assert request_priorities == [0, 1]
+
+
+# -- a dead engine -----------------------------------------------------------------------------
+
+
+async def test_a_killed_engine_fails_every_request_and_its_health_check() -> None:
+    eng = engine(**SLOW)
+    bystander = Consumer(eng, "b1", chat_body(stream=True, max_tokens=50))
+    await wait_for(lambda: eng.get_load()["running"] == 1, 5)
+    body = chat_body(stream=True, max_tokens=10, sim_fail={"after_tokens": 2, "kill_engine": True})
+    with pytest.raises(RuntimeError) as killer:
+        await collect(eng, CHAT, body, "k1")
+    assert type(killer.value).__name__ == "EngineDeadError"
+    with pytest.raises(RuntimeError, match="encountered an issue"):
+        await bystander.task
+    assert eng.is_dead()
+    with pytest.raises(RuntimeError):
+        await eng.check_health()
+    with pytest.raises(RuntimeError):
+        await collect(eng, CHAT, chat_body(), "after")
+    assert eng.get_load()["running"] == 0
+
+
+async def test_the_server_over_a_dead_engine_refuses_reports_no_capacity_and_is_unhealthy() -> None:
+    server = await make_server()
+    body = chat_body(max_tokens=10, sim_fail={"after_tokens": 1, "kill_engine": True})
+    with pytest.raises(EngineDeadError):
+        async for _ in server.run_task(CHAT, body, request_id="k1"):
+            pass
+    load = await server.get_load()
+    assert load["draining"] is True  # the poller counts no slot of it
+    with pytest.raises(EngineDeadError):
+        await server.check_health()
+    with pytest.raises(EngineDeadError):
+        async for _ in server.run_task(CHAT, chat_body(), request_id="after"):
+            pass

@@ -1,4 +1,10 @@
-"""A stop lets answers finish within the stop budget and never leaves one unanswered.
+"""Stops and deaths of an LLM replica end every task in one answer, or leave it for redelivery.
+
+A dead engine (the simulated engine's ``kill_engine``, as a CUDA error or a SIGKILL of vLLM's
+EngineCore): the replica refuses new tasks and reports no capacity; the tasks it ran that had
+not begun answering run on the other replica; a stream cut mid-way ends in one 503.
+
+A stop lets answers finish within the stop budget and never leaves one unanswered.
 
 Real redis-server, the emulator, local Ray Serve and the simulated engine (20 tokens/s per
 sequence, so a task's length is its running time). The stop budget (``poller.drain_timeout_s``)
@@ -107,9 +113,12 @@ class Load:
     """(tokens, level) -> task ids."""
 
     @property
+    def online(self) -> int:
+        return sum(len(v) for v in [*self.blocking.values(), *self.streams.values()])
+
+    @property
     def count(self) -> int:
-        online = sum(len(v) for v in [*self.blocking.values(), *self.streams.values()])
-        return online + sum(len(v) for v in self.callbacks.values())
+        return self.online + sum(len(v) for v in self.callbacks.values())
 
 
 async def _put_load(
@@ -170,14 +179,83 @@ def _stream_cut_503(events: list[Any]) -> bool:
 
 
 async def _exactly_once(
-    redis_server: RedisServer, emulator: EmulatorServer, start: str, load: Load
+    redis_server: RedisServer, emulator: EmulatorServer, start: str, *, online: int
 ) -> None:
+    """One completion event per online task put since ``start``, none twice."""
     completions = await completions_after(
         redis_server.url, emulator.topic + emulator.instance_id, start
     )
-    online = sum(len(v) for v in [*load.blocking.values(), *load.streams.values()])
     assert len(completions) == online, completions
     assert set(completions.values()) == {1}, completions
+
+
+async def _replicas(worker: Any, n: int, timeout_s: float = 120) -> None:
+    async def reporting() -> bool:
+        try:
+            status = await worker.status.remote()
+        except Exception:  # the poller restarts
+            return False
+        return bool(status["pools"][0]["capacity"]["replicas"] == n)
+
+    await wait_for(reporting, timeout=timeout_s, interval=0.25, message=f"{n} replicas")
+
+
+async def test_a_dead_engine_hands_unanswered_tasks_to_the_other_replica(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    receiver: CallbackReceiver,
+    emulator: EmulatorServer,
+    redis_server: RedisServer,
+) -> None:
+    await worker_running(worker)
+    await _replicas(worker, 2)
+    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
+    tokens = 60  # 3 s: every task runs when the engine dies, 1 s in
+    blocking = [
+        asyncio.create_task(client.put_blocking(_put(queue, ResponseMode.BLOCKING, tokens)))
+        for _ in range(4)
+    ]
+    streams = [
+        asyncio.create_task(_events(client, _put(queue, ResponseMode.STREAMING, tokens)))
+        for _ in range(4)
+    ]
+    callbacks = [
+        await client.put(
+            _put(queue, ResponseMode.CALLBACK, tokens, level=level, callback_url=receiver.url)
+        )
+        for level in (0, 1)
+    ]
+    await _all_running(worker, 10)
+    killer = _put(queue, ResponseMode.STREAMING, tokens)
+    killer.data["sim_fail"] = {"after_tokens": 20, "kill_engine": True}
+    killed = await asyncio.wait_for(_events(client, killer), 60)
+    assert '"engine_failed"' in killed[-1].data  # its events were out: one 503, never rerun
+
+    for answer in await asyncio.wait_for(asyncio.gather(*blocking), 90):
+        assert answer.status_code == 200  # those of the dead engine ran again elsewhere
+    cut = 0
+    for events in await asyncio.wait_for(asyncio.gather(*streams), 90):
+        if not _stream_ok(events):
+            *chunks, last = events
+            assert [int(e.id) for e in chunks] == list(range(len(chunks)))
+            assert '"engine_failed"' in last.data
+            cut += 1
+    for task_id in callbacks:
+        answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=60)
+        assert [a["status_code"] for a in answers] == [200]
+    # The dead replica takes nothing more: a new task is served by the live one at once.
+    after = await asyncio.wait_for(
+        client.put_blocking(_put(queue, ResponseMode.BLOCKING, SHORT)), 30
+    )
+    assert after.status_code == 200
+    # 4 blocking, 4 streams, the killer and the one after: one completion each.
+    await _exactly_once(redis_server, emulator, start, online=10)
+    await asyncio.sleep(1.0)
+    for task_id in callbacks:
+        assert len(receiver.answers(task_id)) == 1
+    # Serve replaces the replica (its health check fails): two replicas report again.
+    await _replicas(worker, 2, timeout_s=120)
 
 
 async def test_a_downscale_lets_short_tasks_finish_and_answers_the_rest_once(
@@ -222,7 +300,7 @@ async def test_a_downscale_lets_short_tasks_finish_and_answers_the_rest_once(
             expected = {200, 503} if key == (LONG, 0) else {200}  # level 1: redelivered
             assert answers[0]["status_code"] in expected, (key, answers)
     await redeploy
-    await _exactly_once(redis_server, emulator, start, load)
+    await _exactly_once(redis_server, emulator, start, online=load.online)
     await asyncio.sleep(1.0)  # a late second complete would have arrived by now
     for ids in load.callbacks.values():
         for task_id in ids:
@@ -273,7 +351,7 @@ async def test_a_redeploy_cuts_long_tasks_at_the_budget_and_redelivers_level_1(
         answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=90)
         assert [a["status_code"] for a in answers] == [200]
     await redeploy
-    await _exactly_once(redis_server, emulator, start, load)
+    await _exactly_once(redis_server, emulator, start, online=load.online)
     for ids in load.callbacks.values():
         for task_id in ids:
             assert len(receiver.answers(task_id)) == 1, task_id
@@ -303,17 +381,19 @@ async def test_answers_held_at_a_redeploy_in_an_outage_are_handed_on_and_deliver
             return bool(status["pools"][0]["outbox"].get("outbox_entries", 0) >= 4)
 
         await wait_for(held, timeout=60, interval=0.2, message="answers held in the outbox")
+        old = set((await worker.status.remote())["pools"][0]["outbox"]["replicas"])
         args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.07)
         await asyncio.to_thread(deploy_worker, args, APP, APIKEY)
 
-        async def handed_on() -> bool:
-            status = await worker.status.remote()
-            outbox = status["pools"][0]["outbox"]
-            # Only the new replica reports now, with an empty outbox: the answers live in the
-            # new poller's outbox.
-            return bool(outbox.get("outbox_entries", 1) == 0 and len(outbox["replicas"]) == 1)
+        async def old_replica_gone() -> bool:
+            try:
+                status = await worker.status.remote()
+            except Exception:  # the poller restarts
+                return False
+            reporting = set(status["pools"][0]["outbox"]["replicas"])
+            return bool(reporting) and not reporting & old
 
-        await wait_for(handed_on, timeout=90, interval=0.5, message="the old replica gone")
+        await wait_for(old_replica_gone, timeout=90, interval=0.5, message="the old replica gone")
         await asyncio.sleep(PROCESS_TIMEOUT_S + 1)  # the old poller gone too; no redelivery
         assert all(receiver.answers(task_id) == [] for task_id in ids)
     finally:
@@ -357,4 +437,4 @@ async def test_deleting_the_app_answers_online_503_and_leaves_level_1(
     assert [a["status_code"] for a in receiver.answers(online_callback)] == [503]
     for task_id in load.callbacks[(LONG, 1)]:
         assert receiver.answers(task_id) == []  # left for redelivery (no worker runs now)
-    await _exactly_once(redis_server, emulator, start, load)
+    await _exactly_once(redis_server, emulator, start, online=load.online)
