@@ -75,6 +75,7 @@ from ray_worker.eventbus.batcher import (
 )
 from ray_worker.eventbus.writer import EventPublisher
 from ray_worker.metrics import WorkerMetrics
+from ray_worker.proc import tolerate_surrogates_in_output
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class RedisPublisher:
         drain_timeout_s: float = 20.0,
         exit_grace_s: float = 5.0,
     ) -> None:
+        tolerate_surrogates_in_output()
         self._options = (
             options
             if isinstance(options, PublisherOptions)

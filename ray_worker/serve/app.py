@@ -38,6 +38,7 @@ from ray_worker.errors import (
 )
 from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
+from ray_worker.proc import tolerate_surrogates_in_output
 from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas, hand_over_answers
 from ray_worker.task.outbox import Outbox
 from ray_worker.worker.capacity import CapacityTracker
@@ -82,6 +83,7 @@ class QueuePoller:
         apikey: SecretStr,
         llm_handles: dict[str, DeploymentHandle[Any]],
     ) -> None:
+        tolerate_surrogates_in_output()
         self.args = WorkerAppArgs.model_validate(args)
         queue_url = self.args.queue_url
         if queue_url is None:  # resolved() guarantees it; kept for the type checker
@@ -106,6 +108,7 @@ class QueuePoller:
             context.app_name,
             f"poller-{context.replica_id.unique_id}",
             self.args.publisher,
+            clock=self.client.clock,
         )
         self.dispatcher = Dispatcher(
             replicas=ServeReplicas(llm_handles),
@@ -323,9 +326,11 @@ class QueuePoller:
         failure = self.poller.failure()
         if failure is not None:
             raise RuntimeError(f"a take loop died: {failure!r}")
-        if self.events.started and self.events.actor is not None:
+        if self.events.started:
             try:
-                await asyncio.wait_for(self.events.actor.check_health.remote(), 10)
+                # A dead publisher is replaced there (re-attach); only one that stays broken
+                # fails the check.
+                await asyncio.wait_for(self.events.check_health(), 30)
             except Exception as exc:
                 raise RuntimeError(f"the event-bus publisher is unhealthy: {exc!r}") from None
 

@@ -156,6 +156,9 @@ class _TaskServingMixin:
         bella: Mapping[str, Any] | None = None,
         apikey: Any = None,
     ) -> None:
+        from ray_worker.proc import tolerate_surrogates_in_output
+
+        tolerate_surrogates_in_output()
         self._load_report_interval_s = load_report_interval_s
         self._load_reporter: Any = None
         self._tasks: Any = None

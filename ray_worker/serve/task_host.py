@@ -98,7 +98,10 @@ class ReplicaTasks:
             complete_retry=RetryPolicy(attempts=1),
         )
         self.app_name = app_name
-        self.events = EventBusClient(app_name, client_id, self.settings.publisher)
+        # Bella-Queue's clock: the publisher trims streams (MINID) by the server's time.
+        self.events = EventBusClient(
+            app_name, client_id, self.settings.publisher, clock=self.client.clock
+        )
         self.metrics = WorkerMetrics()
         self.outbox = Outbox(
             self.client, dispatch, metrics=self.metrics, clock=self.client.clock.now_s

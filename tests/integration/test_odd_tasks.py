@@ -155,14 +155,6 @@ async def _completions(emulator: EmulatorServer, after: str) -> list[CompletionE
     return [e for e in events if isinstance(e, CompletionEvent)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Ray opens its workers' stdout/stderr with strict UTF-8: logging the 404's message "
-        "raises out of the logger and the answer is never sent, until every Ray process the "
-        "worker runs code in reconfigures them with errors='backslashreplace'"
-    ),
-)
 async def test_lone_surrogate_model_is_answered_404_in_every_mode(
     worker: Any, client: QueueClient, emulator: EmulatorServer, queue: str
 ) -> None:
