@@ -48,6 +48,7 @@ from ray_worker.errors import (
     BadRequestError,
     ConfigError,
     EventBusUnavailableError,
+    QueueGatewayError,
     WorkerError,
 )
 from ray_worker.proc import die_with_parent
@@ -165,6 +166,8 @@ def _queue_error(err: WorkerError, base_url: str) -> str:
     base_url = redact_url(base_url)
     if isinstance(err, AuthenticationError):
         return f"{APIKEY_HINT} ({base_url} rejected the key)"
+    if isinstance(err, QueueGatewayError):
+        return f"{base_url}: {err.message}"
     if isinstance(err, BadRequestError):
         return (
             f"{base_url} answered HTTP {err.status_code}: {err.message} "

@@ -165,7 +165,8 @@ class WorkerMetrics:
             ),
             "complete_given_up": rm.Counter(
                 n["complete_given_up"],
-                "Answers the outbox gave up: expired, rejected (4xx), undelivered_at_stop.",
+                "Answers the outbox gave up: expired, rejected (Bella-Queue's own 4xx), "
+                "undelivered_at_stop.",
                 tag_keys=("reason",),
             ),
             "tasks_cancelled": rm.Counter(

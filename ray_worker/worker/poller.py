@@ -236,6 +236,8 @@ class Poller:
                     extra={"model": pool.model_id, "queues": request.queues},
                 )
                 pool.backoff_s = failing * random.uniform(0.75, 1.25)
+                # A gateway's or Bella-Queue's Retry-After is a floor.
+                pool.backoff_s = max(pool.backoff_s, getattr(err, "retry_after_s", None) or 0.0)
                 await self._sleep(pool.backoff_s)
                 failing = min(failing * 2, cfg.error_backoff_max_s)
                 continue
