@@ -21,8 +21,10 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,6 +84,10 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_QUEUE_LIMITS = ("max_n", "max_output_tokens", "max_prompt_chars", "max_grammar_chars")
+"""``QueueSpec``'s limits on one task; unset, the ``DispatcherConfig`` field of the same name."""
+
+
 class QueueSpec(_Frozen):
     """One Bella-Queue queue the worker takes from."""
 
@@ -93,12 +99,55 @@ class QueueSpec(_Frozen):
             "whose capacity this queue draws on. Required when several models are served."
         ),
     )
+    max_n: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "This queue's limit on a task's n and best_of (dispatcher.max_n when unset; null "
+            "here: no limit)."
+        ),
+    )
+    max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "This queue's limit on max_tokens / max_completion_tokens (dispatcher."
+            "max_output_tokens when unset; null here: no limit)."
+        ),
+    )
+    max_prompt_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "This queue's limit on a task's prompt size (dispatcher.max_prompt_chars when "
+            "unset; null here: no limit)."
+        ),
+    )
+    max_grammar_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "This queue's limit on a task's structured-output grammar size (dispatcher."
+            "max_grammar_chars when unset; null here: no limit)."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
         parse_full_queue_name(value)
         return value
+
+    @model_serializer(mode="wrap")
+    def _dump_only_set_limits(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A limit the queue does not set is left out of a dump (the Serve app's args travel
+        as one): loaded back it stays unset, the dispatcher's, not null (no limit)."""
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in _QUEUE_LIMITS:
+                if name not in self.model_fields_set:
+                    data.pop(name, None)
+        return data
 
     @property
     def base(self) -> str:
@@ -283,6 +332,49 @@ class DispatcherConfig(_Frozen):
             "recently checked first; the rest wait for the next rounds)."
         ),
     )
+    max_n: int | None = Field(
+        default=16,
+        ge=1,
+        description=(
+            "Most sequences one task may ask for (OpenAI n, and best_of): above it the poller "
+            "answers 400 invalid_request_error (param n or best_of) before the task reaches a "
+            "replica. A task holds its n sequences of capacity. A queue's max_n overrides it; "
+            "null: no limit."
+        ),
+    )
+    max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most output tokens one task may ask for (max_tokens, max_completion_tokens): above "
+            "it, 400 (param max_tokens or max_completion_tokens). null: no limit (max_model_len "
+            "bounds it). A task without max_tokens passes: engine_kwargs "
+            "override_generation_config {max_new_tokens: N} sets its default. A queue's "
+            "max_output_tokens overrides it."
+        ),
+    )
+    max_prompt_chars: int | None = Field(
+        default=1_048_576,
+        ge=1,
+        description=(
+            "Most characters of one task's prompt: the text of its messages' content (strings "
+            "and text parts; images and audio are bounded by the engine), completions' prompt "
+            "and embeddings' input (strings, or lists of them; a token id counts as one). Above "
+            "it, 400 (param messages, prompt or input). A queue's max_prompt_chars overrides "
+            "it; null: no limit."
+        ),
+    )
+    max_grammar_chars: int | None = Field(
+        default=65_536,
+        ge=1,
+        description=(
+            "Most characters of one task's structured-output constraints: the compact JSON "
+            "size of response_format (all but its type: json_schema, a structural tag), "
+            "structured_outputs and every guided_* field (a string counts its length). Above "
+            "it, 400 (param: the largest of those fields). A queue's max_grammar_chars "
+            "overrides it; null: no limit."
+        ),
+    )
 
 
 class PublisherOptions(_Frozen):
@@ -456,12 +548,13 @@ class WorkerAppArgs(_Frozen):
         if env.eventbus_url:
             update["eventbus_url"] = env.eventbus_url
         if env.queue_queues:
-            defaults = {q.name: q.model for q in self.queues}
+            # A queue the file lists keeps its model and limits.
+            listed = {q.name: q for q in self.queues}
             names = [n.strip() for n in env.queue_queues.split(",") if n.strip()]
             if len(set(names)) != len(names):
                 raise ConfigError(f"BELLA_QUEUE_QUEUES: queues are listed twice: {names}")
             try:
-                update["queues"] = [QueueSpec(name=n, model=defaults.get(n)) for n in names]
+                update["queues"] = [listed.get(n) or QueueSpec(name=n) for n in names]
             except ValidationError as err:
                 reasons = "; ".join(str(e["msg"]) for e in err.errors())
                 raise ConfigError(f"BELLA_QUEUE_QUEUES: {reasons}") from None

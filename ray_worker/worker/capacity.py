@@ -15,7 +15,9 @@ Per replica ``r`` of a model:
     remaining = max(0, target - reserve - in_flight)        # level 1, reserve kept for level 0
 
 ``in_flight`` counts tasks the worker took and has not answered yet (queued in the worker,
-waiting in the engine or running), so the worker never takes more than it can start soon.
+waiting in the engine or running), so the worker never takes more than it can start soon; a
+task with ``n`` > 1 counts as its ``n`` sequences (the caller says how many, and releases as
+many). Tasks a replica holds that this tracker did not count (``held_unknown``) count one each.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class CapacityTracker:
     def acquire(
         self, model_id: str, level: Level, n: int = 1, *, task_id: str | None = None
     ) -> None:
-        """Count ``n`` tasks taken for ``model_id`` (one, ``task_id``, when given)."""
+        """Count ``n`` sequences taken for ``model_id``: ``n`` tasks, or, with ``task_id``,
+        that one task's fan-out (its ``n``); ``release`` takes the same ``n`` back."""
         self._models[model_id].in_flight[level] += n
         if task_id is not None:
             self._mine.add(task_id)
@@ -149,7 +152,8 @@ class CapacityTracker:
     def release(
         self, model_id: str, level: Level, n: int = 1, *, task_id: str | None = None
     ) -> None:
-        """Count ``n`` tasks answered; wakes pollers waiting for capacity."""
+        """Count ``n`` sequences answered (as many as ``acquire`` counted); wakes pollers
+        waiting for capacity."""
         counts = self._models[model_id].in_flight
         counts[level] = max(0, counts[level] - n)
         if task_id is not None:

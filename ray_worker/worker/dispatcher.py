@@ -1,13 +1,14 @@
 """The dispatcher: hands each taken task to an LLM replica of its model, and supervises it.
 
-This module owns the control-plane side of a task: routing by ``data.model`` among the served
-models (the queue's default model otherwise), the ``Replicas`` call that gives the whole task
-to a replica (whose task runner answers it: no token comes back here), retrying a task whose
-call failed before the replica answered anything, and the poller's own answers, which are
-only for tasks that never reached a replica (unknown model, expired, shutting down, every
-replica gone) and the safety net when the replica running a task dies mid-way (one 503; a late
-duplicate is harmless: the server ignores events after a completion and complete is
-idempotent, protocol §4.3, §6).
+This module owns the control-plane side of a task: its queue's limits on one task (checked by
+``task/limits.py``; a task's fan-out ``n`` is what it holds of capacity), routing by
+``data.model`` among the served models (the queue's default model otherwise), the ``Replicas``
+call that gives the whole task to a replica (whose task runner answers it: no token comes back
+here), retrying a task whose call failed before the replica answered anything, and the
+poller's own answers, which are only for tasks that never reached a replica (over a limit,
+unknown model, expired, shutting down, every replica gone) and the safety net when the replica
+running a task dies mid-way (one 503; a late duplicate is harmless: the server ignores events
+after a completion and complete is idempotent, protocol §4.3, §6).
 
 It must not talk to Ray, Redis or httpx directly: the replicas are ``Replicas``, the event bus
 an ``EventSink`` and Bella-Queue a ``Completer``, so it runs unchanged in unit tests with fakes.
@@ -36,6 +37,7 @@ from ray_worker.errors import (
     WorkerError,
 )
 from ray_worker.metrics import WorkerMetrics, status_class
+from ray_worker.task import limits as task_limits
 from ray_worker.task.answers import (
     Completer,
     EngineOverloadedAnswer,
@@ -44,6 +46,7 @@ from ray_worker.task.answers import (
     answer_error,
     task_context,
 )
+from ray_worker.task.limits import TaskLimits, check_task
 from ray_worker.task.runner import Outcome, deadline_ms
 from ray_worker.worker.capacity import CapacityTracker
 
@@ -139,6 +142,9 @@ class Dispatcher:
         self.lora_models = set(lora_models)
         """Served models that take LoRA adapters (``base:adapter`` routes to ``base``)."""
         self._queue_models = {q.name: q.model for q in queues}
+        self._limits = {q.name: TaskLimits.of(q, self.config) for q in queues}
+        """Each queue's limits on one task; a queue not configured gets the worker-wide ones."""
+        self._default_limits = TaskLimits.of(None, self.config)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._completed: OrderedDict[str, bool] = OrderedDict()
         """Recently ended task ids (value: answered online), to recognise redeliveries."""
@@ -196,12 +202,23 @@ class Dispatcher:
         job.add_done_callback(rejected)
         return True
 
-    def submit(self, task: Task, pool_model: str) -> bool:
-        """Start dispatching ``task`` (counted against ``pool_model``'s capacity by the caller).
+    def limits(self, task: Task) -> TaskLimits:
+        """The limits of ``task``'s queue."""
+        return self._limits.get(task.full_queue, self._default_limits)
 
-        Returns False, and starts nothing, for a task already in flight or an online one
-        recently answered (a redelivery). Once ``drain`` has begun, a new task is not run:
-        it is answered 503 at once, or left for redelivery at level 1.
+    def fan_out(self, task: Task) -> int:
+        """Engine sequences ``task`` holds (its ``n``, within its queue's ``max_n``): what the
+        caller charges against capacity for it, and passes to ``submit``. Never raises."""
+        return task_limits.fan_out(task.data, self.limits(task))
+
+    def submit(self, task: Task, pool_model: str, n: int = 1) -> bool:
+        """Start dispatching ``task``, counted as ``n`` (``fan_out``) against ``pool_model``'s
+        capacity by the caller; its end releases those ``n``, once.
+
+        Returns False, and starts nothing (the caller releases what it counted), for a task
+        already in flight or an online one recently answered (a redelivery). Once ``drain``
+        has begun, a new task is not run: it is answered 503 at once, or left for redelivery
+        at level 1.
         """
         if task.task_id in self._running or (task.is_online and task.task_id in self._completed):
             self.metrics.inc("duplicates")
@@ -210,7 +227,7 @@ class Dispatcher:
         work = self._run(task, _Job()) if self._accepting else self._refuse(task)
         job = asyncio.create_task(work, name=f"dispatch-{task.task_id}")
         self._running[task.task_id] = job
-        job.add_done_callback(lambda j: self._finished(task, pool_model, j))
+        job.add_done_callback(lambda j: self._finished(task, pool_model, n, j))
         return True
 
     async def drain(self, timeout_s: float) -> int:
@@ -226,10 +243,10 @@ class Dispatcher:
 
     # -- one task -------------------------------------------------------------------------
 
-    def _finished(self, task: Task, pool_model: str, job: asyncio.Task[None]) -> None:
+    def _finished(self, task: Task, pool_model: str, n: int, job: asyncio.Task[None]) -> None:
         self._running.pop(task.task_id, None)
         level = Level.ONLINE if task.level == 0 else Level.OFFLINE
-        self.capacity.release(pool_model, level, task_id=task.task_id)
+        self.capacity.release(pool_model, level, n, task_id=task.task_id)
         self._remember(task)
         if not job.cancelled() and job.exception() is not None:
             # _run answers every error itself; reaching here is a bug worth a loud log.
@@ -240,6 +257,8 @@ class Dispatcher:
             now = self.clock()
             if now >= deadline_ms(task, self.config.max_task_time_s, now=now):
                 raise TaskExpiredError("the task expired before it could start")
+            # Over one of its queue's limits: 400, and it never reaches a replica.
+            check_task(task.data, self.limits(task))
             model_id, adapter_id = self._resolve_model(task)
             outcome = await self._dispatch(task, model_id, job, adapter_id)
         except asyncio.CancelledError:

@@ -3,8 +3,10 @@
 This module owns ``POST /v1/queue/take`` pacing. Queues are grouped by the deployment whose
 capacity they draw on (a *pool*); each pool runs one loop:
 
-- ``size = min(max_take_size, remaining_capacity)``; level-1 queues are taken only while
-  capacity above the online reserve is left, so level-0 work is never starved;
+- ``size = min(max_take_size, remaining_capacity)``; a task taken counts as its ``n``
+  (``Dispatcher.fan_out``), so a take of fanned-out tasks may overshoot once; level-1 queues
+  are taken only while capacity above the online reserve is left, so level-0 work is never
+  starved;
 - re-poll at once while tasks flow; after an empty take wait 5 ms, 10 ms, ... up to
   ``idle_backoff_max_s`` (with jitter), so an idle worker picks a new task up within tens
   of milliseconds; after a failed take back off exponentially up to ``error_backoff_max_s``;
@@ -277,9 +279,11 @@ class Poller:
                 # Any level but 0 is offline: a server's odd level must not stop the loop.
                 level = Level.ONLINE if task.level == 0 else Level.OFFLINE
                 self.metrics.inc("tasks_taken", queue=task.full_queue)
-                self.capacity.acquire(pool.model_id, level, task_id=task.task_id)
-                if not self.dispatcher.submit(task, pool.model_id):
-                    self.capacity.release(pool.model_id, level, task_id=task.task_id)
+                # A task holds its n engine sequences: counted as n, released as n, once.
+                n = self.dispatcher.fan_out(task)
+                self.capacity.acquire(pool.model_id, level, n, task_id=task.task_id)
+                if not self.dispatcher.submit(task, pool.model_id, n):
+                    self.capacity.release(pool.model_id, level, n, task_id=task.task_id)
             # Tasks flow: re-poll at once (the next request is sized by what is left).
 
     def _next_request(self, pool: Pool) -> TakeRequest | None:

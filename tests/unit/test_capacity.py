@@ -181,6 +181,27 @@ def test_acquire_release_and_release_floor() -> None:
     assert cap.model("m").in_flight == {ONLINE: 0, OFFLINE: 1}
 
 
+def test_a_fanned_out_task_counts_its_n_and_releases_it_symmetrically() -> None:
+    cap = tracker()
+    cap.report(load(max_num_seqs=8))
+    cap.acquire("m", ONLINE, 4, task_id="t1")
+    cap.acquire("m", ONLINE, 1, task_id="t2")
+    assert cap.in_flight("m") == 5
+    assert cap.remaining("m", ONLINE) == 3
+    # The replica's report listing both does not count them again.
+    cap.report(load(max_num_seqs=8, held=["t1", "t2"]))
+    assert cap.in_flight("m") == 5
+    cap.release("m", ONLINE, 4, task_id="t1")
+    assert cap.in_flight("m") == 1
+    assert cap.remaining("m", ONLINE) == 7
+    cap.release("m", ONLINE, 1, task_id="t2")
+    assert cap.model("m").in_flight == {ONLINE: 0, OFFLINE: 0}
+    # A late report still listing them counts nothing (they were released).
+    cap.report(load(max_num_seqs=8, held=["t1", "t2"]))
+    assert cap.in_flight("m") == 0
+    assert cap.remaining("m", ONLINE) == 8
+
+
 def test_unknown_model_in_acquire_is_a_key_error() -> None:
     cap = tracker()
     with pytest.raises(KeyError):

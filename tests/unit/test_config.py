@@ -94,6 +94,10 @@ def test_dispatcher_defaults() -> None:
         "reasoning_field": "reasoning_content",
         "cancel_check_interval_s": 30.0,
         "cancel_check_max_requests": 20,
+        "max_n": 16,
+        "max_output_tokens": None,
+        "max_prompt_chars": 1_048_576,
+        "max_grammar_chars": 65_536,
     }
 
 
@@ -294,6 +298,17 @@ def test_env_overrides_url_queues_and_eventbus(monkeypatch: pytest.MonkeyPatch) 
     assert args.queue_url == "http://127.0.0.1:8080"  # the original is untouched
 
 
+def test_env_queues_keep_the_files_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BELLA_QUEUE_QUEUES", "a:0,b:1")
+    args = app_args(queues=[{"name": "a:0", "max_n": 2, "max_output_tokens": None}])
+    a, b = args.resolved().queues
+    assert a == args.queues[0]
+    assert a.max_n == 2
+    assert a.model_fields_set >= {"max_n", "max_output_tokens"}  # explicit null kept
+    assert b == QueueSpec(name="b:1")
+    assert b.model_fields_set == {"name"}
+
+
 def test_env_queues_need_a_model_when_several_are_served(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BELLA_QUEUE_QUEUES", "b:1")
     with pytest.raises(ConfigError, match=r"b:1 must name its model"):
@@ -426,6 +441,78 @@ def test_load_app_args_reads_our_application(tmp_path: Path) -> None:
     args = load_app_args(path)
     assert [q.name for q in args.queues] == ["q:0"]
     assert args.poller.max_take_size == 4
+
+
+def test_per_queue_task_limits_load_and_the_rest_come_from_the_dispatcher(
+    tmp_path: Path,
+) -> None:
+    from ray_worker.task.limits import TaskLimits
+
+    path = write(
+        tmp_path,
+        {
+            "applications": [
+                {
+                    "import_path": "ray_worker.app:build_app",
+                    "args": {
+                        "queues": [
+                            {"name": "chat:0", "max_n": 4, "max_prompt_chars": 1000},
+                            {"name": "bulk:1", "max_output_tokens": 256, "max_grammar_chars": None},
+                            "plain:1",
+                        ],
+                        "dispatcher": {"max_output_tokens": 8192, "max_grammar_chars": 4096},
+                    },
+                }
+            ]
+        },
+    )
+    args = load_app_args(path)
+    chat, bulk, plain = (TaskLimits.of(q, args.dispatcher) for q in args.queues)
+    assert chat == TaskLimits(
+        max_n=4, max_output_tokens=8192, max_prompt_chars=1000, max_grammar_chars=4096
+    )
+    # null on a queue is no limit there, not the dispatcher's
+    assert bulk == TaskLimits(
+        max_n=16, max_output_tokens=256, max_prompt_chars=1_048_576, max_grammar_chars=None
+    )
+    assert plain == TaskLimits.of(None, args.dispatcher)
+    assert plain == TaskLimits(
+        max_n=16, max_output_tokens=8192, max_prompt_chars=1_048_576, max_grammar_chars=4096
+    )
+
+
+def test_per_queue_limits_survive_the_trip_to_the_poller_as_json() -> None:
+    """The Serve app hands its args to the poller as ``model_dump(mode="json")``: a limit a
+    queue leaves unset must come back unset (the dispatcher's), not null (no limit)."""
+    from ray_worker.task.limits import TaskLimits
+
+    args = app_args(
+        queues=[{"name": "a:0", "max_n": 2, "max_grammar_chars": None}, "b:1"],
+        dispatcher={"max_output_tokens": 100},
+    )
+    dumped = args.model_dump(mode="json")
+    assert dumped["queues"] == [
+        {"name": "a:0", "model": None, "max_n": 2, "max_grammar_chars": None},
+        {"name": "b:1", "model": None},
+    ]
+    back = WorkerAppArgs.model_validate(dumped)
+    assert back == args
+    for before, after in zip(args.queues, back.queues, strict=True):
+        assert TaskLimits.of(after, back.dispatcher) == TaskLimits.of(before, args.dispatcher)
+    assert TaskLimits.of(back.queues[1], back.dispatcher) == TaskLimits(
+        max_n=16, max_output_tokens=100, max_prompt_chars=1_048_576, max_grammar_chars=65_536
+    )
+
+
+@pytest.mark.parametrize(
+    "limit", ["max_n", "max_output_tokens", "max_prompt_chars", "max_grammar_chars"]
+)
+def test_task_limits_are_positive(limit: str) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        QueueSpec(name="q:0", **{limit: 0})
+    with pytest.raises(pydantic.ValidationError):
+        DispatcherConfig(**{limit: 0})
+    assert getattr(QueueSpec(name="q:0", **{limit: 1}), limit) == 1
 
 
 def test_load_app_args_by_name(tmp_path: Path) -> None:

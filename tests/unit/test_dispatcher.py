@@ -75,12 +75,14 @@ class Rig:
                 {"replica_id": f"r-{model}", "model_id": model, "max_num_seqs": 64}
             )
         self.releases: list[tuple[str, Level, str | None]] = []
+        self.released_n: dict[str | None, list[int]] = {}
         release = self.capacity.release
 
         def recording_release(
             model_id: str, level: Level, n: int = 1, *, task_id: str | None = None
         ) -> None:
             self.releases.append((model_id, level, task_id))
+            self.released_n.setdefault(task_id, []).append(n)
             release(model_id, level, n, task_id=task_id)
 
         self.capacity.release = recording_release  # type: ignore[method-assign]
@@ -98,12 +100,13 @@ class Rig:
         self.pool = models[0]
 
     def submit(self, task: Task, pool: str | None = None) -> bool:
-        """Count the task against capacity, as the poller does, and submit it."""
+        """Count the task against capacity (its fan-out), as the poller does, and submit it."""
         pool = pool or self.pool
-        self.capacity.acquire(pool, level_of(task), task_id=task.task_id)
-        accepted = self.dispatcher.submit(task, pool)
+        n = self.dispatcher.fan_out(task)
+        self.capacity.acquire(pool, level_of(task), n, task_id=task.task_id)
+        accepted = self.dispatcher.submit(task, pool, n)
         if not accepted:
-            self.capacity.release(pool, level_of(task), task_id=task.task_id)
+            self.capacity.release(pool, level_of(task), n, task_id=task.task_id)
         return accepted
 
     async def run(self, task: Task, pool: str | None = None) -> None:
@@ -883,3 +886,110 @@ async def test_drain_waits_for_rejections(rig: Rig) -> None:
     assert rig.dispatcher.in_flight == 1
     assert await rig.dispatcher.drain(5) == 0
     assert [a["status_code"] for a in rig.events.completions_of("T-slow")] == [400]
+
+
+# --------------------------------------------------------------------------------------
+# limits on one task: 400 by the poller, before a replica; fan-out held and released once
+# --------------------------------------------------------------------------------------
+
+
+OVER_LIMITS = [
+    ({"n": 17}, "n"),
+    ({"best_of": 17}, "best_of"),
+    ({"max_tokens": 101}, "max_tokens"),
+    ({"max_completion_tokens": 101}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x" * 1001}]}, "messages"),
+    ({"prompt": ["x" * 1000, "y"]}, "prompt"),
+    ({"input": "x" * 1001}, "input"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"s": "x" * 500}}},
+        "response_format",
+    ),
+    ({"guided_regex": "x" * 501}, "guided_regex"),
+]
+AT_LIMITS = [
+    {"n": 16, "best_of": 16, "max_tokens": 100, "max_completion_tokens": 100},
+    {"messages": [{"role": "user", "content": "x" * 1000}], "guided_regex": "x" * 500},
+    {"prompt": ["x" * 999, "y"], "structured_outputs": {"regex": "x" * 488}},
+]
+LIMITS = {"max_output_tokens": 100, "max_prompt_chars": 1000, "max_grammar_chars": 500}
+
+
+@pytest.mark.parametrize(("data", "param"), OVER_LIMITS)
+@pytest.mark.parametrize("mode", [BLOCKING, CALLBACK])
+async def test_a_task_over_a_limit_is_400_by_the_poller_and_never_reaches_a_replica(
+    data: dict[str, Any], param: str, mode: ResponseMode
+) -> None:
+    rig = Rig(**LIMITS)
+    task = make_task(mode, data={"messages": [{"role": "user", "content": "hi"}], **data})
+    await rig.run(task)
+    answer = rig.only_answer(task)
+    assert answer["status_code"] == 400
+    error = answer["body"]["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert "(max_" in error["message"]
+    assert rig.replicas.calls == []
+    assert rig.dispatcher.answered == {"2xx": 0, "4xx": 1, "5xx": 0}
+    assert rig.in_flight() == 0
+
+
+async def test_a_streaming_task_over_a_limit_gets_an_error_chunk_then_its_completion() -> None:
+    rig = Rig(**LIMITS)
+    task = make_task(STREAMING, data={"messages": [], "max_tokens": 101})
+    await rig.run(task)
+    assert kinds_and_ids(rig, task) == [("progress", "0"), ("completion", None)]
+    assert rig.only_answer(task)["status_code"] == 400
+    assert rig.replicas.calls == []
+
+
+@pytest.mark.parametrize("data", AT_LIMITS)
+async def test_a_task_at_the_limits_runs(data: dict[str, Any]) -> None:
+    rig = Rig(**LIMITS)
+    task = make_task(CALLBACK, data=data)
+    await rig.run(task)
+    assert [c.task_id for c in rig.replicas.calls] == [task.task_id]
+    assert rig.only_answer(task)["status_code"] == 200
+
+
+async def test_each_queue_has_its_own_limits() -> None:
+    rig = Rig(
+        queues=[QueueSpec(name="tight:1", max_n=2), QueueSpec(name="open:1", max_n=None)],
+        max_n=4,
+    )
+    data = {"messages": [{"role": "user", "content": "hi"}], "n": 3}
+    tight = make_task(CALLBACK, queue="tight", level=1, data=data)
+    wide = make_task(CALLBACK, queue="open", level=1, data={**data, "n": 100})
+    other = make_task(CALLBACK, queue="other", level=1, data=data)  # worker-wide: 4
+    for task in (tight, wide, other):
+        await rig.run(task)
+    assert rig.only_answer(tight)["status_code"] == 400
+    assert "at most 2 (max_n)" in rig.only_answer(tight)["body"]["error"]["message"]
+    assert sorted(c.task_id for c in rig.replicas.calls) == sorted([wide.task_id, other.task_id])
+
+
+async def test_a_fanned_out_task_holds_n_and_releases_n_once(rig: Rig) -> None:
+    gate = asyncio.Event()
+    rig.engine.script(gate, RESPONSE)
+    task = make_task(CALLBACK, data={"messages": [{"role": "user", "content": "hi"}], "n": 4})
+    assert rig.dispatcher.fan_out(task) == 4
+    assert rig.submit(task)
+    assert rig.in_flight() == 4
+    assert rig.capacity.remaining("m", Level.ONLINE) == 80 - 4
+    assert rig.submit(task) is False  # a redelivery: its caller's 4 come back at once
+    assert rig.in_flight() == 4
+    gate.set()
+    await rig.idle()
+    assert rig.in_flight() == 0
+    assert rig.released_n[task.task_id] == [4, 4]  # the duplicate's and the task's own
+    assert len(rig.answers(task)) == 1
+
+
+async def test_a_task_over_max_n_holds_at_most_max_n_until_its_400() -> None:
+    rig = Rig(max_n=8)
+    task = make_task(BLOCKING, data={"messages": [], "n": 16384})
+    assert rig.dispatcher.fan_out(task) == 8
+    await rig.run(task)
+    assert rig.only_answer(task)["status_code"] == 400
+    assert rig.released_n[task.task_id] == [8]
+    assert rig.in_flight() == 0

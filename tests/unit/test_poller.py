@@ -332,6 +332,59 @@ async def test_an_unexpected_error_kills_the_loop_visibly(make: Any) -> None:
     assert str(failure) == "bug"
 
 
+# -- fan-out and limits ----------------------------------------------------------------------
+
+
+def fanned(n: int, level: int = 1) -> Task:
+    return make_task(
+        "callback", queue="q", level=level, data={"messages": [{"role": "user"}], "n": n}
+    )
+
+
+async def test_a_task_with_n_holds_n_of_capacity_until_answered(make: Any) -> None:
+    gate = asyncio.Event()
+    rig = make(engine_default=[gate, {"id": "r"}])
+    task = fanned(3)
+    rig.taker.add(by_queue(task), by_queue(task))
+    rig.poller.start()
+    await until(lambda: rig.engine.active == 1)
+    await rig.takes(3)
+    assert rig.dispatcher.metrics.total("duplicates") == 1  # its 3 counted, released at once
+    assert rig.capacity.model("m").in_flight[Level.OFFLINE] == 3
+    assert rig.requests[2].size == 6 - 3  # offline room left after its 3 sequences
+    gate.set()
+    await until(lambda: rig.capacity.model("m").total_in_flight == 0)
+    await settle()
+    assert rig.capacity.model("m").in_flight == {Level.ONLINE: 0, Level.OFFLINE: 0}
+    assert len(rig.completer.completes) == 1
+
+
+async def test_a_task_over_max_n_is_400_without_a_replica_and_holds_nothing(make: Any) -> None:
+    rig = make()
+    task = fanned(17)  # DispatcherConfig's max_n is 16
+    rig.taker.add(by_queue(task))
+    rig.poller.start()
+    await until(lambda: len(rig.completer.completes) == 1)
+    await until(lambda: rig.capacity.model("m").total_in_flight == 0)
+    (complete,) = rig.completer.of(task.task_id)
+    assert complete["status_code"] == 400
+    assert complete["body"]["error"]["param"] == "n"
+    assert rig.engine.calls == []
+
+
+async def test_a_queues_own_limit_applies_to_its_tasks(make: Any) -> None:
+    rig = make([QueueSpec(name="q:1", max_output_tokens=64)])
+    ok = make_task("callback", queue="q", level=1, data={"messages": [], "max_tokens": 64})
+    over = make_task("callback", queue="q", level=1, data={"messages": [], "max_tokens": 65})
+    rig.taker.add(by_queue(ok, over))
+    rig.poller.start()
+    await until(lambda: len(rig.completer.completes) == 2)
+    assert rig.completer.of(ok.task_id)[0]["status_code"] == 200
+    error = rig.completer.of(over.task_id)[0]["body"]["error"]
+    assert (error["param"], error["type"]) == ("max_tokens", "invalid_request_error")
+    assert [c.task_id for c in rig.replicas.calls] == [ok.task_id]
+
+
 # -- duplicates ------------------------------------------------------------------------------
 
 
