@@ -13,9 +13,9 @@ This module owns the operator-facing commands:
 - ``emulator``, ``demo``, ``tiny-model``: hand their arguments to those modules' ``main``.
 
 It talks to Bella-Queue only through :class:`~ray_worker.bella.client.QueueClient` and to
-Redis through :func:`ray_worker.eventbus.writer.ping` and one ``CONFIG GET`` of its own
-(``_keyspace_events``, which turns every redis error into "unknown"), so it never sees httpx
-errors.
+Redis through :func:`ray_worker.eventbus.writer.ping` and
+:func:`~ray_worker.eventbus.writer.config_value` (one ``CONFIG GET``; every redis error is
+"unknown"), so it never sees httpx or redis errors.
 It must not print or log the API key or a Redis password (every line it prints is scrubbed of
 both, URLs go through ``protocol.redact_url``), and it must not start Ray.
 """
@@ -320,39 +320,6 @@ def keyspace_events_redeliver(flags: str) -> bool:
     return "E" in flags and ("x" in flags or "A" in flags)
 
 
-async def _keyspace_events(url: str, timeout_s: float) -> tuple[str | None, str]:
-    """``CONFIG GET notify-keyspace-events`` of the Redis at ``url``: (its value, "") or
-    (None, why it is unknown). A Redis that refuses CONFIG (ACL, a renamed command on a managed
-    Redis) is common and answers "unknown", never an error."""
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
-
-    try:
-        client: Redis = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            client_name="bella-ray-worker-check",
-            protocol=2,
-            decode_responses=True,
-        )
-    except ValueError as exc:
-        return None, f"invalid URL: {exc}"
-    try:
-        reply = await client.config_get(_KEYSPACE_SETTING)
-    except (RedisError, OSError, TimeoutError) as exc:
-        return None, f"CONFIG GET {_KEYSPACE_SETTING} failed: {type(exc).__name__}: {exc}"
-    finally:
-        await client.aclose()
-    value = reply.get(_KEYSPACE_SETTING) if isinstance(reply, Mapping) else None
-    if not isinstance(value, str):
-        return None, f"CONFIG GET {_KEYSPACE_SETTING} answered no value"
-    return value, ""
-
-
 async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_s: float) -> Check:
     """What Bella-Queue's redelivery of level-1 tasks needs (protocol §2.5): a
     ``process_timeout_s`` sent with the takes, and expired-key events on its Redis."""
@@ -375,7 +342,9 @@ async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_
     if bus is None:
         return Check(name, "skip", f"{sent}; Redis keyspace events not read: needs the event bus")
     shown = redact_url(bus.url)
-    flags, why = await _keyspace_events(bus.url, timeout_s)
+    from ray_worker.eventbus.writer import config_value
+
+    flags, why = await config_value(bus.url, _KEYSPACE_SETTING, timeout_s)
     needs = (
         f"Bella-Queue's redelivery timer needs {_KEYSPACE_SETTING} with E and x (e.g. Ex) "
         "on the Redis that holds its queues"

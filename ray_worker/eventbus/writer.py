@@ -105,6 +105,7 @@ __all__ = [
     "EventPublisher",
     "PublisherOptions",
     "PublisherStats",
+    "config_value",
     "ping",
 ]
 
@@ -835,6 +836,20 @@ class EventPublisher:
             )
 
 
+def _check_client(url: str, timeout_s: float) -> Redis:
+    """A one-shot client for a check (``ping``, ``keyspace_events``): no retries, short
+    timeouts, RESP2. Raises ``ValueError`` for a malformed URL."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        client_name="bella-ray-worker-check",
+        protocol=2,
+    )
+    return client
+
+
 async def ping(url: str, timeout_s: float = 5.0) -> None:
     """PING the Redis at ``url`` once (a reachability check, e.g. ``ray-worker check``).
 
@@ -844,14 +859,7 @@ async def ping(url: str, timeout_s: float = 5.0) -> None:
     """
     shown = redact_url(url)
     try:
-        client: Redis = Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            client_name="bella-ray-worker-check",
-            protocol=2,
-        )
+        client = _check_client(url, timeout_s)
     except ValueError as exc:
         raise EventBusUnavailableError(f"invalid event-bus URL {shown}: {exc}") from None
     try:
@@ -862,3 +870,27 @@ async def ping(url: str, timeout_s: float = 5.0) -> None:
         ) from None
     finally:
         await client.aclose()
+
+
+async def config_value(url: str, setting: str, timeout_s: float = 5.0) -> tuple[str | None, str]:
+    """``CONFIG GET setting`` of the Redis at ``url``: (its value, "") or (None, why it is
+    unknown). A Redis that refuses CONFIG (ACL, a renamed command on a managed Redis) is
+    common: that answers "unknown", never an error."""
+    try:
+        client = _check_client(url, timeout_s)
+    except ValueError as exc:
+        return None, f"invalid URL: {exc}"
+    try:
+        reply = await client.config_get(setting)
+    except (*_FAILURES, TimeoutError) as exc:
+        return None, f"CONFIG GET {setting} failed: {_describe(exc)}"
+    finally:
+        await client.aclose()
+    value: Any = None
+    if isinstance(reply, dict):  # keys are bytes: the client does not decode replies
+        value = next((v for k, v in reply.items() if k in (setting, setting.encode())), None)
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if not isinstance(value, str):
+        return None, f"CONFIG GET {setting} answered no value"
+    return value, ""
