@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ray.serve.llm import LLMConfig
 
 __all__ = [
+    "HEALTH_CHECK_PERIOD_S",
     "LORA_PATH_KEY",
     "SIM_ENGINE_KEY",
     "VLLM_DEFAULT_MAX_NUM_SEQS",
@@ -44,6 +45,9 @@ LORA_PATH_KEY = "bella_lora_path"
 (Ray's ``LoraConfig`` accepts only cloud paths; ``as_llm_config`` moves a local one here)."""
 
 _REMOTE_PREFIXES = ("s3://", "gs://", "abfss://", "azure://")
+
+HEALTH_CHECK_PERIOD_S = 5.0
+"""Serve's health-check period of the LLM deployments (the check reads a flag: it is cheap)."""
 
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's ``max_num_seqs`` when ``engine_kwargs`` leave it unset (its engine-args default on
@@ -113,6 +117,9 @@ def with_worker_defaults(
       Serve's router are served first-come first-served).
     - with autoscaling (no ``num_replicas``): ``target_ongoing_requests = max_num_seqs``
       (Ray LLM's own default of 1e9 never scales up).
+    - ``deployment_config.health_check_period_s = HEALTH_CHECK_PERIOD_S`` (Ray LLM's is 10 s,
+      and Serve replaces a replica after 3 failed checks: a dead engine then held its tasks
+      30 s before its replacement even began loading the model).
     """
     cfg = as_llm_config(llm_config)
     if engine == "simulated" and SIM_ENGINE_KEY not in cfg.experimental_configs:
@@ -122,6 +129,7 @@ def with_worker_defaults(
     max_num_seqs = max_num_seqs_of(cfg)
     deployment = cfg.deployment_config
     deployment.setdefault("max_ongoing_requests", 2 * max_num_seqs + 8)
+    deployment.setdefault("health_check_period_s", HEALTH_CHECK_PERIOD_S)
     if "num_replicas" not in deployment:
         autoscaling = deployment.setdefault("autoscaling_config", {})
         autoscaling.setdefault("target_ongoing_requests", max_num_seqs)

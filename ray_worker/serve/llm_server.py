@@ -306,7 +306,12 @@ class _TaskServingMixin:
         if self._tasks is None:
             raise EngineError("this LLM deployment was not built by the worker app: no task host")
         if self._engine_died():
-            raise EngineDeadError("the engine of this replica died; the task runs elsewhere")
+            # Refused as an outcome, not an exception: Serve would log a traceback per call.
+            from ray_worker.task.runner import refused_outcome
+            from ray_worker.worker.dispatcher import DONE
+
+            yield {"phase": DONE, "outcome": refused_outcome(str(task.get("task_id", "")))}
+            return
         async for message in self._tasks.run(task):
             yield message
 

@@ -75,6 +75,7 @@ __all__ = [
     "Outcome",
     "TaskRunner",
     "deadline_ms",
+    "refused_outcome",
 ]
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -628,9 +629,19 @@ class TaskRunner:
         return outcome
 
 
+def refused_outcome(task_id: str) -> Outcome:
+    """The outcome of a task a replica did not run because its engine is dead: ``retry``, so
+    the poller runs it on another replica."""
+    return _outcome_of(task_id, retry=True)
+
+
 def _outcome(task: Task, **fields: Any) -> Outcome:
+    return _outcome_of(task.task_id, **fields)
+
+
+def _outcome_of(task_id: str, **fields: Any) -> Outcome:
     out = Outcome(
-        task_id=task.task_id,
+        task_id=task_id,
         status_code=0,
         answered=False,
         delivered=False,

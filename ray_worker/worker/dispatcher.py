@@ -308,6 +308,8 @@ class Dispatcher:
                 if not self._accepting:
                     await self._answer_refused(task)
                     return None
+                if isinstance(err, EngineDeadError):
+                    await self._live_replica(model_id, deadline)
                 wait = overload_wait * random.uniform(0.5, 1.0)
                 if self.clock() + wait * 1000 >= deadline:
                     raise EngineOverloadedAnswer(
@@ -394,6 +396,13 @@ class Dispatcher:
                 )
                 return True
             await asyncio.sleep(_FATE_POLL_S)
+
+    async def _live_replica(self, model_id: str, deadline: int) -> None:
+        """After a replica with a dead engine refused or handed back a task: wait until the
+        model has a replica taking tasks (the replacement reports), within the deadline, rather
+        than calling the dead one again and again."""
+        while self.capacity.replicas(model_id) == 0 and self.clock() < deadline:
+            await self.capacity.wait_changed(1.0)
 
     def _leaves_for_redelivery(self, task: Task) -> bool:
         return self.redelivers and task.level != 0 and not task.is_online

@@ -8,7 +8,7 @@ A stop lets answers finish within the stop budget and never leaves one unanswere
 
 Real redis-server, the emulator, local Ray Serve and the simulated engine (20 tokens/s per
 sequence, so a task's length is its running time). The stop budget (``poller.drain_timeout_s``)
-is 2 s here. Each stop meets short tasks (0.5 s: they fit) and long ones (5 s: they do not):
+is 2 s here. Each stop meets short tasks (1 s: they fit) and long ones (5 s: they do not):
 a downscale (2 replicas to 1), a redeploy of a changed config, and the app's deletion (what
 Ctrl-C to ``serve run`` and ``serve shutdown`` do to every replica). The short tasks finish
 200; a long one is answered 503 once when its producer waits online or at level 0, and left
@@ -43,7 +43,7 @@ APIKEY = "test-key"
 MODEL = "sim-model"
 APP = "worker-stop"
 BUDGET_S = 2.0
-SHORT, LONG = 10, 100  # tokens: 0.5 s and 5 s at 20 tokens/s
+SHORT, LONG = 20, 100  # tokens: 1 s and 5 s at 20 tokens/s
 PROCESS_TIMEOUT_S = 8  # above a long task's run: a redelivered one ends before the next
 
 
@@ -125,15 +125,7 @@ async def _put_load(
     client: QueueClient, queue: str, receiver: CallbackReceiver, *, long_online: int
 ) -> Load:
     load = Load()
-    for tokens, n in ((SHORT, 2), (LONG, long_online)):
-        load.blocking[tokens] = [
-            asyncio.create_task(client.put_blocking(_put(queue, ResponseMode.BLOCKING, tokens)))
-            for _ in range(n)
-        ]
-        load.streams[tokens] = [
-            asyncio.create_task(_events(client, _put(queue, ResponseMode.STREAMING, tokens)))
-            for _ in range(n)
-        ]
+    # Callbacks first: a put returns at once, while the online puts hold their connections.
     for tokens, level, n in ((SHORT, 1, 1), (LONG, 0, 1), (LONG, 1, 2)):
         load.callbacks[(tokens, level)] = [
             await client.put(
@@ -145,6 +137,15 @@ async def _put_load(
                     callback_url=receiver.url,
                 )
             )
+            for _ in range(n)
+        ]
+    for tokens, n in ((SHORT, 2), (LONG, long_online)):
+        load.blocking[tokens] = [
+            asyncio.create_task(client.put_blocking(_put(queue, ResponseMode.BLOCKING, tokens)))
+            for _ in range(n)
+        ]
+        load.streams[tokens] = [
+            asyncio.create_task(_events(client, _put(queue, ResponseMode.STREAMING, tokens)))
             for _ in range(n)
         ]
     return load
