@@ -395,6 +395,17 @@ class PublisherOptions(_Frozen):
         ),
     )
     max_batch: int = Field(default=1000, ge=1, description="Most entries in one transaction.")
+    max_batch_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Most characters (keys, field names and values: about bytes) in one transaction; "
+            "an entry larger than this goes alone. Keeps a round of large answers (embeddings) "
+            "far below "
+            "Redis's query buffer limit (1 GiB), which would close the connection on every "
+            "retry and stall the node's events."
+        ),
+    )
     outage_timeout_s: float = Field(
         default=60.0,
         gt=0,

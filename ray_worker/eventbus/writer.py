@@ -229,7 +229,7 @@ class _LatencyWindow:
 
 
 class _Pending:
-    __slots__ = ("enqueued_at", "fields", "key", "owed", "seq")
+    __slots__ = ("enqueued_at", "fields", "key", "owed", "seq", "size")
 
     def __init__(
         self,
@@ -245,6 +245,8 @@ class _Pending:
         self.enqueued_at = enqueued_at
         self.owed = owed
         """An error answer the writer wrote itself: no caller waits for its fate."""
+        self.size = len(key) + sum(len(k) + len(v) for k, v in fields.items())
+        """Characters of the key, names and values (a round's byte bound counts them)."""
 
 
 class _Owed:
@@ -593,9 +595,22 @@ class EventPublisher:
         self._down_since = None
         self._answer_owed()
 
+    def _next_round(self) -> list[_Pending]:
+        """The entries of the next round: at most ``max_batch`` of them and
+        ``max_batch_bytes`` of keys and fields (always at least one)."""
+        opts = self.options
+        batch: list[_Pending] = []
+        size = 0
+        for entry in itertools.islice(self._queue, opts.max_batch):
+            size += entry.size
+            if batch and size > opts.max_batch_bytes:
+                break
+            batch.append(entry)
+        return batch
+
     async def _write_round(self) -> None:
         opts = self.options
-        batch = list(itertools.islice(self._queue, opts.max_batch))
+        batch = self._next_round()
         keys: list[str] = [self._marker_key]
         args: list[str | int] = [
             batch[0].seq,

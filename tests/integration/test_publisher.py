@@ -583,3 +583,20 @@ async def test_minid_trims_by_the_servers_clock(server: RedisServer, redis: Redi
     assert len(entries) == 1
     assert isinstance(decode_event(entries[0][1]), ProgressEvent)
     await pub.aclose()
+
+
+async def test_a_round_is_bounded_in_bytes(server: RedisServer, redis: Redis) -> None:
+    # Four 300 KB answers (embeddings, say) with a 500 KB round bound: four rounds, each with
+    # one of them, all written in order; small events share a round as usual.
+    options = FAST.model_copy(update={"max_batch_bytes": 500_000})
+    pub = EventPublisher(server.url, options)
+    big = {"data": [{"embedding": "x" * 300_000}]}
+    await pub.publish([progress("i", f"BIG-{n}", 0, big) for n in range(4)])
+    assert await pub.flush(10)
+    assert pub.stats()["batches"] == 4
+    await pub.publish([progress("i", "SMALL", n) for n in range(50)])
+    assert await pub.flush(10)
+    assert pub.stats()["batches"] == 5
+    entries = await xrange(redis, TOPIC + "i")
+    assert list(labels(entries)) == ["BIG-0", "BIG-1", "BIG-2", "BIG-3", "SMALL"]
+    await pub.aclose()

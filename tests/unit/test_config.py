@@ -106,6 +106,7 @@ def test_publisher_defaults() -> None:
         "max_buffered": 10_000,
         "send_interval_ms": 20.0,
         "max_batch": 1000,
+        "max_batch_bytes": 8 * 1024 * 1024,
         "outage_timeout_s": 60.0,
         "socket_timeout_s": 5.0,
         "connect_timeout_s": 2.0,
