@@ -100,9 +100,13 @@ class ReplicaLostAnswer(TaskError):
 
 
 class _Job:
-    __slots__ = ("accepted_by", "answering", "in_call")
+    __slots__ = ("accepted_by", "answering", "charged", "in_call", "n")
 
-    def __init__(self) -> None:
+    def __init__(self, charged: str, n: int) -> None:
+        self.charged = charged
+        """The model whose capacity the task holds: its pool's, then the one it runs on."""
+        self.n = n
+        """Engine sequences it holds there (its fan-out)."""
         self.in_call = False
         self.answering = False
         self.accepted_by: str | None = None
@@ -224,10 +228,11 @@ class Dispatcher:
             self.metrics.inc("duplicates")
             logger.info("ignoring a redelivered task", extra=task_context(task))
             return False
-        work = self._run(task, _Job()) if self._accepting else self._refuse(task)
+        state = _Job(pool_model, n)
+        work = self._run(task, state) if self._accepting else self._refuse(task)
         job = asyncio.create_task(work, name=f"dispatch-{task.task_id}")
         self._running[task.task_id] = job
-        job.add_done_callback(lambda j: self._finished(task, pool_model, n, j))
+        job.add_done_callback(lambda j: self._finished(task, state, j))
         return True
 
     async def drain(self, timeout_s: float) -> int:
@@ -243,10 +248,10 @@ class Dispatcher:
 
     # -- one task -------------------------------------------------------------------------
 
-    def _finished(self, task: Task, pool_model: str, n: int, job: asyncio.Task[None]) -> None:
+    def _finished(self, task: Task, state: _Job, job: asyncio.Task[None]) -> None:
         self._running.pop(task.task_id, None)
         level = Level.ONLINE if task.level == 0 else Level.OFFLINE
-        self.capacity.release(pool_model, level, n, task_id=task.task_id)
+        self.capacity.release(state.charged, level, state.n, task_id=task.task_id)
         self._remember(task)
         if not job.cancelled() and job.exception() is not None:
             # _run answers every error itself; reaching here is a bug worth a loud log.
@@ -260,6 +265,7 @@ class Dispatcher:
             # Over one of its queue's limits: 400, and it never reaches a replica.
             check_task(task.data, self.limits(task))
             model_id, adapter_id = self._resolve_model(task)
+            self._charge(task, job, model_id)
             outcome = await self._dispatch(task, model_id, job, adapter_id)
         except asyncio.CancelledError:
             if job.accepted_by is None:
@@ -396,6 +402,17 @@ class Dispatcher:
                 )
                 return True
             await asyncio.sleep(_FATE_POLL_S)
+
+    def _charge(self, task: Task, job: _Job, model_id: str) -> None:
+        """A task whose ``data.model`` names another served model than its queue's runs on
+        that model's replicas: it holds that model's capacity from now on, not its pool's (the
+        other model's poller then takes less for it)."""
+        if model_id == job.charged:
+            return
+        level = Level.ONLINE if task.level == 0 else Level.OFFLINE
+        self.capacity.release(job.charged, level, job.n, task_id=task.task_id)
+        self.capacity.acquire(model_id, level, job.n, task_id=task.task_id)
+        job.charged = model_id
 
     async def _live_replica(self, model_id: str, deadline: int) -> None:
         """After a replica with a dead engine refused or handed back a task: wait until the

@@ -199,13 +199,24 @@ async def test_tasks_run_concurrently(rig: Rig) -> None:
 # -- model routing ---------------------------------------------------------------------------
 
 
-async def test_served_model_is_routed_to() -> None:
+async def test_served_model_is_routed_to_and_holds_that_models_capacity() -> None:
     rig = Rig(models=("a", "b"))
+    gate = asyncio.Event()
+    rig.engine.script(gate, RESPONSE)
     task = make_task(CALLBACK, model="b")
-    await rig.run(task, pool="a")
+    assert rig.submit(task, pool="a")
+    await until(lambda: rig.engine.active == 1)
+    # Taken from a's queue, it runs on b: b's capacity counts it, a's no longer does.
+    assert (rig.capacity.in_flight("a"), rig.capacity.in_flight("b")) == (0, 1)
+    gate.set()
+    await until(lambda: not rig.dispatcher.holds(task.task_id))
     assert [(c.model_id, c.task_id) for c in rig.replicas.calls] == [("b", task.task_id)]
     assert rig.only_answer(task)["status_code"] == 200
-    assert rig.released(task) == [("a", Level.OFFLINE, task.task_id)]  # the pool it came from
+    assert rig.released(task) == [
+        ("a", Level.OFFLINE, task.task_id),  # moved to the model it runs on
+        ("b", Level.OFFLINE, task.task_id),  # its end
+    ]
+    assert (rig.capacity.in_flight("a"), rig.capacity.in_flight("b")) == (0, 0)
 
 
 async def test_missing_model_uses_the_queue_default() -> None:
