@@ -142,6 +142,14 @@ class QueuePoller:
         self._outboxes: dict[str, tuple[str, float, dict[str, Any]]] = {}
         """replica id -> (model id, monotonic time, outbox figures of its last load report)."""
         self.startup_error: str | None = None
+        # GET /bella and the publisher's figures are rebuilt at most once per max age, however
+        # many callers; the publisher's callers are status() builds, few, so they all wait.
+        self._http_status = StatusCache(
+            self._render_status, max_age_s=_STATUS_MAX_AGE_S, max_waiting=_STATUS_MAX_WAITING
+        )
+        self._publisher_cache: StatusCache[dict[str, Any] | None] = StatusCache(
+            self._fetch_publisher_stats, max_age_s=_STATUS_MAX_AGE_S, max_waiting=None
+        )
         self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
         self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
 
@@ -270,14 +278,7 @@ class QueuePoller:
         """This node's publisher actor: buffered, published, and what it gave up (tasks whole,
         events by kind) after Redis outages. None while it is not reachable. One call to the
         actor per ``_STATUS_MAX_AGE_S`` at most, shared by concurrent callers."""
-        cache: StatusCache[dict[str, Any] | None] | None = getattr(self, "_publisher_cache", None)
-        if cache is None:
-            # No bound on waiting: its callers are status() builds, few (HTTP ones are cached).
-            cache = StatusCache(
-                self._fetch_publisher_stats, max_age_s=_STATUS_MAX_AGE_S, max_waiting=None
-            )
-            self._publisher_cache = cache
-        return await cache.get()
+        return await self._publisher_cache.get()
 
     async def _fetch_publisher_stats(self) -> dict[str, Any] | None:
         actor = self.events.actor if self.events.started else None
@@ -295,7 +296,7 @@ class QueuePoller:
         "Observe"). Callers that come during a rebuild wait for it, ``_STATUS_MAX_WAITING`` at
         most; the others get the previous copy at once, or a 503 with ``Retry-After: 1`` while
         there is none yet."""
-        body = await self._http_status().get()
+        body = await self._http_status.get()
         if body is None:
             return JSONResponse(
                 {"error": "the status is being built; retry"},
@@ -303,17 +304,6 @@ class QueuePoller:
                 headers={"Retry-After": "1"},
             )
         return Response(body, media_type="application/json")
-
-    def _http_status(self) -> StatusCache[bytes]:
-        cache: StatusCache[bytes] | None = getattr(self, "_http_status_cache", None)
-        if cache is None:
-            cache = StatusCache(
-                self._render_status,
-                max_age_s=_STATUS_MAX_AGE_S,
-                max_waiting=_STATUS_MAX_WAITING,
-            )
-            self._http_status_cache = cache
-        return cache
 
     async def _render_status(self) -> bytes:
         return bytes(JSONResponse(await self.status()).body)

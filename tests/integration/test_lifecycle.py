@@ -151,6 +151,25 @@ async def _put_load(
     return load
 
 
+async def _running_load(
+    worker: Any,
+    client: QueueClient,
+    queue: str,
+    receiver: CallbackReceiver,
+    redis_server: RedisServer,
+    emulator: EmulatorServer,
+    *,
+    long_online: int,
+) -> tuple[str, Load]:
+    """Put a ``Load`` on the running worker and wait until all of it generates; returns the
+    event stream's last entry id from before the puts, and the load."""
+    await worker_running(worker)
+    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
+    load = await _put_load(client, queue, receiver, long_online=long_online)
+    await _all_running(worker, load.count)
+    return start, load
+
+
 async def _all_running(worker: Any, n: int) -> None:
     async def running() -> bool:
         status = await worker.status.remote()
@@ -267,16 +286,10 @@ async def test_a_downscale_lets_short_tasks_finish_and_answers_the_rest_once(
     emulator: EmulatorServer,
     redis_server: RedisServer,
 ) -> None:
-    await worker_running(worker)
-    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
-
-    async def two_replicas() -> bool:
-        s = await worker.status.remote()
-        return bool(s["pools"][0]["capacity"]["replicas"] == 2)
-
-    await wait_for(two_replicas, timeout=120, interval=0.25, message="2 replicas reporting")
-    load = await _put_load(client, queue, receiver, long_online=4)
-    await _all_running(worker, load.count)
+    await _replicas(worker, 2)
+    start, load = await _running_load(
+        worker, client, queue, receiver, redis_server, emulator, long_online=4
+    )
 
     args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.05)
     redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
@@ -318,10 +331,9 @@ async def test_a_redeploy_cuts_long_tasks_at_the_budget_and_redelivers_level_1(
     emulator: EmulatorServer,
     redis_server: RedisServer,
 ) -> None:
-    await worker_running(worker)
-    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
-    load = await _put_load(client, queue, receiver, long_online=2)
-    await _all_running(worker, load.count)
+    start, load = await _running_load(
+        worker, client, queue, receiver, redis_server, emulator, long_online=2
+    )
 
     # A changed engine setting: every replica of the old version stops.
     args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.06)
@@ -417,10 +429,9 @@ async def test_deleting_the_app_answers_online_503_and_leaves_level_1(
 ) -> None:
     from ray import serve
 
-    await worker_running(worker)
-    start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
-    load = await _put_load(client, queue, receiver, long_online=2)
-    await _all_running(worker, load.count)
+    start, load = await _running_load(
+        worker, client, queue, receiver, redis_server, emulator, long_online=2
+    )
 
     # What Ctrl-C to `serve run` and `serve shutdown` do: every replica stops gracefully.
     deleting = asyncio.create_task(asyncio.to_thread(serve.delete, APP))
