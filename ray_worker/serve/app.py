@@ -56,8 +56,11 @@ __all__ = ["QueuePoller", "build_app"]
 _STATUS_GAUGE_PERIOD_S = 1.0
 _OUTBOX_KEYS = ("outbox_", "complete_")
 """Keys of a replica's load report that are its outbox figures (``Outbox.stats``)."""
-_STATUS_MAX_AGE_S = 1.0
-"""``GET /bella`` and the publisher's figures are rebuilt at most this often (StatusCache)."""
+_STATUS_MAX_AGE_S = 0.2
+"""``GET /bella`` is rebuilt at most this often (StatusCache): fresh enough for a person or a
+script watching a task's state, few builds however many call."""
+_PUBLISHER_MAX_AGE_S = 1.0
+"""The publisher actor is asked for its figures at most this often (one fan-out a second)."""
 _STATUS_MAX_WAITING = 8
 """HTTP callers that wait for a rebuild of the status; the others get the previous copy."""
 
@@ -148,7 +151,7 @@ class QueuePoller:
             self._render_status, max_age_s=_STATUS_MAX_AGE_S, max_waiting=_STATUS_MAX_WAITING
         )
         self._publisher_cache: StatusCache[dict[str, Any] | None] = StatusCache(
-            self._fetch_publisher_stats, max_age_s=_STATUS_MAX_AGE_S, max_waiting=None
+            self._fetch_publisher_stats, max_age_s=_PUBLISHER_MAX_AGE_S, max_waiting=None
         )
         self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
         self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
@@ -277,7 +280,7 @@ class QueuePoller:
     async def _publisher_stats(self) -> dict[str, Any] | None:
         """This node's publisher actor: buffered, published, and what it gave up (tasks whole,
         events by kind) after Redis outages. None while it is not reachable. One call to the
-        actor per ``_STATUS_MAX_AGE_S`` at most, shared by concurrent callers."""
+        actor per ``_PUBLISHER_MAX_AGE_S`` at most, shared by concurrent callers."""
         return await self._publisher_cache.get()
 
     async def _fetch_publisher_stats(self) -> dict[str, Any] | None:
