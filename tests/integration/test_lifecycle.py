@@ -170,6 +170,14 @@ async def _running_load(
     return start, load
 
 
+async def _short_ones_finish(load: Load) -> None:
+    """The short online tasks of ``load`` fit in the stop budget: 200, whole streams."""
+    blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[SHORT]), 60)
+    assert [r.status_code for r in blocking] == [200, 200]
+    for events in await asyncio.wait_for(asyncio.gather(*load.streams[SHORT]), 60):
+        assert _stream_ok(events)
+
+
 async def _all_running(worker: Any, n: int) -> None:
     async def running() -> bool:
         status = await worker.status.remote()
@@ -294,10 +302,7 @@ async def test_a_downscale_lets_short_tasks_finish_and_answers_the_rest_once(
     args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.05)
     redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
 
-    blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[SHORT]), 60)
-    assert [r.status_code for r in blocking] == [200, 200]
-    for events in await asyncio.wait_for(asyncio.gather(*load.streams[SHORT]), 60):
-        assert _stream_ok(events)
+    await _short_ones_finish(load)
     # The long ones: the surviving replica finishes its own (200); the stopped replica's are
     # cut at the end of the budget (503): one answer each either way, never a hole.
     cut = 0
@@ -339,10 +344,7 @@ async def test_a_redeploy_cuts_long_tasks_at_the_budget_and_redelivers_level_1(
     args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.06)
     redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
 
-    blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[SHORT]), 60)
-    assert [r.status_code for r in blocking] == [200, 200]
-    for events in await asyncio.wait_for(asyncio.gather(*load.streams[SHORT]), 60):
-        assert _stream_ok(events)
+    await _short_ones_finish(load)
     long_blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[LONG]), 60)
     assert [r.status_code for r in long_blocking] == [503, 503]
     assert all("shutting down" in r.body["error"]["message"] for r in long_blocking)
