@@ -9,6 +9,12 @@ policy sizes the deployment for what runs *and* what waits:
 
     desired = ceil((ongoing + backlog) / target_ongoing_requests)
 
+and never fewer replicas than those holding undelivered answers (each replica reports how many
+answers its outbox still holds, ``bella_undelivered``: during a Bella-Queue outage a finished
+task's answer lives only in its replica's memory, so a downscale to fewer replicas than hold
+answers would stop one of them; a stop still hands its answers to a live poller, see
+``ray_worker.serve.task_host``, but only while one runs).
+
 ``ongoing`` is Serve's own count of requests at the replicas and queued at handles (so the
 cold start from zero, driven by a probe task the poller dispatches while no replica runs,
 works as usual). ``target_ongoing_requests`` defaults to the tasks the worker holds per
@@ -23,10 +29,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["BACKLOG_METRIC", "POLICY_PATH", "backlog_policy", "desired_replicas"]
+__all__ = [
+    "BACKLOG_METRIC",
+    "POLICY_PATH",
+    "UNDELIVERED_METRIC",
+    "backlog_policy",
+    "desired_replicas",
+]
 
 BACKLOG_METRIC = "bella_backlog"
 """Custom autoscaling metric each LLM replica reports (``record_autoscaling_stats``)."""
+UNDELIVERED_METRIC = "bella_undelivered"
+"""Custom autoscaling metric: answers this replica's outbox holds, not yet delivered."""
 POLICY_PATH = "ray_worker.serve.autoscaling:backlog_policy"
 
 
@@ -43,6 +57,12 @@ def _backlog(aggregated: Mapping[str, Mapping[Any, float]] | None) -> float:
     return max((float(v) for v in values.values()), default=0.0)
 
 
+def _holding(aggregated: Mapping[str, Mapping[Any, float]] | None) -> int:
+    # Per replica: how many replicas hold at least one undelivered answer.
+    values = (aggregated or {}).get(UNDELIVERED_METRIC) or {}
+    return sum(1 for v in values.values() if float(v) > 0)
+
+
 def backlog_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
     """Serve custom autoscaling policy: size for running plus backlogged tasks.
 
@@ -55,10 +75,12 @@ def backlog_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
     except Exception:  # custom metrics not reported (yet): fall back to ongoing requests only
         aggregated = None
     backlog = _backlog(aggregated)
+    holding = _holding(aggregated)
     ongoing = float(ctx.total_num_requests)
+    state = {"backlog": backlog, "ongoing": ongoing, "holding": holding}
     if ctx.current_num_replicas == 0:
         # No replica reports a backlog at zero: the poller's probe task shows as a queued
         # request at the handle, which Serve's cold-start path already turns into one replica.
-        return float(ctx.target_num_replicas), {"backlog": backlog, "ongoing": ongoing}
-    desired = desired_replicas(ongoing, backlog, target)
-    return desired, {"backlog": backlog, "ongoing": ongoing, "desired": desired}
+        return float(ctx.target_num_replicas), state
+    desired = max(desired_replicas(ongoing, backlog, target), float(holding))
+    return desired, {**state, "desired": desired}

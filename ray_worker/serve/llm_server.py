@@ -284,15 +284,19 @@ class _TaskServingMixin:
             tasks.check_health()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve custom autoscaling metrics: the backlog the poller sees for this model.
+        """Serve custom autoscaling metrics: the backlog the poller sees for this model (0
+        until the poller answers a report) and the answers this replica's outbox holds.
 
-        Read by ``ray_worker.serve.autoscaling.backlog_policy``; 0 until the poller answers a
-        report.
+        Read by ``ray_worker.serve.autoscaling.backlog_policy``.
         """
-        from ray_worker.serve.autoscaling import BACKLOG_METRIC
+        from ray_worker.serve.autoscaling import BACKLOG_METRIC, UNDELIVERED_METRIC
 
         reporter = getattr(self, "_load_reporter", None)
-        return {BACKLOG_METRIC: float(reporter.backlog) if reporter is not None else 0.0}
+        tasks = getattr(self, "_tasks", None)
+        return {
+            BACKLOG_METRIC: float(reporter.backlog) if reporter is not None else 0.0,
+            UNDELIVERED_METRIC: float(tasks.outbox.entries) if tasks is not None else 0.0,
+        }
 
     # -- entry points -----------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ check, each on its own, that an online task put during the backlog is answered w
 of offline tasks still wait, that Serve sizes the deployment up to ``max_replicas`` and the
 extra replicas serve, that the worker never holds more than its replicas' targets, and that
 the deployment shrinks back to ``min_replicas`` once idle. A second deployment allowed to scale
-to zero is woken by a task and goes back to zero.
+to zero is woken by a task, stays up while its answer waits for Bella-Queue (completes refused
+for a while), and goes back to zero once it is delivered.
 
 Bounds on time are generous multiples of the configured delays (two shared cores; a simulated
 replica still imports ``ray.serve.llm`` and takes 10-30 s to start).
@@ -356,6 +357,9 @@ async def test_scale_to_zero_wakes_for_a_task_and_sleeps_again(
 
         await wait_for(polling_at_zero, timeout=STARTUP_S, interval=0.25)
 
+        # A gateway in front of Bella-Queue refuses completes for now: the answer waits in the
+        # woken replica's outbox, and the replica is kept while it holds it.
+        emulator.fail_completes(503, "<html>maintenance</html>", {"Retry-After": "1"})
         task_id = await client.put(
             PutRequest(
                 endpoint="/v1/chat/completions",
@@ -378,7 +382,23 @@ async def test_scale_to_zero_wakes_for_a_task_and_sleeps_again(
                     return body
             return None
 
-        payload = await wait_for(answer, timeout=STARTUP_S, interval=0.25, message="answer")
+        try:
+
+            async def held() -> bool:
+                status = await handle.status.remote()
+                return bool(_pool(status)["outbox"].get("outbox_entries", 0) >= 1)
+
+            await wait_for(held, timeout=STARTUP_S, interval=0.25, message="answer held")
+            # Idle but holding an answer: past downscale_to_zero_delay_s + look_back_period_s,
+            # the replica is still there (before, it went and handed the answer to the poller).
+            hold_until = time.monotonic() + 2.0 + LOOK_BACK_S + 4.0
+            while time.monotonic() < hold_until:
+                assert _serve_replicas(app, ZERO_MODEL).get("RUNNING") == 1
+                await asyncio.sleep(0.25)
+            assert answer() is None
+        finally:
+            emulator.heal_completes()
+        payload = await wait_for(answer, timeout=60, interval=0.25, message="answer")
         assert payload["status_code"] == 200
 
         # Idle again: downscale_to_zero_delay_s + look_back_period_s + a graceful stop.

@@ -13,6 +13,7 @@ from test_poller import make, rigs, tasks_of  # noqa: F401 - fixtures
 from ray_worker.serve.autoscaling import (
     BACKLOG_METRIC,
     POLICY_PATH,
+    UNDELIVERED_METRIC,
     backlog_policy,
     desired_replicas,
 )
@@ -63,6 +64,20 @@ def test_policy_scales_up_on_backlog_reported_by_replicas() -> None:
 def test_policy_without_backlog_follows_running_requests() -> None:
     assert backlog_policy(_Ctx(3, 20))[0] == 2
     assert backlog_policy(_Ctx(3, 0))[0] == 0
+
+
+def test_policy_keeps_every_replica_that_holds_undelivered_answers() -> None:
+    # Idle (nothing running, nothing waiting) but two of three replicas still hold answers
+    # Bella-Queue did not take yet (an outage): only the third may go.
+    held = {UNDELIVERED_METRIC: {"r1": 3.0, "r2": 0.0, "r3": 1.0}}
+    desired, state = backlog_policy(_Ctx(3, 0, aggregated_metrics=held))
+    assert desired == 2
+    assert state["holding"] == 2
+    # Load above that still decides.
+    assert backlog_policy(_Ctx(3, 30, aggregated_metrics=held))[0] == 3
+    # Delivered: back to the load alone.
+    done = {UNDELIVERED_METRIC: {"r1": 0.0, "r3": 0.0}}
+    assert backlog_policy(_Ctx(3, 0, aggregated_metrics=done))[0] == 0
 
 
 def test_policy_at_zero_defers_to_serve_cold_start() -> None:
