@@ -41,7 +41,13 @@ import yaml
 from pydantic import SecretStr, ValidationError
 
 from ray_worker.bella.client import QueueClient
-from ray_worker.bella.protocol import EventBusConfig, Level, redact_url
+from ray_worker.bella.protocol import (
+    KEYSPACE_EVENTS_SETTING,
+    EventBusConfig,
+    Level,
+    keyspace_events_redeliver,
+    redact_url,
+)
 from ray_worker.config import EnvSettings, WorkerAppArgs, load_app_args, plaintext_url_warnings
 from ray_worker.errors import (
     AuthenticationError,
@@ -58,7 +64,6 @@ __all__ = [
     "Check",
     "fetch_status",
     "format_status",
-    "keyspace_events_redeliver",
     "main",
 ]
 
@@ -307,19 +312,6 @@ async def _check_eventbus(
     return Check(name, "ok", f"{shown} answered PING ({source})"), bus
 
 
-_KEYSPACE_SETTING = "notify-keyspace-events"
-
-
-def keyspace_events_redeliver(flags: str) -> bool:
-    """Whether Redis's ``notify-keyspace-events`` value lets Bella-Queue's redelivery timer fire.
-
-    The server ``PSUBSCRIBE``s ``__keyevent@0__:expired`` (protocol §2.5): keyevent
-    notifications (``E``) of expired keys (``x``, or ``A``, which includes it) are needed;
-    ``K`` (keyspace channels) and ``g`` (generic commands) do not deliver that channel.
-    """
-    return "E" in flags and ("x" in flags or "A" in flags)
-
-
 async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_s: float) -> Check:
     """What Bella-Queue's redelivery of level-1 tasks needs (protocol §2.5): a
     ``process_timeout_s`` sent with the takes, and expired-key events on its Redis."""
@@ -344,9 +336,9 @@ async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_
     shown = redact_url(bus.url)
     from ray_worker.eventbus.writer import config_value
 
-    flags, why = await config_value(bus.url, _KEYSPACE_SETTING, timeout_s)
+    flags, why = await config_value(bus.url, KEYSPACE_EVENTS_SETTING, timeout_s)
     needs = (
-        f"Bella-Queue's redelivery timer needs {_KEYSPACE_SETTING} with E and x (e.g. Ex) "
+        f"Bella-Queue's redelivery timer needs {KEYSPACE_EVENTS_SETTING} with E and x (e.g. Ex) "
         "on the Redis that holds its queues"
     )
     if flags is None:
@@ -356,22 +348,22 @@ async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_
         return Check(
             name,
             "ok",
-            f"{sent}; {shown} has {_KEYSPACE_SETTING} {flags!r} (expired-key events{which})",
+            f"{sent}; {shown} has {KEYSPACE_EVENTS_SETTING} {flags!r} (expired-key events{which})",
         )
     if bus.reported:
         return Check(
             name,
             "FAIL",
             f"{sent}, but {shown} ({bus.source}, the Redis that holds the queues) has "
-            f"{_KEYSPACE_SETTING} {flags!r}: the server never sees a timeout expire, so level-1 "
-            f"tasks cut short by a stop or a crash are never redelivered; {needs} "
-            f"(CONFIG SET {_KEYSPACE_SETTING} Ex, and in its redis.conf)",
+            f"{KEYSPACE_EVENTS_SETTING} {flags!r}: the server never sees a timeout expire, so "
+            f"level-1 tasks cut short by a stop or a crash are never redelivered; {needs} "
+            f"(CONFIG SET {KEYSPACE_EVENTS_SETTING} Ex, and in its redis.conf)",
         )
     return Check(
         name,
         "WARN",
-        f"{sent}; {shown} ({bus.source}) has {_KEYSPACE_SETTING} {flags!r}: if it is the Redis "
-        f"that holds Bella-Queue's queues, level-1 tasks cut short by a stop or a crash are "
+        f"{sent}; {shown} ({bus.source}) has {KEYSPACE_EVENTS_SETTING} {flags!r}: if it is the "
+        f"Redis that holds Bella-Queue's queues, level-1 tasks cut short by a stop or a crash are "
         f"never redelivered; {needs}",
     )
 

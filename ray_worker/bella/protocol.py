@@ -930,6 +930,20 @@ class BatchInputLine(InboundModel):
     body: dict[str, Any] = Field(default_factory=dict)
 
 
+KEYSPACE_EVENTS_SETTING = "notify-keyspace-events"
+"""The Redis setting Bella-Queue's redelivery timer depends on (§2.5)."""
+
+
+def keyspace_events_redeliver(flags: str) -> bool:
+    """Whether Redis's ``notify-keyspace-events`` value lets Bella-Queue's redelivery timer fire.
+
+    The server ``PSUBSCRIBE``s ``__keyevent@0__:expired`` (§2.5): keyevent notifications
+    (``E``) of expired keys (``x``, or ``A``, which includes it) are needed; ``K`` (keyspace
+    channels) and ``g`` (generic commands) do not deliver that channel.
+    """
+    return "E" in flags and ("x" in flags or "A" in flags)
+
+
 class BatchOutputLine(WireModel):
     """One line of a batch output file: the worker's complete payload verbatim (§7)."""
 
@@ -942,6 +956,7 @@ __all__ = [
     "COMPLETION_EVENT",
     "FIFO_TAKE_CAP",
     "JAVA_LONG_MAX",
+    "KEYSPACE_EVENTS_SETTING",
     "PROGRESS_EVENT",
     "STREAM_DONE",
     "Batch",
@@ -972,6 +987,7 @@ __all__ = [
     "dumps",
     "event_minid",
     "full_queue_name",
+    "keyspace_events_redeliver",
     "make_batch_id",
     "make_task_id",
     "now_ms",

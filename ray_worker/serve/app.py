@@ -40,6 +40,7 @@ from ray_worker.eventbus.actor import EventBusClient
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.proc import tolerate_surrogates_in_output
 from ray_worker.serve.handles import POLLER_DEPLOYMENT, ServeReplicas, hand_over_answers
+from ray_worker.serve.redelivery import redelivery_missing
 from ray_worker.task.outbox import Outbox
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
@@ -153,6 +154,7 @@ class QueuePoller:
         self._publisher_cache: StatusCache[dict[str, Any] | None] = StatusCache(
             self._fetch_publisher_stats, max_age_s=_PUBLISHER_MAX_AGE_S, max_waiting=None
         )
+        self._bus_url = ""
         self._main = asyncio.get_running_loop().create_task(self._start(), name="poller-start")
         self._gauges = asyncio.get_running_loop().create_task(self._export_gauges())
 
@@ -175,12 +177,26 @@ class QueuePoller:
         for warning in plaintext_url_warnings(queue_url=self.args.queue_url, eventbus_url=url):
             logger.warning("%s", warning)
         await self.events.start(url, eventbus.topic)
+        self._bus_url = url
+        await self._check_redelivery()
         self.startup_error = None
         self.state = "running"
         logger.info(
             "polling %s with %s", [q.name for q in self.args.queues], self.args.poller.strategy
         )
         self.poller.start()
+
+    async def _check_redelivery(self) -> None:
+        """Leave level-1 tasks no replica could run for redelivery only while the Redis of
+        Bella-Queue's queues fires the redelivery timer (``ray_worker.serve.redelivery``)."""
+        if self.args.poller.process_timeout_s <= 0 or not self._bus_url:
+            return
+        with contextlib.suppress(Exception):  # a check never stops the start or the stop
+            why = await redelivery_missing(self._bus_url)
+            if (why is None) != self.dispatcher.redelivers:
+                self.dispatcher.redelivers = why is None
+                if why is not None:
+                    logger.warning("%s", why)
 
     async def _register_queues(self) -> None:
         endpoint = "/v1/chat/completions"
@@ -261,6 +277,8 @@ class QueuePoller:
             "queues": [q.name for q in self.args.queues],
             "strategy": self.args.poller.strategy.value,
             **polled,
+            # False: level-1 tasks are answered 503 rather than left for redelivery.
+            "redelivers": self.dispatcher.redelivers,
             "answered": dict(self.dispatcher.answered),
             "cancelled": self.dispatcher.cancelled,
             "tokens": dict(self.dispatcher.tokens),
@@ -335,6 +353,7 @@ class QueuePoller:
         self._main.cancel()
         self._gauges.cancel()
         await self.poller.stop()
+        await self._check_redelivery()
         left = await self.dispatcher.drain(self.args.poller.drain_timeout_s + STOP_MARGIN_S)
         if left:
             logger.warning("stopped waiting for %d tasks; their replicas answer them", left)

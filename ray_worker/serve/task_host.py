@@ -13,7 +13,9 @@ that dies or restarts does not stop it.
 Stopping (``begin_stop``, as soon as Serve starts stopping the replica, and ``aclose``): new
 runs are refused with ``ReplicaUnavailableError`` (the poller runs them elsewhere), running
 tasks get the stop budget (``drain_timeout_s``) to finish, then the runner cuts the rest short
-(503, or left for redelivery at level 1); the outbox gets what is left of the margin.
+(503, or left for redelivery at level 1 while the Redis of Bella-Queue's queues fires the
+redelivery timer: read at the start and again at the stop, ``serve.redelivery``); the outbox
+gets what is left of the margin.
 
 It must not hold task logic (``ray_worker.task.runner`` does).
 """
@@ -36,6 +38,7 @@ from ray_worker.config import STOP_MARGIN_S, RunnerSettings
 from ray_worker.errors import EngineError, ReplicaUnavailableError, WorkerError
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.handles import hand_over_answers
+from ray_worker.serve.redelivery import redelivery_missing
 from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.outbox import Outbox
 from ray_worker.task.runner import Outcome, TaskRunner
@@ -131,6 +134,7 @@ class ReplicaTasks:
                 self.cancel_watch.run(), name="replica-cancel-watch"
             )
         self.bus_error: str | None = None
+        self._bus_url = ""
         self._bus_ready = asyncio.Event()
         self._start = asyncio.get_running_loop().create_task(
             self._connect_bus(), name="replica-event-bus"
@@ -145,6 +149,7 @@ class ReplicaTasks:
                 eventbus = await self.client.eventbus()
                 url = self.settings.eventbus_url or eventbus.url
                 await self.events.start(url, eventbus.topic)
+                self._bus_url = url
                 break
             except WorkerError as err:
                 self.bus_error = f"event bus not reachable yet: {err}"
@@ -153,6 +158,26 @@ class ReplicaTasks:
             wait = min(wait * 2, 10.0)
         self.bus_error = None
         self._bus_ready.set()
+        await self._check_redelivery()
+
+    async def _check_redelivery(self) -> None:
+        """Answer level-1 tasks cut short with 503 instead of leaving them, while the Redis
+        of Bella-Queue's queues is known not to fire its redelivery timer (asked at the start
+        and at a stop; ``ray_worker.serve.redelivery``)."""
+        if not self.settings.redelivers or not self._bus_url:
+            return  # process_timeout_s 0: nothing is left for redelivery anyway
+        try:
+            why = await redelivery_missing(self._bus_url)
+        except Exception as err:  # never let a check stop the start or the stop
+            logger.debug("redelivery check failed: %r", err)
+            return
+        redelivers = why is None
+        if redelivers != self.runner.redelivers:
+            self.runner.redelivers = redelivers
+            if why is not None:
+                logger.warning("%s", why)
+            else:
+                logger.info("Bella-Queue's redelivery works again: level-1 tasks are left to it")
 
     @property
     def stopping(self) -> bool:
@@ -172,8 +197,16 @@ class ReplicaTasks:
             budget_s,
         )
         self._stopping = asyncio.get_running_loop().create_task(
-            self.runner.drain(budget_s), name="replica-stop"
+            self._drain(budget_s), name="replica-stop"
         )
+
+    async def _drain(self, budget_s: float) -> int:
+        # What a stop does with level-1 tasks it cuts short depends on redelivery now.
+        checked = asyncio.get_running_loop().create_task(self._check_redelivery())
+        try:
+            return await self.runner.drain(budget_s)
+        finally:
+            checked.cancel()
 
     async def run(self, task_wire: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Run one task given by the poller; see the module docstring for what it yields."""

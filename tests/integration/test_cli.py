@@ -25,7 +25,8 @@ import pytest
 import redis
 import yaml
 
-from ray_worker.cli import format_status, keyspace_events_redeliver, main
+from ray_worker.bella.protocol import keyspace_events_redeliver
+from ray_worker.cli import format_status, main
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.waiting import wait_for_sync
@@ -639,3 +640,22 @@ def test_a_killed_supervisor_takes_serve_run_down(tmp_path: Path) -> None:
         proc.wait()
         wait_for_sync(lambda: not _alive(child), 30)
         assert out.read_text().splitlines() == ["started"]  # SIGTERM: no drain, but gone
+
+
+async def test_the_worker_itself_reads_whether_redelivery_can_fire(
+    redis_server: RedisServer, bare_redis: RedisServer
+) -> None:
+    # What the poller and each replica ask at their start and stop (ray_worker.serve.redelivery).
+    from ray_worker.serve.redelivery import redelivery_missing
+
+    assert await redelivery_missing(redis_server.url) is None  # Ex: the timer fires
+    why = await redelivery_missing(bare_redis.url)
+    assert why is not None
+    assert "notify-keyspace-events ''" in why
+    assert "answered 503" in why
+    # CONFIG refused (managed Redis): unknown, the configured behaviour stays.
+    user, password = NO_CONFIG_USER
+    assert (
+        await redelivery_missing(f"redis://{user}:{password}@127.0.0.1:{bare_redis.port}/0") is None
+    )
+    assert await redelivery_missing(f"redis://127.0.0.1:{free_port()}/0", timeout_s=1) is None

@@ -14,7 +14,8 @@ Ctrl-C to ``serve run`` and ``serve shutdown`` do to every replica). The short t
 200; a long one is answered 503 once when its producer waits online or at level 0, and left
 for redelivery at level 1 (then answered once, 200, by the replica the server redelivers it
 to). Every answer is counted where it lands: completion events in the Redis stream, HTTP
-completes at the callback receiver.
+completes at the callback receiver. A last app runs on a Redis without keyspace events
+(Bella-Queue's redelivery timer never fires): its stop answers level 1 503 instead.
 """
 
 from __future__ import annotations
@@ -452,3 +453,46 @@ async def test_deleting_the_app_answers_online_503_and_leaves_level_1(
     for task_id in load.callbacks[(LONG, 1)]:
         assert receiver.answers(task_id) == []  # left for redelivery (no worker runs now)
     await _exactly_once(redis_server, emulator, start, online=load.online)
+
+
+async def test_a_stop_answers_level_1_503_when_bella_queues_redis_cannot_redeliver(
+    ray_serve: Any,
+    client: QueueClient,
+    receiver: CallbackReceiver,
+    emulator: EmulatorServer,
+    redis_server: RedisServer,
+) -> None:
+    """Bella-Queue's Redis without keyspace events never fires the redelivery timer: a
+    level-1 task the stop cuts short is answered 503, not left to a redelivery that never
+    comes. The worker reads the setting itself (the poller at its start, each replica at its
+    start and its stop)."""
+    import redis
+    from ray import serve
+
+    queue = f"bare-{uuid.uuid4().hex[:8]}"
+    app = f"{APP}-bare"
+    setting = "notify-keyspace-events"
+    redis_client = redis.Redis.from_url(redis_server.url)
+    before = redis_client.config_get(setting)[setting]
+    redis_client.config_set(setting, "")
+    try:
+        args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.05)
+        with deployed_worker(args, app, APIKEY) as handle:
+            await worker_running(handle)
+            assert (await handle.status.remote())["redelivers"] is False
+            ids = [
+                await client.put(
+                    _put(queue, ResponseMode.CALLBACK, LONG, level=1, callback_url=receiver.url)
+                )
+                for _ in range(2)
+            ]
+            await _all_running(handle, 2)
+            await asyncio.wait_for(asyncio.to_thread(serve.delete, app), 90)
+    finally:
+        redis_client.config_set(setting, before)
+        redis_client.close()
+    for task_id in ids:
+        answers = await wait_for(lambda t=task_id: receiver.answers(t), timeout=30)
+        assert [a["status_code"] for a in answers] == [503]
+    await asyncio.sleep(1.0)
+    assert all(len(receiver.answers(t)) == 1 for t in ids)
