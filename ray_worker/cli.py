@@ -42,9 +42,11 @@ from pydantic import SecretStr, ValidationError
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import (
+    DEFAULT_ENDPOINT,
     KEYSPACE_EVENTS_SETTING,
     EventBusConfig,
     Level,
+    describe_validation,
     keyspace_events_redeliver,
     redact_url,
 )
@@ -69,7 +71,6 @@ __all__ = [
 
 DEFAULT_STATUS_URL = "http://127.0.0.1:8000/bella"
 """Where ``serve run`` of a shipped config serves the poller's status (its route_prefix)."""
-DEFAULT_ENDPOINT = "/v1/chat/completions"
 APIKEY_HINT = "401: check BELLA_QUEUE_APIKEY"
 
 Outcome = Literal["ok", "WARN", "FAIL", "skip"]
@@ -136,14 +137,6 @@ def _summary(checks: Sequence[Check], what: str) -> int:
     return 1
 
 
-def _describe_validation(exc: ValidationError) -> str:
-    """Field locations and messages only (never the input values)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-        for err in exc.errors()[:5]
-    )
-
-
 def _load_config(path: Path, app: str | None) -> tuple[WorkerAppArgs | None, Check]:
     """The resolved app args, and the ``config`` check line."""
     try:
@@ -152,7 +145,7 @@ def _load_config(path: Path, app: str | None) -> tuple[WorkerAppArgs | None, Che
     except (ConfigError, OSError, yaml.YAMLError) as exc:
         return None, Check("config", "FAIL", f"{path}: {exc}")
     except ValidationError as exc:
-        return None, Check("config", "FAIL", f"{path}: {_describe_validation(exc)}")
+        return None, Check("config", "FAIL", f"{path}: {describe_validation(exc)}")
     queues = ", ".join(q.name for q in args.queues)
     detail = f"{path}: queues {queues}; model{'s' if len(models) > 1 else ''} {', '.join(models)}"
     return args, Check("config", "ok", detail)

@@ -5,7 +5,8 @@ httpx, redis or vllm: the modules that talk to those libraries translate their e
 into these, so that callers decide by class alone whether to retry.
 
 Every exception here pickles (plain attributes only) because several of them cross
-Ray actor boundaries.
+Ray actor boundaries. A ``TaskError``'s answer, the OpenAI error body, takes its shape from
+``bella.protocol.openai_error``.
 
     WorkerError
     ├── RetryableError               try again later, with backoff
@@ -32,6 +33,8 @@ Ray actor boundaries.
 from __future__ import annotations
 
 from typing import Any
+
+from ray_worker.bella.protocol import openai_error
 
 
 class WorkerError(Exception):
@@ -143,14 +146,7 @@ class TaskError(PermanentError):
 
     def to_body(self) -> dict[str, Any]:
         """The OpenAI error body ``{"error": {message, type, param, code}}``."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return openai_error(self.message, self.error_type, self.code, self.param)
 
 
 def _rebuild_task_error(

@@ -50,6 +50,7 @@ from ray_worker.bella.clock import ServerClock
 from ray_worker.bella.protocol import (
     DEFAULT_PUT_TIMEOUT_S,
     ONLINE_MAX_WAIT_S,
+    QUEUE_NAME_HEADER,
     Batch,
     BatchRequest,
     EventBusConfig,
@@ -71,7 +72,6 @@ from ray_worker.errors import (
 
 logger = logging.getLogger(__name__)
 
-QUEUE_NAME_HEADER = "X-BELLA-QUEUE-NAME"
 ONLINE_WAIT_MARGIN_S = 30.0
 """Extra read time on blocking/streaming puts beyond the server's own wait."""
 
@@ -262,9 +262,6 @@ def _error_message(body: Any, status_code: int, what: str) -> str:
     if isinstance(body, str) and body.strip():
         return body.strip()[:500]
     return f"HTTP {status_code} from {what}"
-
-
-_describe_validation = describe_validation
 
 
 class QueueClient:
@@ -653,7 +650,7 @@ class QueueClient:
         try:
             return EventBusConfig.model_validate(body)
         except ValidationError as exc:
-            self._bad_body(response, what, _describe_validation(exc))
+            self._bad_body(response, what, describe_validation(exc))
 
     async def get_task(self, task_id: str) -> Task:
         """``GET /v1/queue/{task_id}``: an offline task with its ``result`` (§1.7)."""
@@ -663,7 +660,7 @@ class QueueClient:
         try:
             return Task.model_validate(body)
         except ValidationError as exc:
-            self._bad_body(response, what, _describe_validation(exc))
+            self._bad_body(response, what, describe_validation(exc))
 
     async def metadata(self, queue: str) -> dict[str, Any] | None:
         """``GET /v1/queue/{queue}/metadata``: ``{endpoint, queue}``, ``None`` if unknown."""
@@ -730,7 +727,7 @@ class QueueClient:
         try:
             return [Batch.model_validate(item) for item in data]
         except ValidationError as exc:
-            self._bad_body(response, what, _describe_validation(exc))
+            self._bad_body(response, what, describe_validation(exc))
 
     async def cancel_batch(self, batch_id: str) -> Batch:
         """``POST /v1/batches/{batch_id}/cancel`` (202)."""
@@ -742,7 +739,7 @@ class QueueClient:
         try:
             return Batch.model_validate(body)
         except ValidationError as exc:
-            self._bad_body(response, what, _describe_validation(exc))
+            self._bad_body(response, what, describe_validation(exc))
 
 
 async def _iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
@@ -781,7 +778,6 @@ async def _iter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SSEEvent]:
 
 __all__ = [
     "ONLINE_WAIT_MARGIN_S",
-    "QUEUE_NAME_HEADER",
     "BlockingResult",
     "QueueClient",
     "QueueClientCounters",

@@ -46,6 +46,11 @@ ONLINE_MAX_LIFETIME_S = 300
 ONLINE_MAX_WAIT_S = 600
 OFFLINE_DEFAULT_LIFETIME_S = 86400
 DEFAULT_PUT_TIMEOUT_S = 300
+QUEUE_NAME_HEADER = "X-BELLA-QUEUE-NAME"
+"""The optional header of ``POST /v1/batches`` naming the queue (§1.9; routed if absent)."""
+DEFAULT_ENDPOINT = "/v1/chat/completions"
+"""The capability the worker registers a queue with when none is named (§1.1), and the endpoint
+a task without one is served as."""
 
 PROGRESS_EVENT = "task-progress-event"
 COMPLETION_EVENT = "task-completion-event"
@@ -705,32 +710,12 @@ def _has_delims(user: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-class OpenAIErrorDetail(WireModel):
-    """The inner object of an OpenAI error body."""
-
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        # OpenAI bodies always carry param and code, null when unset.
-        return self.model_dump(mode="json")
-
-
-class OpenAIErrorBody(WireModel):
-    """``{"error": {"message", "type", "param", "code"}}``."""
-
-    error: OpenAIErrorDetail
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"error": self.error.to_wire()}
-
-
 def openai_error(
     message: str, type_: str = "server_error", code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
-    """An OpenAI error body as a plain dict."""
+    """The OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` (the one home
+    of its shape: ``TaskError.to_body`` builds it here). ``param`` and ``code`` are always
+    present, null when unset, as OpenAI sends them."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -954,10 +939,12 @@ class BatchOutputLine(WireModel):
 
 __all__ = [
     "COMPLETION_EVENT",
+    "DEFAULT_ENDPOINT",
     "FIFO_TAKE_CAP",
     "JAVA_LONG_MAX",
     "KEYSPACE_EVENTS_SETTING",
     "PROGRESS_EVENT",
+    "QUEUE_NAME_HEADER",
     "STREAM_DONE",
     "Batch",
     "BatchInputLine",
@@ -969,8 +956,6 @@ __all__ = [
     "EventBusConfig",
     "InvalidTask",
     "Level",
-    "OpenAIErrorBody",
-    "OpenAIErrorDetail",
     "ProgressEvent",
     "PutRequest",
     "RegisterRequest",

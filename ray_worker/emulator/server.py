@@ -59,6 +59,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ray_worker.bella.protocol import (
     DEFAULT_PUT_TIMEOUT_S,
     ONLINE_MAX_WAIT_S,
+    QUEUE_NAME_HEADER,
     CompletionEvent,
     ProgressEvent,
     PutRequest,
@@ -95,7 +96,6 @@ __all__ = [
 
 TOPIC_PREFIX = "redis-mesh:private-stream:"
 PROTECTED_PREFIXES = ("/v1/queue", "/v1/batches", "/v1/files", "/v1/console")
-QUEUE_NAME_HEADER = "X-BELLA-QUEUE-NAME"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import pytest
 
 from ray_worker.bella.client import (
     ONLINE_WAIT_MARGIN_S,
-    QUEUE_NAME_HEADER,
     BlockingResult,
     QueueClient,
     RetryPolicy,
@@ -22,6 +21,7 @@ from ray_worker.bella.client import (
     online_wait_s,
 )
 from ray_worker.bella.protocol import (
+    QUEUE_NAME_HEADER,
     Batch,
     BatchRequest,
     PutRequest,
