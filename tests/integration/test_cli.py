@@ -578,7 +578,9 @@ except KeyboardInterrupt:
     with open(out, "a") as f:
         f.write("interrupted\n")
 """
-SUPERVISOR = "import sys; from ray_worker.cli import supervise; sys.exit(supervise(sys.argv[1:]))"
+SUPERVISOR = (
+    "import sys; from ray_worker.supervise import supervise; sys.exit(supervise(sys.argv[1:]))"
+)
 
 
 def _supervised(out: Path, **popen: Any) -> tuple[subprocess.Popen[bytes], int]:
