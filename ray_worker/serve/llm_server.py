@@ -17,7 +17,7 @@ Importing this module is cheap: ``ray.serve.llm`` imports vLLM (about 6-8 s and 
 ``BellaLLMServer`` is created on first attribute access (module ``__getattr__``), which also
 keeps it picklable by reference for Serve.
 
-Priority: vLLM schedules a *lower* value first (``ray_worker.task.runner.PRIORITY_ONLINE`` 0
+Priority: vLLM schedules a *lower* value first (``ray_worker.hop.PRIORITY_ONLINE`` 0
 for level-0 tasks, ``PRIORITY_OFFLINE`` 1 for level-1 tasks); deployments built here run vLLM
 with ``scheduling_policy="priority"`` unless the operator chose another policy (then priority
 is ignored rather than rejected).
@@ -33,7 +33,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal
 
 from ray_worker.config import (
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -48,10 +48,10 @@ from ray_worker.errors import (
     ModelNotFoundError,
     WorkerError,
 )
+from ray_worker.hop import PRIORITY_ONLINE, SUPPORTED_ENDPOINTS, ReplicaLoad, done, outcome
 from ray_worker.serve.engine_io import check_body, decode_item, map_exception
 from ray_worker.serve.llm_config import lora_path_of, sim_settings, with_worker_defaults
 from ray_worker.serve.reasoning import apply_reasoning_field
-from ray_worker.task.runner import PRIORITY_ONLINE, SUPPORTED_ENDPOINTS
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ENDPOINTS",
     "BellaLLMServer",
-    "ReplicaLoad",
     "build_llm_deployment",
     "serve_stopping_replica",
     "server_class",
@@ -102,21 +101,6 @@ def serve_stopping_replica() -> bool:
         return False
     impl = getattr(actor, "_replica_impl", None)
     return bool(getattr(impl, "_shutting_down", False))
-
-
-class ReplicaLoad(TypedDict):
-    """What ``get_load`` reports (extra keys may be added; readers ignore what they don't know)."""
-
-    replica_id: str
-    model_id: str
-    running: int
-    waiting: int
-    kv_cache_usage: float
-    max_num_seqs: int
-    in_flight: int
-    engine: str
-    ts: float
-    draining: bool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,18 +287,15 @@ class _TaskServingMixin:
     async def run(self, task: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Run and answer one whole Bella task (the worker app's poller calls this).
 
-        Yields ``{"phase": "answering"}`` right before the task's first event or answer
-        leaves, then ``{"phase": "done", "outcome": ...}`` (``ray_worker.task.runner.Outcome``).
-        The task's work outlives this call: cancelling it does not stop the task.
+        Yields the messages of a run (``ray_worker.hop``). The task's work outlives this
+        call: cancelling it does not stop the task.
         """
         if self._tasks is None:
             raise EngineError("this LLM deployment was not built by the worker app: no task host")
         if self._engine_died():
-            # Refused as an outcome, not an exception: Serve would log a traceback per call.
-            from ray_worker.task.runner import refused_outcome
-            from ray_worker.worker.dispatcher import DONE
-
-            yield {"phase": DONE, "outcome": refused_outcome(str(task.get("task_id", "")))}
+            # Refused as an outcome, not an exception: Serve would log a traceback per call;
+            # ``retry``: the poller runs the task on another replica.
+            yield done(outcome(str(task.get("task_id", "")), retry=True))
             return
         async for message in self._tasks.run(task):
             yield message
@@ -427,6 +408,7 @@ class _TaskServingMixin:
         """The engine's live load (``ReplicaLoad``): running/waiting requests, KV-cache use,
         ``max_num_seqs``. Cheap: reads counters, no engine round trip."""
         raw = dict(self.engine.get_load())
+        held: dict[str, Any] = self._tasks.held() if self._tasks is not None else {}
         load = ReplicaLoad(
             replica_id=self._get_replica_id(),
             model_id=str(self._llm_config.model_id),
@@ -434,16 +416,16 @@ class _TaskServingMixin:
             waiting=int(raw.get("waiting", 0)),
             kv_cache_usage=float(raw.get("kv_cache_usage", 0.0)),
             max_num_seqs=int(raw.get("max_num_seqs", 1)),
+            draining=self._engine_died() or (self._tasks is not None and self._tasks.stopping),
+            held_ids=frozenset(held.get("held_ids", ())),
+            held_online=int(held.get("held_online", 0)),
+            held_offline=int(held.get("held_offline", 0)),
             in_flight=len(self._inflight),
             engine=str(raw.get("engine", "vllm")),
             ts=time.time(),
-            draining=self._engine_died() or (self._tasks is not None and self._tasks.stopping),
+            outbox=self._tasks.outbox_load() if self._tasks is not None else {},
         )
-        out: dict[str, Any] = dict(load)
-        if self._tasks is not None:
-            out.update(self._tasks.held())
-            out.update(self._tasks.outbox_load())
-        return out
+        return load.as_report()
 
     # -- helpers ----------------------------------------------------------------------------
 

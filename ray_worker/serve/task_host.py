@@ -5,10 +5,8 @@ replica's ``QueueClient`` (HTTP complete, one attempt per call) behind its ``Out
 retries each answer until its task expires), its ``EventBusClient`` (the node's publisher
 actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner`` with its
 ``CancelWatch`` (long offline tasks Bella-Queue cancelled are aborted), and the
-``run`` stream the poller calls: ``{"phase": "accepted", "replica_id": ...}`` once the task
-runs here, ``{"phase": "answering"}`` right before its first event or answer leaves, then
-``{"phase": "done", "outcome": ...}``. The task's work is shielded from that call: a poller
-that dies or restarts does not stop it.
+``run`` stream the poller calls (its messages: ``ray_worker.hop``). The task's work is
+shielded from that call: a poller that dies or restarts does not stop it.
 
 Stopping (``begin_stop``, as soon as Serve starts stopping the replica, and ``aclose``): new
 runs are refused with ``ReplicaUnavailableError`` (the poller runs them elsewhere), running
@@ -36,13 +34,13 @@ from ray_worker.bella.client import QueueClient, RetryPolicy
 from ray_worker.bella.protocol import Task
 from ray_worker.config import STOP_MARGIN_S, RunnerSettings
 from ray_worker.errors import EngineError, ReplicaUnavailableError, WorkerError
+from ray_worker.hop import Outcome, accepted, answering, done
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.handles import hand_over_answers
 from ray_worker.serve.redelivery import redelivery_missing
 from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.outbox import Outbox
-from ray_worker.task.runner import Outcome, TaskRunner
-from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE
+from ray_worker.task.runner import TaskRunner
 
 logger = logging.getLogger(__name__)
 
@@ -219,21 +217,21 @@ class ReplicaTasks:
         if task.is_online and not self._bus_ready.is_set():
             # The answer has nowhere to go yet; the start-up retries until the bus answers.
             await self._bus_ready.wait()
-        answering = asyncio.Event()
-        job = self.runner.start(task, on_answering=answering.set)
+        began = asyncio.Event()
+        job = self.runner.start(task, on_answering=began.set)
         if job is None:
-            yield {"phase": DONE, "outcome": await self.runner.run(task)}
+            yield done(await self.runner.run(task))
             return
-        yield {"phase": ACCEPTED, "replica_id": self.replica_id}
-        signal = asyncio.ensure_future(answering.wait())
+        yield accepted(self.replica_id)
+        signal = asyncio.ensure_future(began.wait())
         try:
             await asyncio.wait({signal, job}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             signal.cancel()
-        if answering.is_set():
-            yield {"phase": ANSWERING}
-        outcome: Outcome = await asyncio.shield(job)
-        yield {"phase": DONE, "outcome": outcome}
+        if began.is_set():
+            yield answering()
+        result: Outcome = await asyncio.shield(job)
+        yield done(result)
 
     def held(self) -> dict[str, Any]:
         """The tasks running here (part of the load report)."""

@@ -5,7 +5,8 @@ from ``expire_time`` (the engine call is aborted when it passes, freeing the slo
 online/offline priority, the engine call with its overload retries, the streaming events
 (``eventId`` 0, 1, ..., ``[DONE]``, the completion), the error chunk, the completion event or
 the HTTP complete, and the task's metrics. The caller gets a small ``Outcome`` back (status,
-counts, usage, timings): no token goes back to the poller.
+counts, usage, timings; ``ray_worker.hop``, with the deadline rule and the priorities): no
+token goes back to the poller.
 
 It must not import Ray, Redis or httpx: the engine is an ``Engine``, the event bus an
 ``EventSink`` and Bella-Queue a ``Completer`` (``ray_worker.serve.llm_server`` wires the real
@@ -30,11 +31,11 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol
 
 from ray_worker.aio import cut_short, to_the_end
 from ray_worker.bella.protocol import (
-    ONLINE_MAX_WAIT_S,
+    DEFAULT_ENDPOINT,
     STREAM_DONE,
     Level,
     ResponseMode,
@@ -53,6 +54,14 @@ from ray_worker.errors import (
     TaskExpiredError,
     WorkerError,
 )
+from ray_worker.hop import (
+    PRIORITY_OFFLINE,
+    PRIORITY_ONLINE,
+    SUPPORTED_ENDPOINTS,
+    Outcome,
+    deadline_ms,
+    outcome,
+)
 from ray_worker.metrics import WorkerMetrics, status_class
 from ray_worker.task.answers import (
     STREAM_EVENT_NAME,
@@ -67,24 +76,7 @@ from ray_worker.task.answers import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PRIORITY_OFFLINE",
-    "PRIORITY_ONLINE",
-    "SUPPORTED_ENDPOINTS",
-    "Engine",
-    "Outcome",
-    "TaskRunner",
-    "deadline_ms",
-    "refused_outcome",
-]
-
-SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-"""Task endpoints the runner serves (one home: the LLM server reads it too)."""
-
-PRIORITY_ONLINE = 0
-"""vLLM priority of level-0 (online) tasks: a lower value is scheduled first."""
-PRIORITY_OFFLINE = 1
-"""vLLM priority of level-1 (offline) tasks."""
+__all__ = ["Engine", "TaskRunner"]
 
 
 class Engine(Protocol):
@@ -98,61 +90,6 @@ class Engine(Protocol):
         Raises ``WorkerError``s; closing the iterator aborts the request in the engine.
         """
         ...
-
-
-class Outcome(TypedDict):
-    """What a run reports to the poller (small: no token, no body)."""
-
-    task_id: str
-    status_code: int
-    """The answer's status; 0 when the task was left for the server's redelivery."""
-    answered: bool
-    """An answer was sent (or its delivery was attempted and failed, see ``delivered``)."""
-    delivered: bool
-    """The event bus or Bella-Queue accepted the answer."""
-    duplicate: bool
-    """The task already ran here; this call started nothing."""
-    cancelled: bool
-    """Bella-Queue cancelled the task (or its batch) while it ran: aborted, not answered."""
-    retry: bool
-    """The replica's engine died before the task began answering: not answered, the poller
-    runs it on another replica."""
-    events: int
-    prompt_tokens: int
-    completion_tokens: int
-    queue_wait_s: float | None
-    """From the task's put (``start_time``) to the run's start here."""
-    ttft_s: float | None
-    """From the run's start to the task's first event or answer."""
-    duration_s: float
-
-
-def deadline_ms(
-    task: Task,
-    max_task_time_s: float,
-    *,
-    now: int | None = None,
-    redelivery_window_s: float = 0.0,
-) -> int:
-    """When ``task`` stops mattering, on the server's clock (``now``: its current time).
-
-    Its ``expire_time``; online, at most ``ONLINE_MAX_WAIT_S`` after its put (the producer
-    waits no longer, §1.3). A level-1 offline task taken with redelivery is answered 408 by
-    the server itself ``process_timeout * (process_max_retries + 1)`` after the take
-    (``redelivery_window_s``), so it stops mattering by then too.
-    """
-    now = now_ms() if now is None else now
-    start = task.start_time or now
-    if task.expire_time > 0:
-        deadline = task.expire_time
-        if task.is_online:
-            deadline = min(deadline, start + ONLINE_MAX_WAIT_S * 1000)
-    else:
-        cap_s = min(max_task_time_s, ONLINE_MAX_WAIT_S) if task.is_online else max_task_time_s
-        deadline = start + int(cap_s * 1000)
-    if redelivery_window_s > 0 and task.level != 0 and not task.is_online:
-        deadline = min(deadline, now + int(redelivery_window_s * 1000))
-    return deadline
 
 
 class _Run:
@@ -418,7 +355,7 @@ class TaskRunner:
         )
         if now >= deadline:
             raise TaskExpiredError("the task expired before it could start")
-        endpoint = task.endpoint or "/v1/chat/completions"
+        endpoint = task.endpoint or DEFAULT_ENDPOINT
         if endpoint not in SUPPORTED_ENDPOINTS:
             raise InvalidTaskError(
                 f"endpoint {endpoint!r} is not served; supported: {', '.join(SUPPORTED_ENDPOINTS)}",
@@ -593,7 +530,7 @@ class TaskRunner:
             self.metrics.inc(
                 "completion_tokens", run.completion_tokens, queue=task.queue, model=model
             )
-        outcome = _outcome(
+        out = _outcome(
             task,
             status_code=status,
             answered=True,
@@ -621,39 +558,13 @@ class TaskRunner:
                 "delivered": delivered,
                 "prompt_tokens": run.prompt_tokens,
                 "completion_tokens": run.completion_tokens,
-                "queue_wait_s": outcome["queue_wait_s"],
-                "ttft_s": outcome["ttft_s"],
-                "generation_s": outcome["duration_s"],
+                "queue_wait_s": out["queue_wait_s"],
+                "ttft_s": out["ttft_s"],
+                "generation_s": out["duration_s"],
             },
         )
-        return outcome
-
-
-def refused_outcome(task_id: str) -> Outcome:
-    """The outcome of a task a replica did not run because its engine is dead: ``retry``, so
-    the poller runs it on another replica."""
-    return _outcome_of(task_id, retry=True)
+        return out
 
 
 def _outcome(task: Task, **fields: Any) -> Outcome:
-    return _outcome_of(task.task_id, **fields)
-
-
-def _outcome_of(task_id: str, **fields: Any) -> Outcome:
-    out = Outcome(
-        task_id=task_id,
-        status_code=0,
-        answered=False,
-        delivered=False,
-        duplicate=False,
-        cancelled=False,
-        retry=False,
-        events=0,
-        prompt_tokens=0,
-        completion_tokens=0,
-        queue_wait_s=None,
-        ttft_s=None,
-        duration_s=0.0,
-    )
-    out.update(fields)  # type: ignore[typeddict-item]
-    return out
+    return outcome(task.task_id, **fields)

@@ -27,53 +27,28 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
+from ray_worker.hop import ReplicaLoad
 
-__all__ = ["CapacityTracker", "ModelCapacity", "ReplicaLoad"]
+__all__ = ["CapacityTracker", "ModelCapacity"]
 
 _RECENT_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaLoad:
-    """One replica's load report."""
+class _Seen:
+    """A replica's last load report, as this tracker holds it."""
 
-    replica_id: str
-    model_id: str
-    running: int
-    waiting: int
-    kv_cache_usage: float
-    max_num_seqs: int
-    received_at: float = 0.0
+    load: ReplicaLoad
+    received_at: float
+    """When it came (this tracker's clock)."""
     held_unknown: int = 0
     """Tasks the replica runs that this poller did not hand it (a restarted poller's
     predecessor did): counted as in flight so a restart takes nothing twice."""
-    draining: bool = False
-    """The replica is stopping: it finishes what it holds and takes nothing new (no slots)."""
-    held_ids: frozenset[str] = frozenset()
-    """The tasks the replica said it runs, as of ``received_at``."""
-
-    @classmethod
-    def from_report(cls, report: Mapping[str, Any], received_at: float) -> ReplicaLoad:
-        """Build from the dict an LLM replica sends (``LLMServer.get_load``)."""
-        held = report.get("held_ids")
-        return cls(
-            replica_id=str(report["replica_id"]),
-            model_id=str(report["model_id"]),
-            running=int(report.get("running", 0)),
-            waiting=int(report.get("waiting", 0)),
-            kv_cache_usage=float(report.get("kv_cache_usage", 0.0)),
-            max_num_seqs=max(1, int(report.get("max_num_seqs", 1))),
-            received_at=received_at,
-            draining=bool(report.get("draining", False)),
-            held_ids=frozenset(str(i) for i in held)
-            if isinstance(held, list | tuple)
-            else frozenset(),
-        )
 
 
 @dataclass
@@ -81,7 +56,8 @@ class ModelCapacity:
     """What the tracker knows of one served model's deployment."""
 
     model_id: str
-    loads: dict[str, ReplicaLoad] = field(default_factory=dict)
+    loads: dict[str, _Seen] = field(default_factory=dict)
+    """Each replica's last report, by replica id."""
     in_flight: dict[Level, int] = field(default_factory=lambda: {Level.ONLINE: 0, Level.OFFLINE: 0})
     declined: int = 0
     """Tasks the poller wanted to take but could not for lack of capacity (a backlog hint)."""
@@ -122,22 +98,21 @@ class CapacityTracker:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def report(self, report: Mapping[str, Any]) -> None:
+    def report(self, report: ReplicaLoad | Mapping[str, Any]) -> None:
         """Record a replica's load report; reports of unknown models are ignored."""
         now = self._clock()
-        load = ReplicaLoad.from_report(report, now)
+        load = report if isinstance(report, ReplicaLoad) else ReplicaLoad.from_report(report)
         state = self._models.get(load.model_id)
         if state is None:
             return
-        held = load.held_ids
-        if held:
+        seen = _Seen(load, now)
+        if load.held_ids:
             self._forget_released(now)
-            unknown = sum(1 for i in held if i not in self._mine and i not in self._recent)
-            if unknown:
-                load = replace(load, held_unknown=unknown)
+            unknown = sum(1 for i in load.held_ids if i not in self._mine and i not in self._recent)
+            seen = _Seen(load, now, unknown)
         previous = state.loads.get(load.replica_id)
-        state.loads[load.replica_id] = load
-        if previous is None or _slots(previous, self.config) != _slots(load, self.config):
+        state.loads[load.replica_id] = seen
+        if previous is None or _slots(previous.load, self.config) != _slots(load, self.config):
             self._notify()
 
     def acquire(
@@ -178,30 +153,30 @@ class CapacityTracker:
 
     # -- outputs --------------------------------------------------------------------------
 
-    def fresh_loads(self, model_id: str) -> list[ReplicaLoad]:
+    def _fresh(self, model_id: str) -> list[_Seen]:
         """Reports of replicas that reported within ``load_stale_after_s``; drops stale ones."""
         state = self._models[model_id]
         horizon = self._clock() - self.config.load_stale_after_s
-        stale = [rid for rid, load in state.loads.items() if load.received_at < horizon]
+        stale = [rid for rid, seen in state.loads.items() if seen.received_at < horizon]
         for rid in stale:
             del state.loads[rid]
         return list(state.loads.values())
 
     def replicas(self, model_id: str) -> int:
         """Replicas counted as running (fresh reports, not draining)."""
-        return sum(1 for load in self.fresh_loads(model_id) if not load.draining)
+        return sum(1 for seen in self._fresh(model_id) if not seen.load.draining)
 
     def task_fate(self, model_id: str, replica_id: str, task_id: str, *, since: float) -> str:
         """What ``replica_id`` of ``model_id`` says of ``task_id`` in reports received after
         ``since`` (this tracker's clock, ``now()``): ``"held"`` (it still runs it),
         ``"ended"`` (it reported since without it: it ended there), ``"unknown"`` (no report
         since yet, and it is not stale) or ``"gone"`` (its reports went stale: it died)."""
-        load = self._models[model_id].loads.get(replica_id)
-        if load is None or load.received_at < self._clock() - self.config.load_stale_after_s:
+        seen = self._models[model_id].loads.get(replica_id)
+        if seen is None or seen.received_at < self._clock() - self.config.load_stale_after_s:
             return "gone"
-        if load.received_at <= since:
+        if seen.received_at <= since:
             return "unknown"
-        return "held" if task_id in load.held_ids else "ended"
+        return "held" if task_id in seen.load.held_ids else "ended"
 
     def now(self) -> float:
         """This tracker's clock (what ``holder``'s ``reported_after`` is measured on)."""
@@ -209,11 +184,11 @@ class CapacityTracker:
 
     def target(self, model_id: str) -> int:
         """Tasks the model's running replicas should hold: enough to keep batches full."""
-        return sum(_slots(load, self.config) for load in self.fresh_loads(model_id))
+        return sum(_slots(seen.load, self.config) for seen in self._fresh(model_id))
 
     def max_num_seqs(self, model_id: str) -> int:
         """Sequences the running replicas can run at once."""
-        return sum(load.max_num_seqs for load in self.fresh_loads(model_id))
+        return sum(seen.load.max_num_seqs for seen in self._fresh(model_id))
 
     def remaining(self, model_id: str, level: Level) -> int:
         """How many more tasks of ``level`` may be taken for ``model_id`` now."""
@@ -225,14 +200,15 @@ class CapacityTracker:
     def in_flight(self, model_id: str) -> int:
         """Tasks held for ``model_id``: counted here, plus those its replicas report running
         that this tracker did not count (after a poller restart)."""
-        unknown = sum(load.held_unknown for load in self.fresh_loads(model_id))
+        unknown = sum(seen.held_unknown for seen in self._fresh(model_id))
         return self._models[model_id].total_in_flight + unknown
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per model: replicas, target, in flight, remaining, engine load."""
         out: dict[str, dict[str, Any]] = {}
         for model_id, state in self._models.items():
-            loads = self.fresh_loads(model_id)
+            seens = self._fresh(model_id)
+            loads = [seen.load for seen in seens]
             out[model_id] = {
                 "replicas": sum(1 for x in loads if not x.draining),
                 "draining": sum(1 for x in loads if x.draining),
@@ -246,7 +222,7 @@ class CapacityTracker:
                 "engine_waiting": sum(x.waiting for x in loads),
                 "kv_cache_usage_max": max((x.kv_cache_usage for x in loads), default=0.0),
                 "declined": state.declined,
-                "held_unknown": sum(x.held_unknown for x in loads),
+                "held_unknown": sum(seen.held_unknown for seen in seens),
             }
         return out
 

@@ -36,6 +36,7 @@ from ray_worker.errors import (
     TaskExpiredError,
     WorkerError,
 )
+from ray_worker.hop import ACCEPTED, ANSWERING, DONE, Outcome, deadline_ms
 from ray_worker.metrics import WorkerMetrics, status_class
 from ray_worker.task import limits as task_limits
 from ray_worker.task.answers import (
@@ -47,21 +48,11 @@ from ray_worker.task.answers import (
     task_context,
 )
 from ray_worker.task.limits import TaskLimits, check_task
-from ray_worker.task.runner import Outcome, deadline_ms
 from ray_worker.worker.capacity import CapacityTracker
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ACCEPTED", "ANSWERING", "DONE", "Dispatcher", "ReplicaLostAnswer", "Replicas"]
-
-ACCEPTED = "accepted"
-"""Phase a replica reports once it started the task and owns it:
-``{"phase": "accepted", "replica_id": ...}``. From then on only that replica answers it,
-unless it dies."""
-ANSWERING = "answering"
-"""Phase a replica reports right before the task's first event or answer leaves it."""
-DONE = "done"
-"""Phase of the last message of a run: ``{"phase": "done", "outcome": Outcome}``."""
+__all__ = ["Dispatcher", "ReplicaLostAnswer", "Replicas"]
 
 _FATE_POLL_S = 0.25
 """How often a task's fate is read from the load reports after its replica call failed."""
@@ -82,9 +73,7 @@ class Replicas(Protocol):
         ``multiplexed_model_id`` (``base:adapter``) makes Serve prefer a replica that holds
         that LoRA adapter already.
 
-        Yields ``{"phase": "accepted", "replica_id": ...}`` once a replica started the task,
-        ``{"phase": "answering"}`` once it is about to send the task's first event or answer,
-        then ``{"phase": "done", "outcome": ...}``. Raises
+        Yields the messages of a run (``ray_worker.hop``: accepted, answering, done). Raises
         ``ReplicaUnavailableError`` (no replica, or it died) or ``EngineOverloadedError``
         (the deployment refused the call for load: it never reached a replica).
         """

@@ -42,10 +42,11 @@ from ray_worker.config import CapacityConfig, DispatcherConfig, PollerConfig, Qu
 from ray_worker.errors import InvalidTaskError
 from ray_worker.eventbus.batcher import PublisherClient
 from ray_worker.eventbus.writer import EventPublisher
+from ray_worker.hop import ANSWERING, DONE
 from ray_worker.task.runner import TaskRunner
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.worker.capacity import CapacityTracker
-from ray_worker.worker.dispatcher import ANSWERING, DONE, Dispatcher
+from ray_worker.worker.dispatcher import Dispatcher
 from ray_worker.worker.poller import Poller, make_pools
 
 pytestmark = pytest.mark.integration

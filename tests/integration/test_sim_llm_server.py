@@ -16,9 +16,9 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
+from ray_worker.hop import PRIORITY_OFFLINE, PRIORITY_ONLINE
 from ray_worker.serve.llm_config import sim_llm_config
 from ray_worker.serve.llm_server import build_llm_deployment
-from ray_worker.task.runner import PRIORITY_OFFLINE, PRIORITY_ONLINE
 from ray_worker.testing.waiting import wait_for
 
 pytestmark = pytest.mark.integration

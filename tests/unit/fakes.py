@@ -282,7 +282,7 @@ class FakeReplicas:
     ) -> AsyncIterator[dict[str, Any]]:
         """Play the next step, or run ``task`` on ``model_id``'s runner."""
         from ray_worker.errors import ReplicaUnavailableError
-        from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE
+        from ray_worker.hop import ACCEPTED, ANSWERING, DONE
 
         accepted = {"phase": ACCEPTED, "replica_id": self.replica_id(model_id)}
         call = ReplicaCall(model_id, task.task_id, multiplexed_model_id=multiplexed_model_id)

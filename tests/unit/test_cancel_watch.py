@@ -16,8 +16,9 @@ from fakes import Delay, FakeCompleter, FakeEngine, FakeEventSink, make_task, un
 
 from ray_worker.bella.protocol import Batch, ResponseMode, Task
 from ray_worker.errors import QueueUnavailableError
+from ray_worker.hop import Outcome
 from ray_worker.task.cancel_watch import CancelWatch
-from ray_worker.task.runner import Outcome, TaskRunner
+from ray_worker.task.runner import TaskRunner
 
 CALLBACK = ResponseMode.CALLBACK
 BATCH = ResponseMode.BATCH

@@ -10,7 +10,8 @@ from fakes import settle, until
 
 from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
-from ray_worker.worker.capacity import CapacityTracker, ReplicaLoad
+from ray_worker.hop import ReplicaLoad
+from ray_worker.worker.capacity import CapacityTracker
 
 ONLINE, OFFLINE = Level.ONLINE, Level.OFFLINE
 
@@ -166,8 +167,31 @@ def test_models_are_independent() -> None:
 
 
 def test_report_fields_default_and_max_num_seqs_floor() -> None:
-    parsed = ReplicaLoad.from_report({"replica_id": 1, "model_id": "m", "max_num_seqs": 0}, 7.0)
-    assert parsed == ReplicaLoad("1", "m", 0, 0, 0.0, 1, 7.0)
+    parsed = ReplicaLoad.from_report({"replica_id": 1, "model_id": "m", "max_num_seqs": 0})
+    assert parsed == ReplicaLoad("1", "m", 0, 0, 0.0, 1)
+
+
+def test_a_report_crosses_the_hop_as_a_dict_and_reads_back_the_same() -> None:
+    load = ReplicaLoad(
+        "r1",
+        "m",
+        running=3,
+        waiting=1,
+        kv_cache_usage=0.5,
+        max_num_seqs=8,
+        draining=True,
+        held_ids=frozenset({"t1", "t2"}),
+        held_online=1,
+        held_offline=1,
+        in_flight=2,
+        engine="simulated",
+        ts=12.5,
+        outbox={"outbox_entries": 2, "complete_retries": 5},
+    )
+    report = load.as_report()
+    assert report["held_ids"] == ["t1", "t2"]
+    assert report["outbox_entries"] == 2  # the outbox figures travel flat, under their keys
+    assert ReplicaLoad.from_report({**report, "unknown_key": 1}) == load
 
 
 def test_acquire_release_and_release_floor() -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from ray_worker.bella.clock import ServerClock
 from ray_worker.bella.protocol import ResponseMode, now_ms
-from ray_worker.task.runner import TaskRunner, deadline_ms
+from ray_worker.hop import deadline_ms
+from ray_worker.task.runner import TaskRunner
 from tests.unit.fakes import FakeCompleter, FakeEngine, FakeEventSink, make_task
 
 RESPONSE = {"object": "chat.completion", "choices": []}

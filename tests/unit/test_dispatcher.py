@@ -28,8 +28,9 @@ from fakes import (
 from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
 from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
 from ray_worker.errors import EngineDeadError, EngineOverloadedError, ReplicaUnavailableError
+from ray_worker.hop import ACCEPTED, ANSWERING, DONE
 from ray_worker.worker.capacity import CapacityTracker
-from ray_worker.worker.dispatcher import ACCEPTED, ANSWERING, DONE, Dispatcher
+from ray_worker.worker.dispatcher import Dispatcher
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING

@@ -33,7 +33,8 @@ from ray_worker.errors import (
     InvalidTaskError,
     ReplicaUnavailableError,
 )
-from ray_worker.task.runner import PRIORITY_OFFLINE, PRIORITY_ONLINE, Outcome, TaskRunner
+from ray_worker.hop import PRIORITY_OFFLINE, PRIORITY_ONLINE, Outcome
+from ray_worker.task.runner import TaskRunner
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING
