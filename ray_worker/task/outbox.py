@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
+from ray_worker.aio import BELOW, jittered
 from ray_worker.bella.protocol import Task
 from ray_worker.config import DispatcherConfig
 from ray_worker.errors import (
@@ -276,8 +277,8 @@ class Outbox:
         if self._draining:
             cap = min(cap, _DRAIN_BACKOFF_MAX_S)
         base = min(cap, cfg.complete_backoff_initial_s * 2.0 ** max(0, retry - 1))
-        # Full jitter in the upper half: answers of one outage do not retry in lock step.
-        return base * self._rng.uniform(0.5, 1.0)
+        # Answers of one outage do not retry in lock step.
+        return jittered(base, BELOW, self._rng)
 
     async def _deliver(self, entry: OutboxEntry) -> None:
         while True:

@@ -28,12 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
-from ray_worker.aio import cut_short, to_the_end
+from ray_worker.aio import Backoff, cut_short, to_the_end
 from ray_worker.bella.protocol import (
     DEFAULT_ENDPOINT,
     STREAM_DONE,
@@ -435,7 +434,7 @@ class TaskRunner:
         self, task: Task, endpoint: str, data: dict[str, Any], priority: int, run: _Run
     ) -> AsyncIterator[dict[str, Any]]:
         """The engine stream, retried with backoff while the engine refuses it for load."""
-        overload_wait = self.config.overload_retry_initial_s
+        overloaded = Backoff(self.config.overload_retry_initial_s, self.config.overload_retry_max_s)
         while True:
             produced = False
             stream = self.engine.stream(endpoint, data, request_id=task.task_id, priority=priority)
@@ -449,8 +448,7 @@ class TaskRunner:
                 if produced:
                     raise
                 run.overloaded = True
-                await asyncio.sleep(overload_wait * random.uniform(0.5, 1.0))
-                overload_wait = min(overload_wait * 2, self.config.overload_retry_max_s)
+                await overloaded.sleep()
             finally:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:

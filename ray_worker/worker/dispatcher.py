@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any, Protocol
 
-from ray_worker.aio import cut_short, to_the_end
+from ray_worker.aio import Backoff, cut_short, to_the_end
 from ray_worker.bella.protocol import Level, Task, now_ms, task_return_path
 from ray_worker.config import DispatcherConfig, QueueSpec, adapter_of
 from ray_worker.errors import (
@@ -54,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Dispatcher", "ReplicaLostAnswer", "Replicas"]
 
+_RETRY_INITIAL_S = 0.2
+_RETRY_MAX_S = 2.0
+"""Backoff between calls of a task whose replica failed before answering."""
 _FATE_POLL_S = 0.25
 """How often a task's fate is read from the load reports after its replica call failed."""
 
@@ -274,7 +276,8 @@ class Dispatcher:
         """Run ``task`` on a replica; its outcome, or None when it ended without one reaching
         here (its replica answered it, or it was left for redelivery)."""
         failures = 0
-        overload_wait = self.config.overload_retry_initial_s
+        overloaded = Backoff(self.config.overload_retry_initial_s, self.config.overload_retry_max_s)
+        retrying = Backoff(_RETRY_INITIAL_S, _RETRY_MAX_S)
         deadline = deadline_ms(task, self.config.max_task_time_s, now=self.clock())
         while True:
             job.in_call = True
@@ -305,13 +308,12 @@ class Dispatcher:
                     return None
                 if isinstance(err, EngineDeadError):
                     await self._live_replica(model_id, deadline)
-                wait = overload_wait * random.uniform(0.5, 1.0)
-                if self.clock() + wait * 1000 >= deadline:
+                wait_s = overloaded.next_s()
+                if self.clock() + wait_s * 1000 >= deadline:
                     raise EngineOverloadedAnswer(
                         f"the model is overloaded; the task expired while waiting: {err}"
                     ) from None
-                await asyncio.sleep(wait)
-                overload_wait = min(overload_wait * 2, self.config.overload_retry_max_s)
+                await asyncio.sleep(wait_s)
             except (TaskError, asyncio.CancelledError):
                 raise
             except Exception as err:
@@ -368,7 +370,7 @@ class Dispatcher:
                     err,
                     extra=task_context(task),
                 )
-                await asyncio.sleep(min(0.1 * 2**failures, 2.0) * random.uniform(0.5, 1.0))
+                await retrying.sleep()
 
     async def _ended_on_replica(
         self, task: Task, model_id: str, replica_id: str, deadline: int

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ray_worker.aio import SPREAD, Backoff
 from ray_worker.bella.protocol import FIFO_TAKE_CAP, Level, TakeRequest, TakeResponse, TakeStrategy
 from ray_worker.config import PollerConfig, QueueSpec
 from ray_worker.errors import AuthenticationError, WorkerError
@@ -202,8 +202,8 @@ class Poller:
 
     async def _loop(self, pool: Pool) -> None:
         cfg = self.config
-        idle = cfg.idle_backoff_initial_s
-        failing = cfg.error_backoff_initial_s
+        idle = Backoff(cfg.idle_backoff_initial_s, cfg.idle_backoff_max_s)
+        failing = Backoff(cfg.error_backoff_initial_s, cfg.error_backoff_max_s, jitter=SPREAD)
         while not self._stop.is_set():
             request = self._next_request(pool)
             if request is None:
@@ -237,14 +237,13 @@ class Poller:
                     err,
                     extra={"model": pool.model_id, "queues": request.queues},
                 )
-                pool.backoff_s = failing * random.uniform(0.75, 1.25)
                 # A gateway's or Bella-Queue's Retry-After is a floor.
-                pool.backoff_s = max(pool.backoff_s, getattr(err, "retry_after_s", None) or 0.0)
+                retry_after_s = getattr(err, "retry_after_s", None) or 0.0
+                pool.backoff_s = max(failing.next_s(), retry_after_s)
                 await self._sleep(pool.backoff_s)
-                failing = min(failing * 2, cfg.error_backoff_max_s)
                 continue
             self.metrics.observe("take_latency_s", time.monotonic() - started, model=pool.model_id)
-            failing = cfg.error_backoff_initial_s
+            failing.reset()
             pool.errors_in_a_row = 0
             pool.last_take_at = time.monotonic()
             tasks = response.all_tasks()
@@ -261,11 +260,10 @@ class Poller:
                     pool.backlog = 0
                 else:  # only the online queues are empty; offline ones were not asked
                     pool.state = "at offline capacity"
-                pool.backoff_s = idle * random.uniform(0.5, 1.0)
+                pool.backoff_s = idle.next_s()
                 await self._sleep(pool.backoff_s)
-                idle = min(idle * 2, cfg.idle_backoff_max_s)
                 continue
-            idle = cfg.idle_backoff_initial_s
+            idle.reset()
             pool.backoff_s = 0.0
             pool.state = "taking"
             pool.tasks_taken += len(tasks)

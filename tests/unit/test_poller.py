@@ -607,3 +607,16 @@ async def test_a_take_of_only_unreadable_tasks_is_not_an_empty_take(make: Any) -
     assert rig.states[1] == "taking"
     await until(lambda: rig.completer.of("T-x"))
     assert rig.completer.of("T-x")[0]["status_code"] == 400
+
+
+def test_the_one_backoff_doubles_its_jittered_step_to_the_cap_and_resets() -> None:
+    import random
+
+    from ray_worker.aio import SPREAD, Backoff
+
+    backoff = Backoff(0.5, 3.0, jitter=SPREAD, rng=random.Random(7))
+    waits = [backoff.next_s() for _ in range(5)]
+    for wait_s, step_s in zip(waits, (0.5, 1.0, 2.0, 3.0, 3.0), strict=True):
+        assert 0.75 * step_s <= wait_s <= 1.25 * step_s
+    backoff.reset()
+    assert 0.375 <= backoff.next_s() <= 0.625
