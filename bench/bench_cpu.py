@@ -53,7 +53,7 @@ from bench.harness import (
     usage_tokens,
     wait_ready,
 )
-from ray_worker.bella.client import QueueClient
+from ray_worker.bella.producer import ProducerClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.testing.serve_run import deployed_worker
 
@@ -213,7 +213,7 @@ class StreamCount:
     put_retries: int = 0
 
 
-async def one_stream(client: QueueClient, queue: str, i: int, tokens: int) -> StreamCount:
+async def one_stream(client: ProducerClient, queue: str, i: int, tokens: int) -> StreamCount:
     """One streaming put read to its end; a put refused before any event is tried again.
 
     On the loaded 2-core machine the emulator sometimes fails a put (its Redis connection
@@ -250,7 +250,7 @@ async def one_stream(client: QueueClient, queue: str, i: int, tokens: int) -> St
     raise AssertionError("unreachable")
 
 
-async def burst(client: QueueClient, queue: str, streams: int, tokens: int) -> dict[str, Any]:
+async def burst(client: ProducerClient, queue: str, streams: int, tokens: int) -> dict[str, Any]:
     start = time.monotonic()
     results = await asyncio.gather(
         *(one_stream(client, queue, i, tokens) for i in range(streams)), return_exceptions=True
@@ -291,7 +291,7 @@ def _us_per_event(cpu: float | None, events: int) -> float | None:
 async def measured_burst(
     finder: ActorFinder,
     idle_rate: dict[int, float],
-    client: QueueClient,
+    client: ProducerClient,
     queue: str,
     streams: int,
     tokens: int,
@@ -410,7 +410,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         with deployed_worker(worker_args(stack.emulator.url, queue, args), APP, APIKEY) as handle:
             await wait_ready(handle, args.ready_timeout_s)
             connections = args.streams * SCALE + 16
-            async with QueueClient(
+            async with ProducerClient(
                 stack.emulator.url, APIKEY, timeout_s=300, max_connections=connections
             ) as client:
                 # Warm-up at the larger burst's width: HTTP and Redis connections, the first

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_worker.bella.client import QueueClient
+from ray_worker.bella.producer import ProducerClient
 from ray_worker.bella.protocol import PutRequest
 from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.ray_cluster import LocalRayCluster
@@ -133,7 +133,7 @@ class StreamTiming:
         self.last_data = ""
 
 
-async def timed_stream(client: QueueClient, request: PutRequest) -> StreamTiming:
+async def timed_stream(client: ProducerClient, request: PutRequest) -> StreamTiming:
     timing = StreamTiming()
     start = time.perf_counter()
     async for event in client.put_streaming(request):

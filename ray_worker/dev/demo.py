@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_worker.bella.client import QueueClient
+from ray_worker.bella.producer import ProducerClient
 from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
 from ray_worker.dev.tiny_model import DEFAULT_MODEL_DIR, ensure_tiny_model
 from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
@@ -53,7 +53,7 @@ def _content(body: Any) -> str:
     return json.dumps(body)[:200]
 
 
-async def _streaming(client: QueueClient) -> None:
+async def _streaming(client: ProducerClient) -> None:
     request = PutRequest(
         endpoint="/v1/chat/completions",
         queue=QUEUE,
@@ -77,7 +77,7 @@ async def _streaming(client: QueueClient) -> None:
     _say(f"\n[streaming] done: {chunks} chunks")
 
 
-async def _blocking(client: QueueClient, prompt: str) -> None:
+async def _blocking(client: ProducerClient, prompt: str) -> None:
     request = PutRequest(
         endpoint="/v1/chat/completions",
         queue=QUEUE,
@@ -89,7 +89,7 @@ async def _blocking(client: QueueClient, prompt: str) -> None:
     _say(f"[blocking] HTTP {result.status_code}: {_content(result.body)!r}")
 
 
-async def _bad_request(client: QueueClient) -> None:
+async def _bad_request(client: ProducerClient) -> None:
     request = PutRequest(
         endpoint="/v1/chat/completions",
         queue=QUEUE,
@@ -102,7 +102,7 @@ async def _bad_request(client: QueueClient) -> None:
     _say(f"[blocking, unknown model] HTTP {result.status_code}: {message}")
 
 
-async def _callback(client: QueueClient, receiver: CallbackReceiver, level: int) -> None:
+async def _callback(client: ProducerClient, receiver: CallbackReceiver, level: int) -> None:
     request = PutRequest(
         endpoint="/v1/chat/completions",
         queue=QUEUE,
@@ -126,7 +126,7 @@ async def _callback(client: QueueClient, receiver: CallbackReceiver, level: int)
     )
 
 
-async def _batch(client: QueueClient) -> None:
+async def _batch(client: ProducerClient) -> None:
     lines = [
         {
             "custom_id": f"req-{i}",
@@ -163,7 +163,7 @@ async def _batch(client: QueueClient) -> None:
 async def _run_tasks(queue_url: str) -> None:
     receiver = CallbackReceiver().start()
     try:
-        async with QueueClient(queue_url, APIKEY) as client:
+        async with ProducerClient(queue_url, APIKEY) as client:
             # The stream first and alone, so its tokens print on one line as they arrive.
             await _streaming(client)
             await asyncio.gather(

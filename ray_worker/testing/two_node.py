@@ -234,10 +234,10 @@ def _wait(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.25)
 
 
 async def _streams(queue_url: str, queue: str, tasks: int, max_tokens: int) -> list[dict[str, Any]]:
-    from ray_worker.bella.client import QueueClient
+    from ray_worker.bella.producer import ProducerClient
     from ray_worker.bella.protocol import PutRequest, ResponseMode
 
-    async def one(client: QueueClient, i: int) -> dict[str, Any]:
+    async def one(client: ProducerClient, i: int) -> dict[str, Any]:
         request = PutRequest(
             endpoint="/v1/chat/completions",
             queue=queue,
@@ -265,7 +265,7 @@ async def _streams(queue_url: str, queue: str, tasks: int, max_tokens: int) -> l
             "seconds": round(time.monotonic() - started, 2),
         }
 
-    async with QueueClient(queue_url, APIKEY, timeout_s=120) as client:
+    async with ProducerClient(queue_url, APIKEY, timeout_s=120) as client:
         return list(await asyncio.gather(*(one(client, i) for i in range(tasks))))
 
 

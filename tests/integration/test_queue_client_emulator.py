@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from redis.asyncio import Redis
 
-from ray_worker.bella.client import BlockingResult, QueueClient, RetryPolicy, SSEEvent
+from ray_worker.bella.client import QueueClient, RetryPolicy
+from ray_worker.bella.producer import BlockingResult, SSEEvent
 from ray_worker.bella.protocol import (
     BATCH_ID_RE,
     STREAM_DONE,

@@ -12,11 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from ray_worker.bella.client import (
+from ray_worker.bella.client import QueueClient, RetryPolicy
+from ray_worker.bella.producer import (
     ONLINE_WAIT_MARGIN_S,
     BlockingResult,
-    QueueClient,
-    RetryPolicy,
     SSEEvent,
     online_wait_s,
 )
