@@ -385,6 +385,16 @@ class PublisherOptions(_Frozen):
         ge=1,
         description="Entries held while Redis is slow or down; then publish() waits.",
     )
+    max_buffered_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description=(
+            "Most characters (keys, field names and values: about bytes) held while Redis is "
+            "slow or down; then publish() waits. Bounds the publisher actor's memory when "
+            "entries are large (embeddings answers of MBs); an entry larger than this is still "
+            "taken, alone, once the buffer is empty."
+        ),
+    )
     send_interval_ms: float = Field(
         default=20.0,
         ge=0,

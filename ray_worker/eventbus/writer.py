@@ -42,8 +42,11 @@ what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray
     them: the server reads from "now" and trims consumed entries itself (§4.3).
 
     Outages: on a Redis error the writer backs off (exponential, jittered) and retries the
-    same entries in order; the buffer keeps filling up to ``max_buffered`` entries, then
-    ``publish`` waits (backpressure, never drops at enqueue). Once Redis has been failing
+    same entries in order; the buffer keeps filling up to ``max_buffered`` entries and
+    ``max_buffered_bytes`` characters (keys, field names and values, as ``max_batch_bytes``
+    counts them), then ``publish`` waits (backpressure, never drops at enqueue; FIFO among
+    waiting callers). An entry larger than the whole byte bound is still taken, alone, once
+    the buffer is empty, so nothing wedges. Once Redis has been failing
     continuously for ``outage_timeout_s``, entries older than ``outage_timeout_s`` are given
     up from the front of the buffer: progress entries are counted (``dropped_progress``) and
     logged as a summary; every completion entry is logged at ERROR with its task id and
@@ -61,6 +64,14 @@ what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray
     dropped. An answer the server no longer waits for is dropped there (§4.4), so a late one
     is harmless. A Redis that comes back empty (restarted without persistence) loses the
     idempotency mark with the entries: everything still buffered is written again.
+
+    Written mark (``written_upto``): each buffered entry has a sequence number (``publish``
+    returns the last one it buffered); ``written_upto()`` is the highest number N such that
+    Redis acknowledged every entry up to N. An entry that was not written (given up in an
+    outage or at close, rejected by Redis) stops the mark below it for the rest of this
+    publisher's life: whoever reads the mark (``actor.RedisPublisher``, to tell a client which
+    of its batches are safe in Redis) must never take a given-up event for a written one,
+    and a task given up whole may still be owed its answer.
 
 ``ping(url)``
     One PING with its own short-lived connection, for ``ray-worker check``.
@@ -191,6 +202,8 @@ class PublisherStats:
     owed_answers_sent: int = 0
     """Error answers written, once Redis was back, to tasks given up in an outage."""
     buffered: int = 0
+    buffered_bytes: int = 0
+    """Characters (keys, field names and values) of the entries buffered."""
     last_error: str | None = None
 
 
@@ -245,8 +258,13 @@ class _Pending:
         self.enqueued_at = enqueued_at
         self.owed = owed
         """An error answer the writer wrote itself: no caller waits for its fate."""
-        self.size = len(key) + sum(len(k) + len(v) for k, v in fields.items())
-        """Characters of the key, names and values (a round's byte bound counts them)."""
+        self.size = _entry_size(key, fields)
+        """Characters of the key, names and values (a round's and the buffer's byte bounds
+        count them); 0 once given up in place."""
+
+
+def _entry_size(key: str, fields: Mapping[str, str]) -> int:
+    return len(key) + sum(len(k) + len(v) for k, v in fields.items())
 
 
 class _Owed:
@@ -366,6 +384,10 @@ class EventPublisher:
         """Completion events settled: True once Redis acknowledged, False once given up."""
         self._fate_waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._seq = 0
+        self._bytes = 0
+        """Sizes of the entries in ``_queue`` (``_Pending.size``)."""
+        self._hole: int | None = None
+        """The lowest sequence number of an entry that was not written (``written_upto``)."""
         self._progress = asyncio.Event()
         self._wake = asyncio.Event()
         self._enqueue_lock = asyncio.Lock()
@@ -382,8 +404,10 @@ class EventPublisher:
 
     # ---------------------------------------------------------------- public API
 
-    async def publish(self, entries: Sequence[Entry]) -> None:
-        """Append ``entries`` in order; wait while the buffer is full. Returns once buffered.
+    async def publish(self, entries: Sequence[Entry]) -> int:
+        """Append ``entries`` in order; wait while the buffer is full (``max_buffered``
+        entries or ``max_buffered_bytes``). Returns once buffered: the sequence number of the
+        last entry buffered so far (see ``written_upto``).
 
         Raises ``EventBusUnavailableError`` if the writer loop died or the publisher is
         closed, ``TypeError`` for a malformed entry (nothing of that call is enqueued).
@@ -396,23 +420,41 @@ class EventPublisher:
         self._ensure_writer()
         queue = self._queue
         limit = self.options.max_buffered
+        byte_limit = self.options.max_buffered_bytes
         now = time.monotonic()
-        if not self._enqueue_lock.locked() and len(queue) + len(entries) <= limit:
+        sizes = [_entry_size(key, fields) for key, fields in entries]
+        if (
+            not self._enqueue_lock.locked()
+            and len(queue) + len(entries) <= limit
+            and (self._bytes + sum(sizes) <= byte_limit or (not queue and len(entries) == 1))
+        ):
             for key, fields in entries:
-                self._seq += 1
-                queue.append(_Pending(self._seq, key, fields, now))
+                self._append(key, fields, now)
             if entries:
                 self._wake.set()
-            return
+            return self._seq
         # Slow path: FIFO among waiting publishers (asyncio.Lock is fair).
         async with self._enqueue_lock:
-            for key, fields in entries:
-                while len(queue) >= limit:
+            for (key, fields), size in zip(entries, sizes, strict=True):
+                # An entry larger than the whole byte bound goes in alone (nothing wedges).
+                while len(queue) >= limit or (queue and self._bytes + size > byte_limit):
                     await self._progress.wait()
                     self._check_usable()
-                self._seq += 1
-                queue.append(_Pending(self._seq, key, fields, time.monotonic()))
+                self._append(key, fields, time.monotonic())
                 self._wake.set()
+            return self._seq
+
+    @property
+    def lost_writes(self) -> bool:
+        """True once an entry was not written: ``written_upto`` will not pass it."""
+        return self._hole is not None
+
+    def written_upto(self) -> int:
+        """The highest entry sequence number N such that Redis acknowledged every entry up to
+        N (``publish`` returns the numbers). An entry not written (given up, rejected) stops
+        it below that entry for good (see the module docstring)."""
+        done = self._done_upto()
+        return done if self._hole is None else min(done, self._hole - 1)
 
     async def delivery(self, task_ids: Sequence[str], timeout_s: float) -> dict[str, bool]:
         """Wait up to ``timeout_s`` for the completion events of ``task_ids`` to settle.
@@ -499,6 +541,7 @@ class EventPublisher:
     def stats(self) -> dict[str, Any]:
         """Counters plus the publish latency summary, as a plain dict."""
         self._stats.buffered = len(self._queue)
+        self._stats.buffered_bytes = self._bytes
         out = asdict(self._stats)
         out["healthy"] = self.healthy()
         out["latency"] = self._latency.summary()
@@ -506,11 +549,28 @@ class EventPublisher:
 
     @property
     def counters(self) -> PublisherStats:
-        """The live counters object (``buffered`` refreshed)."""
+        """The live counters object (``buffered`` and ``buffered_bytes`` refreshed)."""
         self._stats.buffered = len(self._queue)
+        self._stats.buffered_bytes = self._bytes
         return self._stats
 
     # ---------------------------------------------------------------- internals
+
+    def _append(self, key: str, fields: Mapping[str, str], now: float, owed: bool = False) -> None:
+        self._seq += 1
+        entry = _Pending(self._seq, key, fields, now, owed=owed)
+        self._queue.append(entry)
+        self._bytes += entry.size
+
+    def _popleft(self) -> _Pending:
+        entry = self._queue.popleft()
+        self._bytes -= entry.size
+        return entry
+
+    def _not_written(self, entry: _Pending) -> None:
+        """``entry`` will never be in Redis: the written mark stays below it for good."""
+        if self._hole is None or entry.seq < self._hole:
+            self._hole = entry.seq
 
     def _check_usable(self) -> None:
         self.check_health()
@@ -657,6 +717,9 @@ class EventPublisher:
                     _escaped(k, encoder.encoding): _escaped(v, encoder.encoding)
                     for k, v in entry.fields.items()
                 }
+                size = _entry_size(entry.key, entry.fields)
+                self._bytes += size - entry.size
+                entry.size = size
         if escaped:
             self._stats.last_error = _describe(exc)
             logger.warning("escaped %d event(s) Redis could not encode: %s", escaped, exc)
@@ -669,7 +732,7 @@ class EventPublisher:
         published = 0
         oldest = 0.0
         while queue and queue[0].seq <= last_seq:
-            entry = queue.popleft()
+            entry = self._popleft()
             if not entry.fields:
                 continue  # given up in place (counted then); the script skipped it
             error = rejected.get(entry.seq) if rejected else None
@@ -681,6 +744,7 @@ class EventPublisher:
                 if not entry.owed and _is_completion(entry.fields):
                     self._settle(_task_id_of(entry.fields), True)
             else:
+                self._not_written(entry)
                 self._stats.rejected += 1
                 self._stats.last_error = _describe(error)
                 self._count_dropped(entry, f"rejected by Redis: {_describe(error)}")
@@ -749,9 +813,10 @@ class EventPublisher:
                 progress += 1
 
         for _ in range(count):
-            entry = self._queue.popleft()
+            entry = self._popleft()
             if not entry.fields:
                 continue  # given up in place earlier, already counted
+            self._not_written(entry)
             task_id = _task_id_of(entry.fields)
             tasks.add(task_id)
             drop(entry, task_id)
@@ -760,9 +825,12 @@ class EventPublisher:
                 continue
             task_id = _task_id_of(entry.fields)
             if task_id in tasks:
+                self._not_written(entry)
                 drop(entry, task_id)
                 # Given up in place (no fields): the script skips it, seqs stay consecutive.
                 entry.fields = {}
+                self._bytes -= entry.size
+                entry.size = 0
         for task_id in tasks - finished:
             self._given_up[task_id] = None
             self._given_up.move_to_end(task_id)
@@ -808,8 +876,7 @@ class EventPublisher:
                 task.next_event_id,
                 "the worker's event bus was unavailable; this task's events were lost",
             ):
-                self._seq += 1
-                self._queue.append(_Pending(self._seq, task.key, fields, now, owed=True))
+                self._append(task.key, fields, now, owed=True)
             sent += 1
         if sent:
             self._stats.owed_answers_sent += sent

@@ -104,6 +104,7 @@ def test_dispatcher_defaults() -> None:
 def test_publisher_defaults() -> None:
     assert PublisherOptions().model_dump() == {
         "max_buffered": 10_000,
+        "max_buffered_bytes": 256 * 1024 * 1024,
         "send_interval_ms": 20.0,
         "max_batch": 1000,
         "max_batch_bytes": 8 * 1024 * 1024,

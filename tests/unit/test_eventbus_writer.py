@@ -1,0 +1,161 @@
+"""EventPublisher's buffer bounds and written mark, on a fake Redis whose rounds the test
+holds and releases (the wire itself is tested against a real redis-server in
+tests/integration/test_publisher.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from ray_worker.bella.protocol import completion_fields, progress_fields
+from ray_worker.config import PublisherOptions
+from ray_worker.eventbus.writer import EventPublisher
+
+Entry = tuple[str, dict[str, str]]
+
+
+async def wait_for(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll ``condition`` until true (fails the test after ``within_s``)."""
+    async with asyncio.timeout(within_s):
+        while not condition():  # noqa: ASYNC110 - polling a plain predicate
+            await asyncio.sleep(0.001)
+
+
+async def ticks(n: int = 20) -> None:
+    """Let the loop run ``n`` rounds (no wall-clock wait)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+class FakeRedis:
+    """Runs the writer's batch script by hand: each round waits for ``gate``, then every
+    entry is written, except those whose seq is in ``reject`` (a WRONGTYPE answer)."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.reject: set[int] = set()
+        self.written: list[Entry] = []
+        self.rounds: list[int] = []
+
+    def register_script(self, _lua: str) -> Callable[..., Any]:
+        return self._script
+
+    async def _script(self, keys: list[str], args: list[Any]) -> list[Any]:
+        await self.gate.wait()
+        first, pos, out = int(args[0]), 4, []
+        for n, key in enumerate(keys[1:]):
+            count = int(args[pos])
+            pairs = args[pos + 1 : pos + 1 + 2 * count]
+            pos += 1 + 2 * count
+            if not count:
+                continue
+            if first + n in self.reject:
+                out += [first + n, "WRONGTYPE not a stream"]
+            else:
+                self.written.append((key, dict(zip(pairs[::2], pairs[1::2], strict=True))))
+        self.rounds.append(len(keys) - 1)
+        return [first + len(keys) - 2, "", *out]
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.fixture
+def redis() -> FakeRedis:
+    return FakeRedis()
+
+
+@pytest.fixture
+async def make(redis: FakeRedis) -> AsyncIterator[Callable[..., EventPublisher]]:
+    made: list[EventPublisher] = []
+
+    def make(**options: Any) -> EventPublisher:
+        publisher = EventPublisher("redis://fake", PublisherOptions(**options), client=redis)  # type: ignore[arg-type]
+        made.append(publisher)
+        return publisher
+
+    yield make
+    redis.gate.set()
+    for publisher in made:
+        await publisher.aclose(1.0)
+
+
+def chunk(task: str, n: int, size: int = 100) -> Entry:
+    """A progress entry of about ``size`` characters of data."""
+    return ("s", progress_fields(task, str(n), "message", "x" * size))
+
+
+def size_of(entry: Entry) -> int:
+    key, fields = entry
+    return len(key) + sum(len(k) + len(v) for k, v in fields.items())
+
+
+async def test_publish_waits_while_the_buffer_is_over_its_byte_bound(
+    redis: FakeRedis, make: Callable[..., EventPublisher]
+) -> None:
+    entries = [chunk("T", n) for n in range(4)]
+    size = size_of(entries[0])
+    pub = make(max_buffered_bytes=3 * size)
+    redis.gate.clear()  # Redis is slow: nothing is acknowledged
+    await pub.publish(entries[:3])
+    assert pub.stats()["buffered_bytes"] == 3 * size
+    blocked = asyncio.create_task(pub.publish(entries[3:]))
+    await ticks()
+    assert not blocked.done(), "a fourth entry would exceed the byte bound"
+    assert pub.stats()["buffered"] == 3, "well under the entry bound"
+    redis.gate.set()
+    await asyncio.wait_for(blocked, 5)
+    assert await pub.flush(5)
+    assert redis.written == entries, "in order, none lost"
+    assert pub.stats()["buffered_bytes"] == 0
+
+
+async def test_an_entry_larger_than_the_byte_bound_goes_alone_once_the_buffer_is_empty(
+    redis: FakeRedis, make: Callable[..., EventPublisher]
+) -> None:
+    small, huge, after = chunk("E", 0), chunk("E", 1, size=10_000), chunk("E", 2)
+    pub = make(max_buffered_bytes=2 * size_of(small))
+    redis.gate.clear()
+    await pub.publish([small])
+    blocked = asyncio.create_task(pub.publish([huge]))
+    await ticks()
+    assert not blocked.done(), "waits while anything else is buffered"
+    follower = asyncio.create_task(pub.publish([after]))
+    await ticks()
+    assert not follower.done(), "FIFO: no overtaking of a waiting publisher"
+    redis.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocked, follower), 5)
+    assert await pub.flush(5)
+    assert redis.written == [small, huge, after]
+    assert redis.rounds == [1, 1, 1], "the large entry was buffered alone"
+    # Into an empty buffer it goes at once, without waiting.
+    redis.gate.clear()
+    await asyncio.wait_for(pub.publish([huge]), 1)
+    assert pub.stats()["buffered_bytes"] == size_of(huge)
+
+
+async def test_the_written_mark_counts_only_entries_redis_acknowledged(
+    redis: FakeRedis, make: Callable[..., EventPublisher]
+) -> None:
+    pub = make()
+    redis.gate.clear()
+    last = await pub.publish([chunk("W", 0), chunk("W", 1)])
+    assert (last, pub.written_upto()) == (2, 0), "buffered is not written"
+    redis.gate.set()
+    assert await pub.flush(5)
+    assert pub.written_upto() == 2
+    # An entry Redis rejects is not written: the mark stops below it for good.
+    redis.reject.add(3)
+    await pub.publish([("s", completion_fields("R", {"status_code": 200}))])
+    assert await pub.flush(5)
+    assert await pub.publish([chunk("W", 2)]) == 4
+    assert await pub.flush(5)
+    assert pub.written_upto() == 2
+    assert pub.lost_writes
