@@ -531,7 +531,7 @@ def _cmd_status(ns: argparse.Namespace) -> int:
 
 
 def _run_emulator(argv: list[str]) -> int:
-    from ray_worker.emulator import server as emulator
+    from ray_worker.emulator import cli as emulator
 
     return emulator.main(argv)
 

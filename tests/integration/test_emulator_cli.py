@@ -1,4 +1,4 @@
-"""``python -m ray_worker.emulator.server`` serves until SIGTERM and exits 0."""
+"""``python -m ray_worker.emulator`` serves until SIGTERM and exits 0."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_cli_serves_and_stops_cleanly(redis_server: RedisServer, tmp_path: objec
         [
             sys.executable,
             "-m",
-            "ray_worker.emulator.server",
+            "ray_worker.emulator",
             "--port",
             str(port),
             "--redis-url",
@@ -63,7 +63,7 @@ def test_cli_serves_and_stops_cleanly(redis_server: RedisServer, tmp_path: objec
 
 
 def test_cli_requires_an_apikey(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ray_worker.emulator.server import main
+    from ray_worker.emulator.cli import main
 
     monkeypatch.delenv("BELLA_QUEUE_APIKEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:

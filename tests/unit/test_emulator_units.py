@@ -9,12 +9,9 @@ import pytest
 
 from ray_worker.bella.protocol import TASK_ID_RE, Level, ResponseMode, make_task_id, sse_data
 from ray_worker.emulator.batches import parse_completion_window
-from ray_worker.emulator.server import (
-    EmulatorConfig,
-    _parse_multipart,
-    _result_status,
-    format_sse,
-)
+from ray_worker.emulator.config import EmulatorConfig
+from ray_worker.emulator.http import format_sse, parse_multipart
+from ray_worker.emulator.routes import result_status
 from ray_worker.emulator.store import ApiError, parse_task_id
 from ray_worker.testing.waiting import wait_for, wait_for_sync
 
@@ -76,7 +73,7 @@ def test_config_defaults() -> None:
         EmulatorConfig(redis_url="r", apikeys=())
 
 
-def test_parse_multipart() -> None:
+def testparse_multipart() -> None:
     boundary = "XyZ"
     body = (
         f"--{boundary}\r\n"
@@ -87,11 +84,11 @@ def test_parse_multipart() -> None:
         '{"a":1}\n{"b":2}\n\r\n'
         f"--{boundary}--\r\n"
     ).encode()
-    parts = _parse_multipart(f"multipart/form-data; boundary={boundary}", body)
+    parts = parse_multipart(f"multipart/form-data; boundary={boundary}", body)
     assert parts["purpose"] == (None, b"batch")
     assert parts["file"] == ("in.jsonl", b'{"a":1}\n{"b":2}\n')
     with pytest.raises(ApiError):
-        _parse_multipart("application/json", b"{}")
+        parse_multipart("application/json", b"{}")
 
 
 async def test_wait_for_returns_the_first_truthy_value() -> None:
@@ -151,4 +148,4 @@ def test_wait_for_sync() -> None:
 def test_blocking_status_is_read_like_map_utils_get_integer(
     result: dict[str, object], status: int
 ) -> None:
-    assert _result_status(result) == status
+    assert result_status(result) == status
