@@ -24,18 +24,47 @@ LLM replica's task runner or the poller uses). It must not talk to Redis itself 
     is resent. What a dead actor had buffered but not yet written to Redis is lost, and a
     batch it had written whose reply never came back is written again by its successor
     (the successor does not know the dead one's sequence marks): exactly-once holds across
-    transient failures, not across an actor's death. So after a re-attach, every task
-    still open that had events in a batch sent to the dead actor (``PublisherClient``
-    sequence numbers up to the last one sent then) is settled this way: its events not yet
-    acknowledged are withdrawn from the batcher; a task with progress events (a stream)
-    gets an error chunk (``eventId`` after the last one it queued) and a 503 completion
-    (``code: events_lost``) instead of whatever it had left, and its later events, its own
-    completion included, are dropped; a task without (blocking) whose completion was
-    handed over gets that completion sent again (the server keeps the first completion of
-    a task and drops a second one, §4.4). Either way the caller's ``completion()`` returns
-    once the completion sent for the task is acknowledged, and ``stats()["events_lost"]``
-    counts the streams so ended. Every confirmation wait has a deadline
-    (``confirm_timeout_s``).
+    transient failures, not across an actor's death.
+
+    Written mark. The actor remembers, per client, which writer entries each accepted batch
+    became, and reports the client's mark N: every batch of that client up to seq N is
+    acknowledged by Redis (``EventPublisher.written_upto``; an entry given up or rejected is
+    not written and stops the mark below it for the rest of that writer's life, so after an
+    outage's give-up, a rejection, or a replaced writer (``configure``) no later batch is
+    reported written). The mark comes with every ``publish`` reply (``(status, mark)``;
+    ``"exiting"`` stays a plain string) and every lease renewal (``(True, mark)``, every
+    ``lease_ttl_s / 3``), so it also advances while the client's streams are idle; the
+    client keeps the highest mark heard from the actor in use. Replies without a mark (an
+    actor of an older version) leave it where it was: every batch then counts as unwritten.
+    Per task the client keeps only the seq of the batch its last event went out with (and
+    the one before, as that batch may still be gathering): O(1) per event.
+
+    After a re-attach, each task still open is settled by the dead actor's mark M and the
+    last batch sent to it S (in flight or acknowledged; a batch in flight may or may not
+    have been applied, so it counts as unwritten):
+
+    - its events sent are all in batches up to M: nothing of it was lost. A stream carries
+      on through the new actor (its later events and completion go out as usual, and a
+      gapless stream ends ``[DONE]`` + 200; ``stats()["streams_kept"]``); a completion
+      already handed over was written, so it is not sent again and ``completion()``
+      returns as delivered (``completions_written``).
+    - it had an event in a batch in (M, S]: its events not yet acknowledged are withdrawn
+      from the batcher; a task with progress events (a stream) gets an error chunk
+      (``eventId`` after the last one it queued) and a 503 completion (``code:
+      events_lost``) instead of whatever it had left, and its later events, its own
+      completion included, are dropped (``events_lost``); a task without (blocking) whose
+      completion was handed over gets that completion sent again (``completions_resent``;
+      the server keeps the first completion of a task and drops a second one, §4.4). A
+      stream already ended so whose error answer went to the dead actor unwritten gets the
+      same answer again (``lost_answers_resent``).
+
+    Everything up to S then counts as settled. Either way the caller's ``completion()``
+    returns once the completion sent for the task is acknowledged. Every confirmation wait
+    has a deadline (``confirm_timeout_s``). A task the dead actor gave up whole in a Redis
+    outage always has an event above M (the mark stops at the first entry given up), so it
+    is settled as above: if the dead actor had already written its own 503 answer (see
+    ``writer``), this second answer is dropped by the server (§4.4), and one it had not
+    written yet is not lost with it.
 
     The actor exits when its writer loop dies (a bug): clients see it gone, and
     ``node_publisher`` makes a fresh one by name.
@@ -52,6 +81,7 @@ import functools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,8 +123,9 @@ PUBLISHER_NAMESPACE = "bella-ray-worker"
 ACCEPTED = "ok"
 DUPLICATE = "duplicate"
 EXITING = "exiting"
-# What RedisPublisher.publish answers: buffered, already had it, or going away (resend to
-# the node's next publisher).
+# What RedisPublisher.publish answers: buffered, already had it (each with the client's
+# written mark: ``(status, mark)``), or going away (the plain string: resend to the node's
+# next publisher).
 
 _LEASE_CHECK_INTERVAL_S = 0.25
 
@@ -138,6 +169,13 @@ class RedisPublisher:
         self._leases: dict[str, float] = {}  # client id -> expiry (monotonic)
         self._lease_ttls: dict[str, float] = {}
         self._last_seq: dict[str, int] = {}
+        self._unwritten: dict[str, deque[tuple[int, int]]] = {}
+        """Per client, its batches not yet known written: (batch_seq, writer seq of its last
+        entry), oldest first."""
+        self._marks: dict[str, int] = {}
+        """Per client, the written mark last computed (see ``EventBusClient``)."""
+        self._marks_frozen = False
+        """The writer was replaced (``configure``): marks no longer advance."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._idle_since: float | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -171,6 +209,10 @@ class RedisPublisher:
             return
         old, self._publisher = self._publisher, self._make(url)
         if old is not None:
+            # The old writer's sequence numbers mean nothing to the new one, and what it
+            # drains may be given up: no batch sent so far is ever reported written.
+            self._marks_frozen = True
+            self._unwritten.clear()
             await old.aclose(self._drain_timeout_s)
         logger.info("event-bus publisher configured for %s", redact_url(url))
 
@@ -183,8 +225,11 @@ class RedisPublisher:
         url = self._publisher.url if self._publisher is not None else None
         return {"url": url, "topic": self._topic, "exiting": self._exiting}
 
-    async def lease(self, client_id: str, ttl_s: float, clock_offset_ms: int | None = None) -> bool:
-        """Take or renew ``client_id``'s lease for ``ttl_s``; False once the actor is exiting.
+    async def lease(
+        self, client_id: str, ttl_s: float, clock_offset_ms: int | None = None
+    ) -> tuple[bool, int] | bool:
+        """Take or renew ``client_id``'s lease for ``ttl_s``: ``(True, written mark)``, or
+        False once the actor is exiting.
 
         ``clock_offset_ms`` (Bella-Queue's clock minus ours, when the client knows it) sets the
         clock ``MINID`` trims by."""
@@ -200,23 +245,26 @@ class RedisPublisher:
                 self._watch(), name="event-bus-publisher-leases"
             )
             self._watchdog.add_done_callback(self._watchdog_done)
-        return True
+        return True, self._written_mark(client_id)
 
     async def release(self, client_id: str) -> None:
         """Drop ``client_id``'s lease and its sequence mark (it sends nothing more)."""
         self._leases.pop(client_id, None)
         self._lease_ttls.pop(client_id, None)
         self._last_seq.pop(client_id, None)
+        self._unwritten.pop(client_id, None)
+        self._marks.pop(client_id, None)
         self._locks.pop(client_id, None)
         if not self._leases and self._idle_since is None:
             self._idle_since = time.monotonic()
 
-    async def publish(self, client_id: str, batch_seq: int, batch: Batch) -> str:
+    async def publish(self, client_id: str, batch_seq: int, batch: Batch) -> tuple[str, int] | str:
         """Buffer ``batch`` in order unless ``batch_seq`` was already applied for the client.
 
-        Returns ``"ok"`` (buffered), ``"duplicate"`` (a resend, acknowledged, not buffered
-        again) or ``"exiting"`` (not taken: resend to the node's next publisher). Waits
-        while the buffer is full.
+        Returns ``("ok", mark)`` (buffered), ``("duplicate", mark)`` (a resend, acknowledged,
+        not buffered again) or ``"exiting"`` (not taken: resend to the node's next
+        publisher); ``mark`` is the client's written mark (``EventBusClient``). Waits while
+        the buffer is full.
         """
         if self._exiting:
             return EXITING
@@ -228,18 +276,35 @@ class RedisPublisher:
         async with lock:
             if batch_seq <= self._last_seq.get(client_id, 0):
                 self._duplicates += 1
-                return DUPLICATE
+                return DUPLICATE, self._written_mark(client_id)
+            publisher = self._require()
             try:
-                await self._require().publish(batch)
+                last_entry = await publisher.publish(batch)
             except EventBusUnavailableError:
                 if self._exiting:
                     return EXITING
                 raise
             self._last_seq[client_id] = batch_seq
+            if not self._marks_frozen and not publisher.lost_writes:
+                # Once an entry was not written, no later batch is ever reported written
+                # (the writer's mark stays below it), so none is remembered.
+                self._unwritten.setdefault(client_id, deque()).append((batch_seq, last_entry))
         ttl = self._lease_ttls.get(client_id)
         if ttl is not None and client_id in self._leases:
             self._leases[client_id] = time.monotonic() + ttl  # a publish proves it is alive
-        return ACCEPTED
+        return ACCEPTED, self._written_mark(client_id)
+
+    def _written_mark(self, client_id: str) -> int:
+        """The highest ``batch_seq`` N of ``client_id`` such that Redis acknowledged every
+        entry of every batch up to N that this actor buffered (0: none known)."""
+        mark = self._marks.get(client_id, 0)
+        pending = self._unwritten.get(client_id)
+        if pending and self._publisher is not None and not self._marks_frozen:
+            upto = self._publisher.written_upto()
+            while pending and pending[0][1] <= upto:
+                mark = pending.popleft()[0]
+            self._marks[client_id] = mark
+        return mark
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything buffered so far is acknowledged or given up."""
@@ -403,12 +468,26 @@ def node_publisher(
 class _Track:
     """What an ``EventBusClient`` knows of one open task (see the module docstring)."""
 
-    __slots__ = ("first_seq", "instance_id", "lost", "next_event_id", "result", "streaming")
+    __slots__ = (
+        "instance_id",
+        "last_seq",
+        "lost",
+        "next_event_id",
+        "prev_seq",
+        "result",
+        "streaming",
+        "written",
+    )
 
-    def __init__(self, instance_id: str, first_seq: int) -> None:
+    def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
-        self.first_seq = first_seq
-        """The batch sequence number its first event went out with (or later)."""
+        self.last_seq = 0
+        """The batch sequence number its last event goes out with (0: none yet)."""
+        self.prev_seq = 0
+        """The one its events went out with before that batch (0: none)."""
+        self.written = False
+        """Its completion is known written (its batch was at or below the written mark of a
+        publisher that died): nobody can be asked about it any more."""
         self.next_event_id = 0
         self.streaming = False
         """It had progress events (only streaming tasks do)."""
@@ -416,6 +495,16 @@ class _Track:
         """Its completion's result once handed to the batcher."""
         self.lost = False
         """Ended with an error answer: its events reached a publisher that died."""
+
+    def went_with(self, seq: int) -> None:
+        """An event of it was queued in batch ``seq``."""
+        if seq != self.last_seq:
+            self.prev_seq, self.last_seq = self.last_seq, seq
+
+    def sent_upto(self, sent_seq: int) -> int:
+        """The last batch up to ``sent_seq`` (the last one taken for sending) that held an
+        event of it (0: none). Only the gathering batch comes after ``sent_seq``."""
+        return self.last_seq if self.last_seq <= sent_seq else self.prev_seq
 
 
 _TRACKS_MAX = 100_000
@@ -474,6 +563,9 @@ class EventBusClient:
         self._tracks: dict[str, _Track] = {}
         """Open tasks (an event queued, the completion not yet returned), oldest first."""
         self._confirmer: asyncio.Task[None] | None = None
+        self._mark = 0
+        """Written mark: every batch up to this sequence number is in Redis (or was settled
+        at a re-attach); see the module docstring."""
         self._resolve_lock = asyncio.Lock()
         self._closed = False
         self._counters = {
@@ -486,6 +578,9 @@ class EventBusClient:
             "unconfirmed_lost": 0,
             "events_lost": 0,
             "completions_resent": 0,
+            "completions_written": 0,
+            "streams_kept": 0,
+            "lost_answers_resent": 0,
             "dropped_after_loss": 0,
         }
 
@@ -529,14 +624,16 @@ class EventBusClient:
         batcher = self._require()
         track = self._tracks.get(task_id)
         if track is None:
-            track = self._track(task_id, instance_id, batcher)
+            track = self._track(task_id, instance_id)
         elif track.lost:
             self._counters["dropped_after_loss"] += 1
             return
         track.streaming = True
         if event_id.isdigit() and int(event_id) >= track.next_event_id:
             track.next_event_id = int(event_id) + 1
-        await batcher.progress(instance_id, task_id, event_id, event_name, event_data)
+        seq = await batcher.progress(instance_id, task_id, event_id, event_name, event_data)
+        if not track.lost:  # ended by a re-attach while it waited for room: answer is queued
+            track.went_with(seq)
 
     async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
         """Queue a completion event; return once Redis acknowledged it.
@@ -552,11 +649,17 @@ class EventBusClient:
         batcher = self._require()
         track = self._tracks.get(task_id)
         if track is None:
-            track = self._track(task_id, instance_id, batcher)
+            track = self._track(task_id, instance_id)
+
+        def queued(seq: int) -> None:
+            track.result = result
+            track.went_with(seq)
+
         try:
             if not track.lost:
-                track.result = result
-                await batcher.completion(instance_id, task_id, result)
+                await batcher.completion(instance_id, task_id, result, on_queued=queued)
+            if track.written:
+                return
             future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self._unconfirmed[task_id] = _Waiter(future, time.monotonic() + self._confirm_timeout_s)
             try:
@@ -643,6 +746,7 @@ class EventBusClient:
         out.update(self._counters)
         out["unconfirmed"] = len(self._unconfirmed)
         out["open_tasks"] = len(self._tracks)
+        out["written_mark"] = self._mark
         return out
 
     # ---------------------------------------------------------------- internals
@@ -657,7 +761,7 @@ class EventBusClient:
         actor = self._actor
         for attempt in (1, 2):
             try:
-                status = await asyncio.wait_for(
+                reply = await asyncio.wait_for(
                     actor.publish.remote(self.session, seq, batch), self._call_timeout_s
                 )
             except (ActorUnavailableError, TimeoutError):
@@ -669,6 +773,7 @@ class EventBusClient:
                     raise
                 actor = await self._attach(actor)
                 continue
+            status = self._take_reply(actor, reply)
             if status == EXITING:
                 if attempt == 2:
                     raise EventBusUnavailableError("event-bus publisher actor is exiting")
@@ -678,8 +783,18 @@ class EventBusClient:
                 self._counters["duplicates_acked"] += 1
             return
 
-    def _track(self, task_id: str, instance_id: str, batcher: PublisherClient) -> _Track:
-        track = self._tracks[task_id] = _Track(instance_id, batcher.next_seq)
+    def _take_reply(self, actor: Any, reply: Any) -> Any:
+        """A publish or lease reply: its status (``publish``) or grant (``lease``), the
+        written mark it carries (if any, and from the handle in use) taken in."""
+        if not isinstance(reply, tuple | list) or len(reply) != 2:
+            return reply  # "exiting", False, or an actor of a version without marks
+        status, mark = reply
+        if actor is self._actor and isinstance(mark, int) and mark > self._mark:
+            self._mark = mark
+        return status
+
+    def _track(self, task_id: str, instance_id: str) -> _Track:
+        track = self._tracks[task_id] = _Track(instance_id)
         if len(self._tracks) > _TRACKS_MAX:
             del self._tracks[next(iter(self._tracks))]
         return track
@@ -749,46 +864,85 @@ class EventBusClient:
                 waiter.future.set_exception(error)
 
     def _settle_lost(self) -> None:
-        """After a re-attach: settle every open task that had events in a batch sent to the
-        dead publisher (see the module docstring). Synchronous: nothing is sent in between."""
+        """After a re-attach: settle every open task according to the written mark of the
+        publisher that died (see the module docstring). Synchronous: nothing is sent in
+        between."""
         batcher = self._batcher
         if batcher is None:
             return
-        upto = batcher.sent_seq
-        affected = {
-            task_id: track
-            for task_id, track in self._tracks.items()
-            if not track.lost
-            and track.first_seq <= upto
-            and (track.streaming or track.result is not None)
-        }
+        mark, upto = self._mark, batcher.sent_seq
+        affected: dict[str, _Track] = {}
+        kept = written = 0
+        for task_id, track in self._tracks.items():
+            if not (track.streaming or track.result is not None or track.lost):
+                continue
+            sent = track.sent_upto(upto)
+            if sent > mark:
+                affected[task_id] = track
+            elif sent > 0 and not track.lost:
+                if track.result is None or track.last_seq > upto:
+                    kept += 1  # every event it sent is in Redis: it carries on
+                    continue
+                # Its completion is in Redis: done, though nobody can be asked any more.
+                track.written = True
+                written += 1
+                waiter = self._unconfirmed.pop(task_id, None)
+                if waiter is not None and not waiter.future.done():
+                    waiter.future.set_result(True)
+        # Everything up to ``upto`` is now settled: written, or answered again below.
+        self._mark = max(mark, upto)
+        self._counters["streams_kept"] += kept
+        self._counters["completions_written"] += written
         if not affected:
+            if kept or written:
+                logger.warning(
+                    "event-bus publisher lost: nothing of this client's open tasks was lost "
+                    "(%d streams carry on, %d completions were written)",
+                    kept,
+                    written,
+                )
             return
         batcher.discard(lambda _key, fields: entry_task_id(fields) not in affected)
-        entries: Batch = []
         now = time.monotonic()
+        ended = resent = again = 0
         for task_id, track in affected.items():
             key = stream_key(self._topic, track.instance_id)
-            if track.streaming:
+            entries: Batch
+            if track.lost:
+                # Its error answer went to the publisher that died and may be lost with it:
+                # the same answer (the same eventId) again.
+                entries = [
+                    (key, f)
+                    for f in lost_events_answer(task_id, track.next_event_id - 1, LOST_MESSAGE)
+                ]
+                again += 1
+            elif track.streaming:
                 track.lost = True
-                entries.extend(
+                entries = [
                     (key, f) for f in lost_events_answer(task_id, track.next_event_id, LOST_MESSAGE)
-                )
+                ]
                 track.next_event_id += 1
-                self._counters["events_lost"] += 1
+                ended += 1
             else:
                 assert track.result is not None
-                entries.append((key, completion_fields(task_id, track.result)))
-                self._counters["completions_resent"] += 1
+                entries = [(key, completion_fields(task_id, track.result))]
+                resent += 1
+            track.went_with(batcher.push(entries))
             waiter = self._unconfirmed.get(task_id)
             if waiter is not None:
                 waiter.deadline = max(waiter.deadline, now + self._confirm_timeout_s)
-        batcher.push(entries)
+        self._counters["events_lost"] += ended
+        self._counters["completions_resent"] += resent
+        self._counters["lost_answers_resent"] += again
         logger.warning(
             "event-bus publisher lost: %d streams end with an events_lost error, "
-            "%d completions sent again",
-            sum(1 for t in affected.values() if t.streaming),
-            sum(1 for t in affected.values() if not t.streaming),
+            "%d completions sent again, %d error answers sent again; %d streams carry on, "
+            "%d completions were written",
+            ended,
+            resent,
+            again,
+            kept,
+            written,
         )
 
     async def _stop_confirming(self) -> None:
@@ -824,11 +978,15 @@ class EventBusClient:
                     timeout_s=max(deadline - time.monotonic(), 1.0),
                 )
                 try:
-                    granted = await asyncio.wait_for(
-                        handle.lease.remote(
-                            self.session, self._lease_ttl_s, self._clock_offset_ms()
+                    # The new actor's mark is not taken in here: it is not in use yet.
+                    granted = self._take_reply(
+                        handle,
+                        await asyncio.wait_for(
+                            handle.lease.remote(
+                                self.session, self._lease_ttl_s, self._clock_offset_ms()
+                            ),
+                            self._call_timeout_s,
                         ),
-                        self._call_timeout_s,
                     )
                 except (RayActorError, TimeoutError) as exc:
                     granted = False
@@ -849,9 +1007,14 @@ class EventBusClient:
             await asyncio.sleep(self._lease_ttl_s / 3)
             actor = self._actor
             try:
-                granted = await asyncio.wait_for(
-                    actor.lease.remote(self.session, self._lease_ttl_s, self._clock_offset_ms()),
-                    self._call_timeout_s,
+                granted = self._take_reply(
+                    actor,
+                    await asyncio.wait_for(
+                        actor.lease.remote(
+                            self.session, self._lease_ttl_s, self._clock_offset_ms()
+                        ),
+                        self._call_timeout_s,
+                    ),
                 )
                 if not granted:
                     await self._attach(actor)

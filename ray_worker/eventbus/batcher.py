@@ -178,8 +178,9 @@ class PublisherClient:
 
     async def progress(
         self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
-    ) -> None:
-        """Encode and queue a progress event (hot path: one per token chunk).
+    ) -> int:
+        """Encode and queue a progress event (hot path: one per token chunk); returns the
+        sequence number of the batch it goes out with.
 
         A stream's first event (``event_id`` "0") leaves without waiting for the interval.
         """
@@ -188,15 +189,25 @@ class PublisherClient:
             progress_fields(task_id, event_id, event_name, event_data),
             urgent=event_id == "0",
         )
+        return self.next_seq  # nothing ran since it was queued: it is in the gathering batch
 
-    async def completion(self, instance_id: str, task_id: str, result: Mapping[str, Any]) -> None:
+    async def completion(
+        self,
+        instance_id: str,
+        task_id: str,
+        result: Mapping[str, Any],
+        on_queued: Callable[[int], None] | None = None,
+    ) -> None:
         """Queue a completion event and wait until its batch was handed over.
 
-        Raises ``EventBusUnavailableError`` if the batch could not be sent.
+        ``on_queued`` is called with the sequence number of that batch as soon as the event
+        is queued. Raises ``EventBusUnavailableError`` if the batch could not be sent.
         """
         batch = await self._enqueue(
             stream_key(self.topic, instance_id), completion_fields(task_id, result), urgent=True
         )
+        if on_queued is not None:
+            on_queued(self.next_seq)
         await self._wait(batch)
 
     async def flush(self) -> None:
@@ -247,13 +258,14 @@ class PublisherClient:
             batch.entries[:] = kept
         return dropped
 
-    def push(self, entries: Batch) -> None:
+    def push(self, entries: Batch) -> int:
         """Queue ``entries`` at once, urgent, not waiting for ``max_pending`` (for a few
-        entries the caller must not block on, e.g. answers written on a send path)."""
+        entries the caller must not block on, e.g. answers written on a send path); returns
+        the sequence number of the batch they go out with."""
         if self._closed:
             raise EventBusUnavailableError("publisher client is closed")
         if not entries:
-            return
+            return self.next_seq
         self._next.entries.extend(entries)
         self._next.urgent = True
         self._wake.set()
@@ -262,6 +274,7 @@ class PublisherClient:
                 self._send_loop(), name="event-bus-client-sender"
             )
             self._sender.add_done_callback(self._sender_done)
+        return self.next_seq
 
     # ---------------------------------------------------------------- internals
 

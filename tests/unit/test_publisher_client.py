@@ -292,14 +292,24 @@ class _Method:
 
 class FakeActor:
     """Buffers nothing: a batch it accepts is "written" at once, unless ``hold``. ``dead``
-    makes every call raise ``RayActorError`` (what a SIGKILLed actor's callers see)."""
+    makes every call raise ``RayActorError`` (what a SIGKILLed actor's callers see).
 
-    def __init__(self) -> None:
+    With ``marks`` its publish and lease replies carry the client's written mark (the last
+    batch seq written, as ``RedisPublisher`` does); without, it answers like an actor of a
+    version without marks. ``write()`` writes what ``hold`` kept back; completions of tasks
+    in ``silent`` are written but never reported by ``delivery`` (the reply was lost)."""
+
+    def __init__(self, *, marks: bool = False) -> None:
         self.dead = False
         self.hold = False
+        self.marks = marks
+        self.silent: set[str] = set()
         self.entries: Batch = []
         self.fates: dict[str, bool] = {}
         self.leases: list[tuple[Any, ...]] = []
+        self.accepted = 0
+        self.written = 0
+        self.held: list[Batch] = []
         for name in ("publish", "lease", "delivery", "release", "check_health"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
@@ -307,19 +317,29 @@ class FakeActor:
         if self.dead:
             raise RayActorError()
 
-    async def _publish(self, _session: str, _seq: int, batch: Batch) -> str:
+    async def _publish(self, _session: str, seq: int, batch: Batch) -> Any:
         self._check()
         self.entries.extend(batch)
+        self.accepted = seq
+        self.held.append(batch)
         if not self.hold:
-            for _key, fields in batch:
-                if fields["name"] == COMPLETION_EVENT:
-                    self.fates[json.loads(fields["payload"])["taskId"]] = True
-        return "ok"
+            self.write()
+        return ("ok", self.written) if self.marks else "ok"
 
-    async def _lease(self, *args: Any) -> bool:
+    def write(self) -> None:
+        """Redis acknowledges everything accepted so far."""
+        for batch in self.held:
+            for _key, fields in batch:
+                task_id = json.loads(fields["payload"])["taskId"]
+                if fields["name"] == COMPLETION_EVENT and task_id not in self.silent:
+                    self.fates[task_id] = True
+        self.held.clear()
+        self.written = self.accepted
+
+    async def _lease(self, *args: Any) -> Any:
         self._check()
         self.leases.append(args)
-        return True
+        return (True, self.written) if self.marks else True
 
     async def _delivery(self, task_ids: list[str], wait_s: float) -> dict[str, bool]:
         self._check()
@@ -350,7 +370,7 @@ def actors(monkeypatch: pytest.MonkeyPatch) -> list[FakeActor]:
 
     def node_publisher(*_args: Any, **_kw: Any) -> FakeActor:
         if not made or made[-1].dead:
-            made.append(FakeActor())
+            made.append(FakeActor(marks=made[0].marks if made else False))
         return made[-1]
 
     monkeypatch.setattr(actor_module, "node_publisher", node_publisher)
@@ -457,4 +477,124 @@ async def test_a_health_check_replaces_a_dead_publisher_instead_of_failing(
     await client.check_health()  # the replica stays healthy: a new publisher took over
     assert len(actors) == 2
     assert client.actor is actors[1]
+    await client.aclose()
+
+
+@pytest.fixture
+def marked(actors: list[FakeActor]) -> list[FakeActor]:
+    """``actors`` whose replies carry written marks (today's ``RedisPublisher``)."""
+    actors.append(FakeActor(marks=True))
+    return actors
+
+
+async def test_after_a_publishers_death_only_tasks_with_unwritten_events_lose_them(
+    marked: list[FakeActor],
+) -> None:
+    client = EventBusClient("app", "replica", call_timeout_s=1.0, confirm_timeout_s=30)
+    await client.start("redis://x", "t:")
+    first = marked[0]
+    # Written before the death: a stream's first events, and a blocking completion whose
+    # acknowledgement the client has not heard of yet.
+    first.silent.add("WRITTEN")
+    for i in range(3):
+        await client.progress("inst", "KEPT", str(i), "message", {"i": i})
+    await client.flush()
+    written = asyncio.create_task(
+        client.completion("inst", "WRITTEN", {"status_code": 200, "request_id": "WRITTEN"})
+    )
+    await wait_for(
+        lambda: (
+            bool(first.events("WRITTEN"))
+            and first.written == first.accepted == client.stats()["sent_batches"]
+        )
+    )
+    # Accepted but never written: another stream's events and a blocking completion.
+    first.hold = True
+    for i in range(2):
+        await client.progress("inst", "CUT", str(i), "message", {"i": i})
+    await client.flush()
+    held = asyncio.create_task(
+        client.completion("inst", "HELD", {"status_code": 200, "request_id": "HELD"})
+    )
+    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f in first.held[-1]))
+    first.dead = True
+    # The confirmations it still owes reveal the death (a batch in flight to a dying
+    # publisher may or may not have been applied: its tasks count as lost).
+    await wait_for(lambda: client.stats()["reattached"] == 1)
+
+    # Both streams go on.
+    for task_id, n in (("KEPT", 3), ("CUT", 2)):
+        await client.progress("inst", task_id, str(n), "message", {"i": n})
+        await client.progress("inst", task_id, str(n + 1), "message", "[DONE]")
+        await asyncio.wait_for(
+            client.completion("inst", task_id, {"status_code": 200, "request_id": task_id}), 10
+        )
+    await asyncio.wait_for(asyncio.gather(written, held), 10)
+    (_, second) = marked
+    # Gapless: its events before the death are in Redis, the rest went to the new publisher.
+    assert labels_of(first.events("KEPT")) == ["0", "1", "2"]
+    assert labels_of(second.events("KEPT")) == ["3", "4", "done:200"]
+    # Its events may be lost with the dead publisher: an error chunk and a 503, once.
+    cut = second.events("CUT")
+    assert labels_of(cut) == ["2", "done:503"]
+    assert cut[0].event_data["error"]["code"] == "events_lost"
+    # A completion at or below the mark was written: not sent again; one above it is.
+    assert second.events("WRITTEN") == []
+    assert labels_of(second.events("HELD")) == ["done:200"]
+    stats = client.stats()
+    assert stats["reattached"] == 1
+    assert stats["events_lost"] == 1
+    assert stats["streams_kept"] == 1
+    assert (stats["completions_written"], stats["completions_resent"]) == (1, 1)
+    assert stats["open_tasks"] == stats["unconfirmed"] == 0
+    await client.aclose()
+
+
+async def test_the_written_mark_comes_with_lease_renewals_while_a_stream_is_idle(
+    marked: list[FakeActor],
+) -> None:
+    """A stream pausing (a long reasoning step) sends nothing: the renewals carry the mark."""
+    client = EventBusClient("app", "replica", call_timeout_s=1.0, lease_ttl_s=0.06)
+    await client.start("redis://x", "t:")
+    first = marked[0]
+    first.hold = True  # buffered when publish answers, written only later
+    for i in range(3):
+        await client.progress("inst", "IDLE", str(i), "message", {"i": i})
+    await client.flush()
+    first.write()
+    renewals = len(first.leases)
+    await wait_for(lambda: len(first.leases) >= renewals + 2)
+    first.dead = True
+    await client.check_health()  # replaces the dead publisher
+    await client.progress("inst", "IDLE", "3", "message", "[DONE]")
+    await asyncio.wait_for(
+        client.completion("inst", "IDLE", {"status_code": 200, "request_id": "IDLE"}), 10
+    )
+    assert labels_of(marked[1].events("IDLE")) == ["3", "done:200"]
+    assert (client.stats()["events_lost"], client.stats()["streams_kept"]) == (0, 1)
+    await client.aclose()
+
+
+async def test_an_error_answer_lost_with_a_second_publisher_is_sent_again(
+    marked: list[FakeActor],
+) -> None:
+    client = EventBusClient("app", "replica", call_timeout_s=1.0, confirm_timeout_s=30)
+    await client.start("redis://x", "t:")
+    marked[0].hold = True
+    await client.progress("inst", "S", "0", "message", {"i": 0})
+    await client.flush()
+    marked[0].dead = True
+    await client.check_health()  # re-attach: S ends in an error answer, sent to the second
+    second = marked[1]
+    second.hold = True
+    await client.flush()
+    assert labels_of(second.events("S")) == ["1", "done:503"]
+    second.dead = True
+    await client.progress("inst", "S", "1", "message", "[DONE]")  # dropped: S was ended
+    await asyncio.wait_for(
+        client.completion("inst", "S", {"status_code": 200, "request_id": "S"}), 10
+    )
+    assert labels_of(marked[2].events("S")) == ["1", "done:503"], "the same answer, once more"
+    stats = client.stats()
+    assert (stats["events_lost"], stats["lost_answers_resent"]) == (1, 1)
     await client.aclose()
