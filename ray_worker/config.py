@@ -35,9 +35,11 @@ from ray_worker.errors import ConfigError
 __all__ = [
     "ADAPTER_SEPARATOR",
     "DEFAULT_DRAIN_TIMEOUT_S",
+    "DEFAULT_ENGINE",
     "STOP_MARGIN_S",
     "CapacityConfig",
     "DispatcherConfig",
+    "Engine",
     "EnvSettings",
     "PollerConfig",
     "PublisherOptions",
@@ -55,6 +57,10 @@ DEFAULT_DRAIN_TIMEOUT_S = 600.0
 STOP_MARGIN_S = 30.0
 """What a stopping replica gets after its budget: the cut tasks' answers, the outbox's last
 tries, closing. Serve's ``graceful_shutdown_timeout_s`` is the budget plus this."""
+
+Engine = Literal["vllm", "simulated"]
+"""The engine inside the LLM replicas: vLLM, or the simulated CPU load-shape stand-in."""
+DEFAULT_ENGINE: Engine = "vllm"
 
 ADAPTER_SEPARATOR = ":"
 """A task's ``data.model`` ``base:adapter`` names a LoRA adapter of the served model ``base``
@@ -514,8 +520,8 @@ class WorkerAppArgs(_Frozen):
         default_factory=list,
         description="ray.serve.llm LLMConfig mappings, one per served model.",
     )
-    engine: Literal["vllm", "simulated"] = Field(
-        default="vllm",
+    engine: Engine = Field(
+        default=DEFAULT_ENGINE,
         description="Engine inside the LLM replicas; 'simulated' is the CPU load-shape stand-in.",
     )
     poller: PollerConfig = Field(default_factory=PollerConfig, description="Take loop.")
