@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr, ValidationError
 
+from ray_worker.aio import jittered
 from ray_worker.bella.producer import BlockingResult, ProducerClient, SSEEvent
 from ray_worker.bella.protocol import (
     EventBusConfig,
@@ -67,8 +68,7 @@ class RetryPolicy:
         base = min(self.max_delay_s, self.base_delay_s * 2.0 ** max(0, retry - 1))
         if self.jitter == 0 or base == 0:
             return base
-        factor = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
-        return base * factor
+        return jittered(base, (1 - self.jitter, 1 + self.jitter), rng)
 
 
 @dataclass
