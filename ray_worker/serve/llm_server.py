@@ -170,7 +170,7 @@ class _TaskServingMixin:
                 self._watch_stop(), name="replica-stop-watch"
             )
         if load_report_interval_s:
-            from ray_worker.serve.handles import LoadReporter
+            from ray_worker.serve.load_report import LoadReporter
 
             self._load_reporter = LoadReporter(self.get_load, load_report_interval_s)
             self._load_reporter.start()
@@ -536,7 +536,7 @@ def build_llm_deployment(
     ``with_worker_defaults``. The deployment is named ``name`` (default: the model id with
     ``/`` and ``.`` replaced, as Ray LLM does). With ``load_report_interval_s``, every replica
     pushes ``get_load()`` to the app's ``QueuePoller`` at that interval
-    (``ray_worker.serve.handles.LoadReporter``).
+    (``ray_worker.serve.load_report.LoadReporter``).
     """
     from ray.serve.llm import build_llm_deployment as ray_build_llm_deployment
 

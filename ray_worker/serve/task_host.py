@@ -1,10 +1,9 @@
 """Hosting the task runner inside an LLM replica: its clients, its start and its stop.
 
-This module owns what an LLM replica needs to run and answer whole Bella tasks: the
-replica's ``QueueClient`` (HTTP complete, one attempt per call) behind its ``Outbox`` (which
-retries each answer until its task expires), its ``EventBusClient`` (the node's publisher
-actor, found once ``GET /v1/queue/eventbus`` answered), the ``TaskRunner`` with its
-``CancelWatch`` (long offline tasks Bella-Queue cancelled are aborted), and the
+This module owns what an LLM replica needs to run and answer whole Bella tasks: its
+answering kit (``ray_worker.serve.answering``: queue client, outbox, event-bus client), the
+``TaskRunner`` with its ``CancelWatch`` (long offline tasks Bella-Queue cancelled are
+aborted), and the
 ``run`` stream the poller calls (its messages: ``ray_worker.hop``). The task's work is
 shielded from that call: a poller that dies or restarts does not stop it.
 
@@ -21,25 +20,20 @@ It must not hold task logic (``ray_worker.task.runner`` does).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from pydantic import SecretStr
 
-from ray_worker.bella.client import QueueClient, RetryPolicy
 from ray_worker.bella.protocol import Task
 from ray_worker.config import STOP_MARGIN_S, RunnerSettings
-from ray_worker.errors import EngineError, ReplicaUnavailableError, WorkerError
+from ray_worker.errors import EngineError, ReplicaUnavailableError
 from ray_worker.hop import Outcome, accepted, answering, done
 from ray_worker.metrics import WorkerMetrics
-from ray_worker.serve.handles import hand_over_answers
-from ray_worker.serve.redelivery import redelivery_missing
+from ray_worker.serve.answering import AnsweringKit
 from ray_worker.task.cancel_watch import CancelWatch
-from ray_worker.task.outbox import Outbox
 from ray_worker.task.runner import TaskRunner
 
 logger = logging.getLogger(__name__)
@@ -78,8 +72,6 @@ class ReplicaTasks:
         client_id: str,
         replica_id: str = "",
     ) -> None:
-        from ray_worker.eventbus.actor import EventBusClient
-
         self.settings = (
             settings
             if isinstance(settings, RunnerSettings)
@@ -90,30 +82,28 @@ class ReplicaTasks:
         """Reported with each accepted task (the poller asks the load reports about it)."""
         self._stopping: asyncio.Task[int] | None = None
         self._stop_started = 0.0
-        self.client = QueueClient(
+        self.metrics = WorkerMetrics()
+        self.kit = AnsweringKit(
             self.settings.queue_url,
             apikey,
             timeout_s=self.settings.request_timeout_s,
-            complete_max_connections=dispatch.complete_max_connections,
-            # One attempt per call: the outbox owns the retries and their deadline.
-            complete_retry=RetryPolicy(attempts=1),
+            dispatch=dispatch,
+            publisher=self.settings.publisher,
+            eventbus_url=self.settings.eventbus_url,
+            app_name=app_name,
+            client_id=client_id,
+            metrics=self.metrics,
         )
-        self.app_name = app_name
-        # Bella-Queue's clock: the publisher trims streams (MINID) by the server's time.
-        self.events = EventBusClient(
-            app_name, client_id, self.settings.publisher, clock=self.client.clock
-        )
-        self.metrics = WorkerMetrics()
-        self.outbox = Outbox(
-            self.client, dispatch, metrics=self.metrics, clock=self.client.clock.now_s
-        )
+        # At hand: the load report reads the outbox, the two-node check the event-bus client.
+        self.outbox = self.kit.outbox
+        self.events = self.kit.events
         self.runner = TaskRunner(
             engine=_Engine(stream),
             events=self.events,
             completer=self.outbox,
             config=dispatch,
             metrics=self.metrics,
-            clock=self.client.clock.now_ms,
+            clock=self.kit.client.clock.now_ms,
             redelivery_window_s=self.settings.redelivery_window_s,
             model_id=model_id,
             redelivers=self.settings.redelivers,
@@ -123,7 +113,7 @@ class ReplicaTasks:
         if dispatch.cancel_check_interval_s > 0:
             self.cancel_watch = CancelWatch(
                 self.runner,
-                self.client,
+                self.kit.client,
                 interval_s=dispatch.cancel_check_interval_s,
                 max_requests=dispatch.cancel_check_max_requests,
                 metrics=self.metrics,
@@ -131,51 +121,20 @@ class ReplicaTasks:
             self._watching = asyncio.get_running_loop().create_task(
                 self.cancel_watch.run(), name="replica-cancel-watch"
             )
-        self.bus_error: str | None = None
-        self._bus_url = ""
-        self._bus_ready = asyncio.Event()
         self._start = asyncio.get_running_loop().create_task(
-            self._connect_bus(), name="replica-event-bus"
+            self._connect(), name="replica-event-bus"
         )
 
-    async def _connect_bus(self) -> None:
-        """Find the event bus (retrying while Bella-Queue is away) and attach to the node's
-        publisher."""
-        wait = 0.5
-        while True:
-            try:
-                eventbus = await self.client.eventbus()
-                url = self.settings.eventbus_url or eventbus.url
-                await self.events.start(url, eventbus.topic)
-                self._bus_url = url
-                break
-            except WorkerError as err:
-                self.bus_error = f"event bus not reachable yet: {err}"
-                logger.warning("%s; retrying in %.1fs", self.bus_error, wait)
-            await asyncio.sleep(wait * random.uniform(0.75, 1.25))
-            wait = min(wait * 2, 10.0)
-        self.bus_error = None
-        self._bus_ready.set()
+    async def _connect(self) -> None:
+        await self.kit.connect()
         await self._check_redelivery()
 
     async def _check_redelivery(self) -> None:
         """Answer level-1 tasks cut short with 503 instead of leaving them, while the Redis
         of Bella-Queue's queues is known not to fire its redelivery timer (asked at the start
-        and at a stop; ``ray_worker.serve.redelivery``)."""
-        if not self.settings.redelivers or not self._bus_url:
-            return  # process_timeout_s 0: nothing is left for redelivery anyway
-        try:
-            why = await redelivery_missing(self._bus_url)
-        except Exception as err:  # never let a check stop the start or the stop
-            logger.debug("redelivery check failed: %r", err)
-            return
-        redelivers = why is None
-        if redelivers != self.runner.redelivers:
-            self.runner.redelivers = redelivers
-            if why is not None:
-                logger.warning("%s", why)
-            else:
-                logger.info("Bella-Queue's redelivery works again: level-1 tasks are left to it")
+        and at a stop)."""
+        if self.settings.redelivers:  # else nothing is left for redelivery anyway
+            self.runner.redelivers = await self.kit.redelivers(self.runner.redelivers)
 
     @property
     def stopping(self) -> bool:
@@ -214,9 +173,9 @@ class ReplicaTasks:
         task = Task.model_validate(dict(task_wire))
         if not task.is_online:
             self.outbox.expect(task)
-        if task.is_online and not self._bus_ready.is_set():
+        if task.is_online and not self.kit.ready.is_set():
             # The answer has nowhere to go yet; the start-up retries until the bus answers.
-            await self._bus_ready.wait()
+            await self.kit.ready.wait()
         began = asyncio.Event()
         job = self.runner.start(task, on_answering=began.set)
         if job is None:
@@ -270,18 +229,9 @@ class ReplicaTasks:
             - _HAND_OVER_TIME_S
             - _CLOSE_TIME_S
         )
-        undelivered = await hand_over_answers(
-            self.outbox,
-            self.app_name,
-            settle_s=min(max(ends_at - time.monotonic(), 2.0), _SETTLE_MAX_S),
-            timeout_s=_HAND_OVER_TIME_S,
-        )
-        if undelivered:
-            logger.error(
-                "%d answers were not delivered before the replica stopped (see the errors above)",
-                undelivered,
-            )
         self._start.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.events.aclose(), _CLOSE_TIME_S)
-        await self.client.aclose()
+        await self.kit.aclose(
+            settle_s=min(max(ends_at - time.monotonic(), 2.0), _SETTLE_MAX_S),
+            hand_over_s=_HAND_OVER_TIME_S,
+            close_s=_CLOSE_TIME_S,
+        )

@@ -13,7 +13,7 @@ capacity they draw on (a *pool*); each pool runs one loop:
 - with no capacity, wait until a task finishes or a replica reports more room.
 
 It must not run tasks (the dispatcher does) nor talk to Ray: ``QueuePoller`` in
-``ray_worker.serve.app`` is the thin Serve deployment around it.
+``ray_worker.serve.poller_host`` is the thin Serve deployment around it.
 """
 
 from __future__ import annotations

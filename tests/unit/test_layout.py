@@ -24,6 +24,43 @@ NO_RAY = ("ray_worker.bella", "ray_worker.worker", "ray_worker.task")
 ONLY_SERVE_IMPORTS = ("ray.serve", "vllm")
 """Only ``ray_worker.serve`` (and the dev tools) may import these."""
 
+HOP = "ray_worker.hop"
+"""What crosses the poller-to-replica hop: plain, both sides import it."""
+POLLER_SIDE = (
+    "ray_worker.worker",
+    "ray_worker.serve.poller_host",
+    "ray_worker.serve.handles",
+)
+"""Code that runs in the ``QueuePoller`` replica."""
+REPLICA_SIDE = (
+    "ray_worker.task.runner",
+    "ray_worker.task.cancel_watch",
+    "ray_worker.serve.llm_server",
+    "ray_worker.serve.task_host",
+    "ray_worker.serve.load_report",
+    "ray_worker.serve.engine_io",
+    "ray_worker.serve.vllm_engine",
+    "ray_worker.serve.sim_engine",
+    "ray_worker.serve.lora",
+    "ray_worker.serve.reasoning",
+)
+"""Code that runs in the LLM replicas."""
+BOTH_SIDES = (
+    HOP,
+    "ray_worker.serve.answering",
+    "ray_worker.serve.ray_errors",
+    "ray_worker.serve.redelivery",
+    "ray_worker.task.answers",
+    "ray_worker.task.outbox",
+    "ray_worker.task.limits",
+    "ray_worker.serve.llm_config",
+    "ray_worker.serve.autoscaling",
+)
+"""The hop module and the helpers each side uses whole (the answering kit, the answer paths,
+the outbox, pure helpers): never code of one side."""
+APP_BUILDER = ("ray_worker.serve.app",)
+"""``serve run``'s ``build_app``: it binds both sides' deployments together."""
+
 
 def _modules() -> dict[str, list[str]]:
     """Module name -> every module it imports (absolute names)."""
@@ -89,3 +126,48 @@ def test_only_serve_imports_ray_serve_and_vllm(module: str) -> None:
 def test_the_rules_see_lazy_imports() -> None:
     # llm_server imports vLLM inside a function only: the walk must still find it.
     assert any(_within(i, ("vllm",)) for i in MODULES["ray_worker.serve.vllm_engine"])
+
+
+def _side_modules() -> list[str]:
+    return sorted(
+        m
+        for m in MODULES
+        if _within(m, ("ray_worker.worker", "ray_worker.task", "ray_worker.serve", HOP))
+        and m not in ("ray_worker.worker", "ray_worker.task", "ray_worker.serve")
+    )
+
+
+@pytest.mark.parametrize("module", _side_modules())
+def test_every_module_of_the_hop_says_where_it_runs(module: str) -> None:
+    sides = [
+        name
+        for name, prefixes in (
+            ("poller", POLLER_SIDE),
+            ("replica", REPLICA_SIDE),
+            ("both", BOTH_SIDES),
+            ("app builder", APP_BUILDER),
+        )
+        if _within(module, prefixes)
+    ]
+    assert len(sides) == 1, f"{module} must be listed in exactly one side (it is in {sides})"
+
+
+@pytest.mark.parametrize(
+    ("side", "other"),
+    [("poller", "replica"), ("replica", "poller"), ("both", "poller"), ("both", "replica")],
+)
+def test_no_module_runs_on_both_sides_of_the_hop(side: str, other: str) -> None:
+    tables = {"poller": POLLER_SIDE, "replica": REPLICA_SIDE, "both": BOTH_SIDES}
+    crossing = {
+        module: bad
+        for module in _side_modules()
+        if _within(module, tables[side])
+        and (bad := [i for i in MODULES[module] if _within(i, tables[other])])
+    }
+    assert not crossing, f"{side} modules import {other} modules (only {HOP} crosses): {crossing}"
+
+
+def test_the_hop_module_is_plain() -> None:
+    bad = [i for i in MODULES[HOP] if not _within(i, ("ray_worker.bella.protocol",))]
+    bad = [i for i in bad if i.partition(".")[0] == "ray_worker" or _within(i, ("ray",))]
+    assert not bad, f"{HOP} must import no Ray and nothing of either side: {bad}"
