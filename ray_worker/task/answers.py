@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from ray_worker.bella.protocol import ResponseMode, Task, result_body
-from ray_worker.errors import TaskError
+from ray_worker.errors import EventsGivenUpError, TaskError, WorkerError
+from ray_worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ __all__ = [
     "ShuttingDownAnswer",
     "answer_error",
     "deliver",
+    "delivery_failed",
     "task_context",
 ]
 
@@ -114,6 +116,24 @@ async def answer_error(
     result = result_body(err.status_code, task.task_id, body)
     await deliver(task, result, events, completer)
     return result
+
+
+def delivery_failed(task: Task, err: Exception, metrics: WorkerMetrics) -> None:
+    """Log and count an answer of ``task`` that ``deliver`` (or ``answer_error``) could not
+    send: ``publish_failures`` online (unless the publisher gave it up: it counted it there),
+    ``complete_failures`` offline."""
+    if isinstance(err, EventsGivenUpError):
+        pass  # the publisher counted it (publish_failures, tasks_given_up) where it gave up
+    elif task.is_online:
+        metrics.inc("publish_failures", kind="completion")
+    else:
+        metrics.inc("complete_failures")
+    logger.error(
+        "could not deliver the answer: %s",
+        err,
+        exc_info=not isinstance(err, WorkerError),
+        extra=task_context(task),
+    )
 
 
 def task_context(task: Task) -> dict[str, Any]:

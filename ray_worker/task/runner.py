@@ -47,7 +47,6 @@ from ray_worker.errors import (
     EngineDeadError,
     EngineError,
     EngineOverloadedError,
-    EventsGivenUpError,
     InvalidTaskError,
     TaskError,
     TaskExpiredError,
@@ -70,6 +69,7 @@ from ray_worker.task.answers import (
     ShuttingDownAnswer,
     answer_error,
     deliver,
+    delivery_failed,
     task_context,
 )
 
@@ -482,7 +482,7 @@ class TaskRunner:
             )
         except Exception as exc:
             delivered = False
-            self._delivery_failed(task, exc)
+            delivery_failed(task, exc, self.metrics)
             result = result_body(err.status_code, task.task_id)
         if task.response_mode is ResponseMode.STREAMING:
             run.sent += 1
@@ -497,22 +497,8 @@ class TaskRunner:
             await deliver(task, result, self.events, self.completer)
         except Exception as exc:
             delivered = False
-            self._delivery_failed(task, exc)
+            delivery_failed(task, exc, self.metrics)
         return self._done(task, run, int(result["status_code"]), delivered)
-
-    def _delivery_failed(self, task: Task, err: Exception) -> None:
-        if isinstance(err, EventsGivenUpError):
-            pass  # the publisher counted it (publish_failures, tasks_given_up) where it gave up
-        elif task.is_online:
-            self.metrics.inc("publish_failures", kind="completion")
-        else:
-            self.metrics.inc("complete_failures")
-        logger.error(
-            "could not deliver the answer: %s",
-            err,
-            exc_info=not isinstance(err, WorkerError),
-            extra=task_context(task),
-        )
 
     def _done(self, task: Task, run: _Run, status: int, delivered: bool) -> Outcome:
         self.metrics.inc(

@@ -33,7 +33,6 @@ from ray_worker.errors import (
     ReplicaUnavailableError,
     TaskError,
     TaskExpiredError,
-    WorkerError,
 )
 from ray_worker.hop import ACCEPTED, ANSWERING, DONE, Outcome, deadline_ms
 from ray_worker.metrics import WorkerMetrics, status_class
@@ -44,6 +43,7 @@ from ray_worker.task.answers import (
     EventSink,
     ShuttingDownAnswer,
     answer_error,
+    delivery_failed,
     task_context,
 )
 from ray_worker.task.limits import TaskLimits, check_task
@@ -435,16 +435,7 @@ class Dispatcher:
         try:
             await answer_error(task, err, self.events, self.completer, event_id=event_id)
         except Exception as exc:
-            if task.is_online:
-                self.metrics.inc("publish_failures", kind="completion")
-            else:
-                self.metrics.inc("complete_failures")
-            logger.error(
-                "could not deliver the answer: %s",
-                exc,
-                exc_info=not isinstance(exc, WorkerError),
-                extra=task_context(task),
-            )
+            delivery_failed(task, exc, self.metrics)
         status = status_class(err.status_code)
         self.answered[status] = self.answered.get(status, 0) + 1
         self.metrics.inc(

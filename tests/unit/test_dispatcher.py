@@ -1005,3 +1005,23 @@ async def test_a_task_over_max_n_holds_at_most_max_n_until_its_400() -> None:
     assert rig.only_answer(task)["status_code"] == 400
     assert rig.released_n[task.task_id] == [8]
     assert rig.in_flight() == 0
+
+
+async def test_a_poller_answer_the_publisher_gave_up_is_not_counted_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ray_worker.errors import EventsGivenUpError
+
+    rig = Rig()
+
+    async def given_up(*_: Any) -> None:
+        raise EventsGivenUpError("the publisher gave the task up")
+
+    rig.dispatcher.events.completion = given_up  # type: ignore[method-assign]
+    task = make_task(BLOCKING, model="nope")
+    with caplog.at_level(logging.ERROR):
+        await rig.run(task)
+    # The publisher counted it (publish_failures, tasks_given_up) where it gave up.
+    assert rig.dispatcher.metrics.total("publish_failures") == 0
+    assert "could not deliver the answer" in caplog.text
+    assert rig.in_flight() == 0
