@@ -3,15 +3,15 @@
 Run ``python -m bench.bench_publisher``. It starts a throwaway redis-server, then measures,
 side by side in one run:
 
-- ``event_publisher``: events/s through ``EventPublisher`` with many concurrent tasks, each
+- ``event_publisher``: events/s through ``StreamWriter`` with many concurrent tasks, each
   publishing ~220-byte progress events one call per event (as the dispatcher does);
 - ``raw_pipelined``: events/s of the same pre-encoded entries written by plain redis-py
   pipelines of XADD (no transaction, same MINID trimming) on the same Redis;
-- ``client_progress_us``: caller-side cost of one ``PublisherClient.progress`` call
+- ``client_progress_us``: caller-side cost of one ``EventBatcher.progress`` call
   (encode + enqueue) with a send that does nothing, plus the encoder alone for reference;
 - ``paced``: enqueue → acknowledged latency when tasks emit below saturation;
-- ``client_to_publisher``: events/s of ``PublisherClient`` feeding an in-process
-  ``EventPublisher`` (no Ray hop), to show the coalescing path end to end.
+- ``client_to_publisher``: events/s of ``EventBatcher`` feeding an in-process
+  ``StreamWriter`` (no Ray hop), to show the coalescing path end to end.
 
 Counts are fixed and the whole run is bounded by ``--max-seconds``; it prints one JSON
 object. This module must not be imported by the worker.
@@ -30,8 +30,9 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from ray_worker.bella.protocol import event_minid, progress_fields, stream_key
-from ray_worker.eventbus.batcher import PublisherClient
-from ray_worker.eventbus.writer import EventPublisher, PublisherOptions
+from ray_worker.config import PublisherOptions
+from ray_worker.eventbus.batching import EventBatcher
+from ray_worker.eventbus.redis_writer import StreamWriter
 from ray_worker.testing.redis_server import RedisServer
 
 TOPIC = "redis-mesh:private-stream:bench:"
@@ -66,7 +67,7 @@ def entry_bytes(entry: tuple[str, dict[str, str]]) -> int:
 
 
 async def run_publisher(url: str, per_task: list[Entries]) -> tuple[float, dict[str, Any]]:
-    publisher = EventPublisher(url, PublisherOptions(max_buffered=50_000))
+    publisher = StreamWriter(url, PublisherOptions(max_buffered=50_000))
 
     async def stream(entries: Entries) -> None:
         for entry in entries:
@@ -85,7 +86,7 @@ async def run_publisher(url: str, per_task: list[Entries]) -> tuple[float, dict[
 
 async def run_paced(url: str, per_task: list[Entries], interval_s: float) -> dict[str, Any]:
     """Tasks emit one event per ``interval_s`` (below saturation): latency when not backlogged."""
-    publisher = EventPublisher(url)
+    publisher = StreamWriter(url)
 
     async def stream(entries: Entries) -> None:
         for entry in entries:
@@ -109,7 +110,7 @@ async def run_paced(url: str, per_task: list[Entries], interval_s: float) -> dic
 async def run_raw(url: str, per_task: list[Entries], batch: int) -> float:
     # Interleave tasks as the publisher sees them, then write in pipelines of ``batch``.
     flat = [e for group in itertools.zip_longest(*per_task) for e in group if e is not None]
-    # Same client settings as EventPublisher (RESP2) so the ratio compares like with like.
+    # Same client settings as StreamWriter (RESP2) so the ratio compares like with like.
     client = Redis.from_url(url, protocol=2)
     start = time.perf_counter()
     for offset in range(0, len(flat), batch):
@@ -124,8 +125,8 @@ async def run_raw(url: str, per_task: list[Entries], batch: int) -> float:
 
 
 async def run_client_to_publisher(url: str, per_task: list[Entries]) -> float:
-    publisher = EventPublisher(url, PublisherOptions(max_buffered=50_000))
-    client = PublisherClient(publisher.publish, max_pending=5000)
+    publisher = StreamWriter(url, PublisherOptions(max_buffered=50_000))
+    client = EventBatcher(publisher.publish, max_pending=5000)
 
     async def stream(entries: Entries) -> None:
         for key, fields in entries:
@@ -142,7 +143,7 @@ async def run_client_to_publisher(url: str, per_task: list[Entries]) -> float:
 
 
 async def client_progress_cost(calls: int, burst: int = 50) -> dict[str, float]:
-    """Per-call cost of ``PublisherClient.progress`` (encode + enqueue), in µs.
+    """Per-call cost of ``EventBatcher.progress`` (encode + enqueue), in µs.
 
     Calls are timed in bursts of ``burst``; between bursts the loop runs (untimed) so the
     no-op sender drains the pending batch, as it does between a real task's tokens.
@@ -154,7 +155,7 @@ async def client_progress_cost(calls: int, burst: int = 50) -> dict[str, float]:
         nonlocal sent
         sent += len(batch)
 
-    client = PublisherClient(send, topic=TOPIC)
+    client = EventBatcher(send, topic=TOPIC)
     data = chunk(1, 1)
     timed = 0.0
     for first in range(0, calls, burst):

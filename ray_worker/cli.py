@@ -276,7 +276,7 @@ async def _check_eventbus(
     args: WorkerAppArgs, eventbus: EventBusConfig | None, timeout_s: float, secrets: list[str]
 ) -> tuple[Check, _EventBus | None]:
     # Imported here: the publisher module imports Ray Serve, slow to load for a CLI.
-    from ray_worker.eventbus.writer import ping
+    from ray_worker.eventbus.redis_check import ping
 
     name = "event bus"
     if os.environ.get("BELLA_EVENTBUS_URL"):
@@ -325,7 +325,7 @@ async def _check_redelivery(args: WorkerAppArgs, bus: _EventBus | None, timeout_
     if bus is None:
         return Check(name, "skip", f"{sent}; Redis keyspace events not read: needs the event bus")
     shown = redact_url(bus.url)
-    from ray_worker.eventbus.writer import config_value
+    from ray_worker.eventbus.redis_check import config_value
 
     flags, why = await config_value(bus.url, KEYSPACE_EVENTS_SETTING, timeout_s)
     needs = (

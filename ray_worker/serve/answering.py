@@ -26,7 +26,7 @@ from ray_worker.aio import SPREAD, Backoff
 from ray_worker.bella.client import QueueClient, RetryPolicy
 from ray_worker.config import DispatcherConfig, PublisherOptions
 from ray_worker.errors import WorkerError
-from ray_worker.eventbus.actor import EventBusClient
+from ray_worker.eventbus.client import EventBusClient
 from ray_worker.hop import POLLER_DEPLOYMENT
 from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.ray_errors import translate_ray_error

@@ -35,7 +35,7 @@ async def redelivery_missing(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> st
     """Why Bella-Queue cannot redeliver a level-1 task left unanswered, per the Redis at
     ``url`` (the event bus Bella-Queue reports: the Redis of its queues), or None when it can
     or when that is unknown (CONFIG refused, Redis away)."""
-    from ray_worker.eventbus.writer import config_value
+    from ray_worker.eventbus.redis_check import config_value
 
     flags, why = await config_value(url, KEYSPACE_EVENTS_SETTING, timeout_s)
     if flags is None:

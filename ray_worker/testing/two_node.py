@@ -288,7 +288,7 @@ def _get(ref: Any, timeout_s: float = 30.0) -> Any:
 def _inspect(app: str) -> dict[str, Any]:
     import ray
 
-    from ray_worker.eventbus.actor import PUBLISHER_NAMESPACE
+    from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE
     from ray_worker.serve.handles import POLLER_DEPLOYMENT
 
     publishers: list[dict[str, Any]] = []

@@ -5,8 +5,8 @@ Each example is one take answer, built by hypothesis as JSON text and then bytes
 invalid UTF-8, lone surrogates escaped or raw, huge strings, wrong types, out-of-range numbers,
 broken JSON). It is served over a mock transport to the real ``QueueClient`` (parsing), taken
 by the real ``Poller`` and answered by the real ``Dispatcher`` (400 for unreadable tasks) and
-real ``TaskRunner`` on a fake engine; online answers go through the real ``PublisherClient``
-batcher and ``EventPublisher`` writer into the session's real ``redis-server``, offline ones
+real ``TaskRunner`` on a fake engine; online answers go through the real ``EventBatcher``
+batcher and ``StreamWriter`` writer into the session's real ``redis-server``, offline ones
 through the client's HTTP complete (whose bytes must be valid UTF-8 JSON). After the examples
 a normal task of each mode is still served.
 """
@@ -40,8 +40,8 @@ from ray_worker.bella.protocol import (
 )
 from ray_worker.config import CapacityConfig, DispatcherConfig, PollerConfig, QueueSpec
 from ray_worker.errors import InvalidTaskError
-from ray_worker.eventbus.batcher import PublisherClient
-from ray_worker.eventbus.writer import EventPublisher
+from ray_worker.eventbus.batching import EventBatcher
+from ray_worker.eventbus.redis_writer import StreamWriter
 from ray_worker.hop import ANSWERING, DONE
 from ray_worker.task.runner import TaskRunner
 from ray_worker.testing.redis_server import RedisServer
@@ -146,8 +146,8 @@ class Rig:
         self.client = QueueClient(
             "http://bella.test", "key", transport=httpx.MockTransport(self.queue.handler)
         )
-        self.publisher = EventPublisher(redis_url)
-        self.events = PublisherClient(send_seq=self._send, topic=self.topic)
+        self.publisher = StreamWriter(redis_url)
+        self.events = EventBatcher(send_seq=self._send, topic=self.topic)
         self.redis = Redis.from_url(redis_url)
         config = DispatcherConfig(overload_retry_initial_s=0.001, overload_retry_max_s=0.004)
         self.runner = TaskRunner(

@@ -1,4 +1,4 @@
-"""EventPublisher against a real redis-server: wire fields, order, trimming, outages, drain.
+"""StreamWriter against a real redis-server: wire fields, order, trimming, outages, drain.
 
 The module starts its own redis-server because several tests kill and restart it.
 """
@@ -26,8 +26,10 @@ from ray_worker.bella.protocol import (
     progress_fields,
     stream_key,
 )
+from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.eventbus.writer import MARKER_PREFIX, EventPublisher, PublisherOptions
+from ray_worker.eventbus.redis_writer import MARKER_PREFIX, StreamWriter
+from ray_worker.eventbus.shared import Entry
 from ray_worker.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -73,17 +75,21 @@ async def read_stream(server: RedisServer, key: str) -> StreamEntries:
         return await xrange(client, key)
 
 
-def progress(instance: str, task: str, i: int, data: Any = None) -> tuple[str, dict[str, str]]:
+def progress(instance: str, task: str, i: int, data: Any = None) -> Entry:
     return (
         stream_key(TOPIC, instance),
         progress_fields(task, str(i), "message", {"i": i} if data is None else data),
+        task,
+        str(i),
     )
 
 
-def completion(instance: str, task: str) -> tuple[str, dict[str, str]]:
+def completion(instance: str, task: str) -> Entry:
     return (
         stream_key(TOPIC, instance),
         completion_fields(task, {"status_code": 200, "request_id": task, "body": {}}),
+        task,
+        "",
     )
 
 
@@ -99,7 +105,7 @@ def labels(entries: StreamEntries) -> dict[str, list[str]]:
 
 
 async def test_exact_fields_on_the_wire(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
     before = now_ms()
     await pub.publish([progress("10.0.0.5:8080", "TASK-1", 0, {"choices": [{"delta": "hé"}]})])
     await pub.publish([completion("10.0.0.5:8080", "TASK-1")])
@@ -128,7 +134,7 @@ async def test_exact_fields_on_the_wire(server: RedisServer, redis: Redis) -> No
 
 
 async def test_per_task_order_under_concurrency(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
     tasks, events, instances = 60, 40, 3
 
     async def stream(t: int) -> None:
@@ -162,7 +168,7 @@ async def test_minid_trims_entries_older_than_30_minutes(
     for i in range(250):
         await redis.xadd(key, {"n": str(i)}, id=f"{old_ms + i}-0")
     await redis.xadd(key, {"n": "recent"}, id=f"{recent_ms}-0")
-    pub = EventPublisher(server.url, PublisherOptions(approximate_trim=approximate))
+    pub = StreamWriter(server.url, PublisherOptions(approximate_trim=approximate))
     await pub.publish([progress("trim", "TASK-1", 0)])
     assert await pub.flush(5)
     entries = await xrange(redis, key)
@@ -202,7 +208,7 @@ async def consume(url: str, keys: list[str], sink: StreamEntries, stop: asyncio.
 async def test_redis_restart_mid_stream_keeps_every_completion_in_order(
     server: RedisServer, redis: Redis
 ) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
     tasks, events = 20, 40
     keys = [TOPIC + f"inst-{n}" for n in range(2)]
     received: StreamEntries = []
@@ -256,7 +262,7 @@ async def test_redis_restart_mid_stream_keeps_every_completion_in_order(
 
 
 async def test_buffer_backpressure_while_down(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST.model_copy(update={"max_buffered": 20}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"max_buffered": 20}))
     await pub.publish([progress("bp", "TASK-1", 0)])
     assert await pub.flush(5)
     server.kill()
@@ -280,9 +286,9 @@ async def test_buffer_backpressure_while_down(server: RedisServer, redis: Redis)
 async def test_give_up_after_outage_counts_dropped_completions(
     server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     server.kill()
-    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.writer")
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.redis_writer")
     await pub.publish([progress("gu", "TASK-P", i) for i in range(5)])
     await pub.publish([completion("gu", f"TASK-C{n}") for n in range(3)])
     await wait_for(lambda: pub.counters.dropped_completions == 3)
@@ -309,7 +315,7 @@ async def test_give_up_after_outage_counts_dropped_completions(
 
 
 async def test_a_task_is_given_up_whole_never_with_a_gap(server: RedisServer) -> None:
-    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     server.kill()
     # A's head is buffered when Redis goes away and is given up after the outage limit.
     await pub.publish([progress("gw", "TASK-A", i) for i in range(3)])
@@ -341,7 +347,7 @@ async def test_a_task_is_given_up_whole_never_with_a_gap(server: RedisServer) ->
 async def test_events_of_a_given_up_task_are_dropped_wherever_they_wait(
     server: RedisServer,
 ) -> None:
-    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     server.kill()
     await pub.publish([progress("gm", "TASK-OLD", 0)])
     await asyncio.sleep(0.35)  # OLD's event is past the outage limit; the next ones are not
@@ -366,8 +372,8 @@ async def test_rejected_entry_is_counted_and_the_rest_applied(
     server: RedisServer, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     await redis.set(TOPIC + "not-a-stream", "x")
-    pub = EventPublisher(server.url, FAST)
-    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.writer")
+    pub = StreamWriter(server.url, FAST)
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.redis_writer")
     await pub.publish(
         [
             progress("ok", "TASK-1", 0),
@@ -389,7 +395,7 @@ async def test_lost_reply_is_retried_without_duplicates(
     server: RedisServer, redis: Redis, mark: bool
 ) -> None:
     options = FAST if mark else FAST.model_copy(update={"idempotency_ttl_s": 0})
-    pub = EventPublisher(server.url, options)
+    pub = StreamWriter(server.url, options)
     real_script = pub._script
     gate = asyncio.Event()
     calls = {"n": 0}
@@ -425,7 +431,7 @@ async def test_lost_reply_is_retried_without_duplicates(
 
 
 async def test_transient_refusal_is_retried_not_dropped(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
     await pub.publish([progress("oom", "TASK-1", 0)])
     assert await pub.flush(5)
     await redis.config_set("maxmemory", "1")  # every write now fails with OOM
@@ -446,7 +452,7 @@ async def test_transient_refusal_is_retried_not_dropped(server: RedisServer, red
 
 
 async def test_dead_writer_fails_publish_and_health(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
 
     async def broken() -> None:
         raise RuntimeError("bug in the writer")
@@ -465,7 +471,7 @@ async def test_dead_writer_fails_publish_and_health(server: RedisServer, redis: 
 
 
 async def test_aclose_drains_then_refuses(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
     for t in range(50):
         await pub.publish([progress("drain", f"TASK-{t}", i) for i in range(20)])
         await pub.publish([completion("drain", f"TASK-{t}")])
@@ -477,7 +483,7 @@ async def test_aclose_drains_then_refuses(server: RedisServer, redis: Redis) -> 
 
 
 async def test_malformed_entry_is_refused_whole(server: RedisServer, redis: Redis) -> None:
-    pub = EventPublisher(server.url, FAST)
+    pub = StreamWriter(server.url, FAST)
     with pytest.raises(TypeError):
         await pub.publish([progress("bad", "TASK-1", 0), ("k", cast(Any, {"n": 1}))])
     assert pub.counters.buffered == 0
@@ -487,7 +493,7 @@ async def test_malformed_entry_is_refused_whole(server: RedisServer, redis: Redi
 async def test_delivery_settles_each_completion_once_redis_acknowledged_it(
     server: RedisServer, redis: Redis
 ) -> None:
-    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 30}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"outage_timeout_s": 30}))
     await pub.publish([progress("dl", "TASK-OK", 0), completion("dl", "TASK-OK")])
     assert await pub.delivery(["TASK-OK"], 10) == {"TASK-OK": True}
     assert labels(await xrange(redis, TOPIC + "dl")) == {"TASK-OK": ["0", "done"]}
@@ -508,7 +514,7 @@ async def test_delivery_settles_each_completion_once_redis_acknowledged_it(
 async def test_delivery_reports_a_completion_given_up_after_an_outage(
     server: RedisServer, redis: Redis
 ) -> None:
-    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     server.kill()
     await pub.publish([progress("dg", "TASK-G", 0), completion("dg", "TASK-G")])
     assert await pub.delivery(["TASK-G"], 20) == {"TASK-G": False}
@@ -532,7 +538,7 @@ async def test_tasks_given_up_in_an_outage_are_answered_503_once_redis_is_back_e
 ) -> None:
     """Nothing else is published after the outage: the writer finds Redis back by itself.
     The restarted server is empty (no persistence): the idempotency mark is gone too."""
-    pub = EventPublisher(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
+    pub = StreamWriter(server.url, FAST.model_copy(update={"outage_timeout_s": 0.3}))
     await pub.publish([progress("ow", "TASK-S", 0)])
     assert await pub.flush(5)
     server.kill()
@@ -572,7 +578,7 @@ async def test_minid_trims_by_the_servers_clock(server: RedisServer, redis: Redi
     for i in range(10):
         await redis.xadd(key, {"n": str(i)}, id=f"{old_ms + i}-0")
     ahead_ms = 15 * 60 * 1000
-    pub = EventPublisher(
+    pub = StreamWriter(
         server.url,
         PublisherOptions(approximate_trim=False),
         clock_ms=lambda: now_ms() + ahead_ms,
@@ -589,7 +595,7 @@ async def test_a_round_is_bounded_in_bytes(server: RedisServer, redis: Redis) ->
     # Four 300 KB answers (embeddings, say) with a 500 KB round bound: four rounds, each with
     # one of them, all written in order; small events share a round as usual.
     options = FAST.model_copy(update={"max_batch_bytes": 500_000})
-    pub = EventPublisher(server.url, options)
+    pub = StreamWriter(server.url, options)
     big = {"data": [{"embedding": "x" * 300_000}]}
     await pub.publish([progress("i", f"BIG-{n}", 0, big) for n in range(4)])
     assert await pub.flush(10)

@@ -1,6 +1,6 @@
 """RedisPublisher as a Ray actor, on the session's Ray and Redis.
 
-Covers the poller's owned actor fed by ``PublisherClient`` and the per-node named actor fed
+Covers the poller's owned actor fed by ``EventBatcher`` and the per-node named actor fed
 by ``EventBusClient``: sharing by name, leases and self-exit, exactly-once across transient
 Ray errors, and re-creation after the actor is SIGKILLed. Each test uses its own topic and
 app name and never flushes the shared Redis.
@@ -18,16 +18,18 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from ray_worker.bella.protocol import CompletionEvent, ProgressEvent, decode_event
-from ray_worker.config import PublisherOptions
-from ray_worker.eventbus.actor import (
-    PUBLISHER_NAMESPACE,
-    EventBusClient,
-    RedisPublisher,
-    node_publisher,
-    publisher_name,
+from ray_worker.bella.protocol import (
+    CompletionEvent,
+    ProgressEvent,
+    completion_fields,
+    decode_event,
+    progress_fields,
 )
-from ray_worker.eventbus.batcher import PublisherClient
+from ray_worker.config import PublisherOptions
+from ray_worker.eventbus.batching import EventBatcher
+from ray_worker.eventbus.client import EventBusClient, node_publisher
+from ray_worker.eventbus.publisher_actor import RedisPublisher
+from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE, publisher_name
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.waiting import wait_for
 
@@ -112,7 +114,7 @@ async def test_actor_publishes_in_order_and_drains_on_close(
     actor = actor_cls.remote(redis_server.url, topic, PublisherOptions(max_buffered=5000))
     try:
         assert await actor.topic.remote() == topic
-        client = PublisherClient(
+        client = EventBatcher(
             send_seq=lambda seq, batch: actor.publish.remote("test", seq, batch), topic=topic
         )
         tasks, events = 8, 25
@@ -142,6 +144,43 @@ async def test_actor_publishes_in_order_and_drains_on_close(
         done = decode_event(last)
         assert isinstance(done, CompletionEvent)
         assert done.task_id == "TASK-LAST"
+    finally:
+        ray.kill(actor)
+
+
+async def test_the_actor_takes_tagged_batches_and_the_bare_ones_of_a_previous_client(
+    ray_serve: Any, redis_server: RedisServer
+) -> None:
+    """Current clients tag each entry with its task and event ids; a client of the previous
+    version (during a redeploy) still sends bare ``(key, fields)`` pairs."""
+    import ray
+
+    topic = new_topic()
+    key = topic + "inst:1"
+    actor_cls: Any = ray.remote(num_cpus=0, max_concurrency=1000)(RedisPublisher)
+    actor = actor_cls.remote(redis_server.url, topic, PublisherOptions())
+    try:
+        assert (await actor.target.remote())["tagged_entries"] is True
+        tagged = [
+            (key, progress_fields("NEW", "0", "message", {}), "NEW", "0"),
+            (key, completion_fields("NEW", DONE), "NEW", ""),
+        ]
+        bare = [
+            (key, progress_fields("OLD", "0", "message", {})),
+            (key, completion_fields("OLD", DONE)),
+        ]
+        assert (await actor.publish.remote("new", 1, tagged))[0] == "ok"
+        assert (await actor.publish.remote("old", 1, bare))[0] == "ok"
+        # Each completion's fate is known by its task id, whichever form it came in.
+        fates: dict[str, bool] = {}
+        async with asyncio.timeout(20):
+            while len(fates) < 2:
+                fates.update(await actor.delivery.remote(["NEW", "OLD"], 1.0))
+        assert fates == {"NEW": True, "OLD": True}
+        assert await read_stream(redis_server.url, key) == {
+            "NEW": ["0", "done"],
+            "OLD": ["0", "done"],
+        }
     finally:
         ray.kill(actor)
 

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import CompletionEvent, PutRequest, ResponseMode, decode_event
 from ray_worker.emulator.server import EmulatorServer
-from ray_worker.eventbus.actor import PUBLISHER_NAMESPACE
+from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for

@@ -221,7 +221,7 @@ def _actors() -> dict[str, Any]:
     """Handles of the live poller replica, LLM replica and this app's publisher actor."""
     import ray
 
-    from ray_worker.eventbus.actor import PUBLISHER_NAMESPACE
+    from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE
 
     found: dict[str, Any] = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):

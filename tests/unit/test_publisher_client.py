@@ -1,4 +1,4 @@
-"""PublisherClient: caller-side coalescing of event-bus entries, with a fake ``send``; and
+"""EventBatcher: caller-side coalescing of event-bus entries, with a fake ``send``; and
 ``EventBusClient`` around a fake publisher actor (deaths, resends, confirmation deadlines)."""
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from ray_worker.bella.protocol import (
     decode_event,
 )
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.eventbus import actor as actor_module
-from ray_worker.eventbus.actor import EventBusClient
-from ray_worker.eventbus.batcher import PublisherClient
-
-Batch = list[tuple[str, dict[str, str]]]
+from ray_worker.eventbus import client as client_module
+from ray_worker.eventbus.batching import EventBatcher
+from ray_worker.eventbus.client import EventBusClient
+from ray_worker.eventbus.shared import Batch, Entry
 
 
 async def wait_for(condition: Callable[[], bool], within_s: float = 5.0) -> None:
@@ -75,13 +74,13 @@ class FakeSend:
         return [entry for batch in self.batches for entry in batch]
 
 
-def entry(i: int) -> tuple[str, dict[str, str]]:
-    return ("stream", {"n": str(i)})
+def entry(i: int) -> Entry:
+    return ("stream", {"n": str(i)}, "", "")
 
 
 async def test_first_event_is_sent_at_once() -> None:
     send = FakeSend()
-    client = PublisherClient(send)
+    client = EventBatcher(send)
     await client.emit(*entry(0))
     await wait_for(lambda: len(send.batches) == 1)
     assert send.batches == [[entry(0)]]
@@ -91,7 +90,7 @@ async def test_first_event_is_sent_at_once() -> None:
 async def test_events_coalesce_while_a_send_is_in_flight() -> None:
     send = FakeSend()
     send.gate.clear()
-    client = PublisherClient(send)
+    client = EventBatcher(send)
     await client.emit(*entry(0))
     await wait_for(lambda: send.calls == 1)
     for i in range(1, 50):
@@ -111,7 +110,7 @@ async def test_events_coalesce_while_a_send_is_in_flight() -> None:
 async def test_per_task_order_across_many_concurrent_tasks() -> None:
     send = FakeSend()
     send.jitter = True
-    client = PublisherClient(send, topic="t:")
+    client = EventBatcher(send, topic="t:")
     tasks, events = 40, 60
 
     async def stream(task: int) -> None:
@@ -125,7 +124,7 @@ async def test_per_task_order_across_many_concurrent_tasks() -> None:
     await client.flush()
     assert send.max_in_flight == 1
     seen: dict[str, list[str]] = {}
-    for key, fields in send.entries:
+    for key, fields, *_ in send.entries:
         assert key == "t:inst"
         event = decode_event(fields)
         assert event is not None
@@ -139,7 +138,7 @@ async def test_per_task_order_across_many_concurrent_tasks() -> None:
 async def test_pending_is_bounded_and_emit_waits() -> None:
     send = FakeSend()
     send.gate.clear()
-    client = PublisherClient(send, max_pending=5)
+    client = EventBatcher(send, max_pending=5)
     await client.emit(*entry(0))
     await wait_for(lambda: send.calls == 1)
     for i in range(1, 6):
@@ -156,11 +155,11 @@ async def test_pending_is_bounded_and_emit_waits() -> None:
 
 async def test_transient_send_failures_are_retried_in_order() -> None:
     send = FakeSend(fail_times=2)
-    client = PublisherClient(send, backoff_initial_s=0.001, backoff_max_s=0.002)
+    client = EventBatcher(send, backoff_initial_s=0.001, backoff_max_s=0.002)
     for i in range(3):
         await client.emit(*entry(i))
     await client.completion("inst", "task-1", {"status_code": 200})
-    assert [fields.get("n") for _, fields in send.entries[:3]] == ["0", "1", "2"]
+    assert [fields.get("n") for _, fields, *_ in send.entries[:3]] == ["0", "1", "2"]
     assert isinstance(decode_event(send.entries[-1][1]), CompletionEvent)
     assert client.stats()["send_retries"] == 2
     assert client.stats()["failed_batches"] == 0
@@ -168,7 +167,7 @@ async def test_transient_send_failures_are_retried_in_order() -> None:
 
 async def test_persistent_send_failure_is_surfaced_to_completion_and_flush() -> None:
     send = FakeSend(always_fail=True)
-    client = PublisherClient(send, send_timeout_s=0.05, backoff_initial_s=0.005, backoff_max_s=0.01)
+    client = EventBatcher(send, send_timeout_s=0.05, backoff_initial_s=0.005, backoff_max_s=0.01)
     await client.progress("inst", "task-1", "0", "message", "hello")
     with pytest.raises(EventBusUnavailableError, match="replica unavailable"):
         await client.completion("inst", "task-1", {"status_code": 200})
@@ -188,7 +187,7 @@ async def test_persistent_send_failure_is_surfaced_to_completion_and_flush() -> 
 async def test_flush_waits_for_in_flight_and_pending() -> None:
     send = FakeSend()
     send.gate.clear()
-    client = PublisherClient(send)
+    client = EventBatcher(send)
     await client.emit(*entry(0))
     await wait_for(lambda: send.calls == 1)
     await client.emit(*entry(1))
@@ -203,11 +202,13 @@ async def test_flush_waits_for_in_flight_and_pending() -> None:
 
 async def test_helpers_encode_exact_fields() -> None:
     send = FakeSend()
-    client = PublisherClient(send, topic="redis-mesh:private-stream:test:")
+    client = EventBatcher(send, topic="redis-mesh:private-stream:test:")
     await client.progress("10.0.0.5:8080", "TASK-1", "0", "message", {"x": 1})
     await client.completion("10.0.0.5:8080", "TASK-1", {"status_code": 200, "request_id": "r"})
-    (k1, progress), (k2, completion) = send.entries
+    (k1, progress, t1, e1), (k2, completion, t2, e2) = send.entries
     assert k1 == k2 == "redis-mesh:private-stream:test:10.0.0.5:8080"
+    # Each entry carries its task and event ids beside the fields (the writer reads no JSON).
+    assert (t1, e1, t2, e2) == ("TASK-1", "0", "TASK-1", "")
     assert set(progress) == set(completion) == {"name", "from", "payload", "context", "timestamp"}
     decoded = decode_event(progress)
     assert isinstance(decoded, ProgressEvent)
@@ -218,7 +219,7 @@ async def test_helpers_encode_exact_fields() -> None:
 
 
 async def test_closed_client_refuses_events() -> None:
-    client = PublisherClient(FakeSend())
+    client = EventBatcher(FakeSend())
     await client.emit(*entry(0))
     await client.aclose()
     with pytest.raises(EventBusUnavailableError):
@@ -233,7 +234,7 @@ async def test_send_seq_numbers_batches_and_keeps_the_number_on_retry() -> None:
         seen.append((seq, len(batch)))
         await send(batch)
 
-    client = PublisherClient(send_seq=send_seq, backoff_initial_s=0.001, backoff_max_s=0.002)
+    client = EventBatcher(send_seq=send_seq, backoff_initial_s=0.001, backoff_max_s=0.002)
     await client.emit(*entry(0))
     await client.flush()
     await client.emit(*entry(1))
@@ -244,15 +245,15 @@ async def test_send_seq_numbers_batches_and_keeps_the_number_on_retry() -> None:
 
 def test_exactly_one_send_function() -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        PublisherClient()
+        EventBatcher()
     with pytest.raises(ValueError, match="exactly one"):
-        PublisherClient(FakeSend(), send_seq=FakeSend())  # type: ignore[arg-type]
+        EventBatcher(FakeSend(), send_seq=FakeSend())  # type: ignore[arg-type]
 
 
 async def test_interval_gathers_events_but_first_chunks_and_completions_leave_at_once() -> None:
     send = FakeSend()
     # An interval no test run reaches: whatever leaves early left because it was urgent.
-    client = PublisherClient(send, topic="t:", min_interval_s=3600)
+    client = EventBatcher(send, topic="t:", min_interval_s=3600)
     await client.progress("i", "A", "0", "message", {"n": 0})
     await wait_for(lambda: len(send.batches) == 1)
     for n in range(1, 6):
@@ -261,7 +262,7 @@ async def test_interval_gathers_events_but_first_chunks_and_completions_leave_at
     assert len(send.batches) == 1, "later chunks wait for the interval"
     await client.progress("i", "B", "0", "message", {"n": 0})  # another stream's first chunk
     await wait_for(lambda: len(send.batches) == 2)
-    assert [json.loads(f["payload"])["eventId"] for _, f in send.batches[1]] == [
+    assert [json.loads(f["payload"])["eventId"] for _, f, *_ in send.batches[1]] == [
         "1",
         "2",
         "3",
@@ -272,7 +273,7 @@ async def test_interval_gathers_events_but_first_chunks_and_completions_leave_at
     await client.progress("i", "A", "6", "message", {"n": 6})
     await asyncio.wait_for(client.completion("i", "A", {"status_code": 200}), 5)
     assert len(send.batches) == 3
-    assert [f["name"] for _, f in send.batches[2]] == [PROGRESS_EVENT, COMPLETION_EVENT]
+    assert [f["name"] for _, f, *_ in send.batches[2]] == [PROGRESS_EVENT, COMPLETION_EVENT]
     await client.progress("i", "B", "1", "message", {"n": 1})
     await asyncio.wait_for(client.flush(), 5)  # flush does not wait for the interval either
     assert len(send.batches) == 4
@@ -299,8 +300,9 @@ class FakeActor:
     version without marks. ``write()`` writes what ``hold`` kept back; completions of tasks
     in ``silent`` are written but never reported by ``delivery`` (the reply was lost)."""
 
-    def __init__(self, *, marks: bool = False) -> None:
+    def __init__(self, *, marks: bool = False, tagged: bool = True) -> None:
         self.dead = False
+        self.tagged = tagged
         self.hold = False
         self.marks = marks
         self.silent: set[str] = set()
@@ -310,7 +312,7 @@ class FakeActor:
         self.accepted = 0
         self.written = 0
         self.held: list[Batch] = []
-        for name in ("publish", "lease", "delivery", "release", "check_health"):
+        for name in ("publish", "lease", "delivery", "release", "check_health", "target"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     def _check(self) -> None:
@@ -329,7 +331,7 @@ class FakeActor:
     def write(self) -> None:
         """Redis acknowledges everything accepted so far."""
         for batch in self.held:
-            for _key, fields in batch:
+            for _key, fields, *_ in batch:
                 task_id = json.loads(fields["payload"])["taskId"]
                 if fields["name"] == COMPLETION_EVENT and task_id not in self.silent:
                     self.fates[task_id] = True
@@ -350,12 +352,19 @@ class FakeActor:
     async def _release(self, _session: str) -> None:
         self._check()
 
+    async def _target(self) -> dict[str, Any]:
+        self._check()
+        out: dict[str, Any] = {"url": "redis://x", "topic": "t:", "exiting": False}
+        if self.tagged:
+            out["tagged_entries"] = True
+        return out
+
     async def _check_health(self) -> None:
         self._check()
 
     def events(self, task_id: str) -> list[Any]:
         out = []
-        for _key, fields in self.entries:
+        for _key, fields, *_ in self.entries:
             event = decode_event(fields)
             if event is not None and event.task_id == task_id:
                 out.append(event)
@@ -373,7 +382,7 @@ def actors(monkeypatch: pytest.MonkeyPatch) -> list[FakeActor]:
             made.append(FakeActor(marks=made[0].marks if made else False))
         return made[-1]
 
-    monkeypatch.setattr(actor_module, "node_publisher", node_publisher)
+    monkeypatch.setattr(client_module, "node_publisher", node_publisher)
     return made
 
 
@@ -397,7 +406,7 @@ async def test_a_dead_publishers_streams_end_in_an_error_and_its_blocking_answer
     blocking = asyncio.create_task(
         client.completion("inst", "BLOCK", {"status_code": 200, "request_id": "BLOCK"})
     )
-    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f in first.entries))
+    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f, *_ in first.entries))
     first.dead = True  # SIGKILL: what it held is gone
 
     # The stream goes on (its next events reveal the death), then finishes with [DONE].
@@ -480,6 +489,27 @@ async def test_a_health_check_replaces_a_dead_publisher_instead_of_failing(
     await client.aclose()
 
 
+async def test_entries_go_tagged_to_a_current_publisher_and_bare_to_an_older_one(
+    actors: list[FakeActor],
+) -> None:
+    """Tagged entries (task and event ids beside the fields) only go to an actor whose
+    ``target()`` says it takes them; a detached actor of the previous version, still alive
+    across a redeploy, gets the bare ``(key, fields)`` pairs it understands."""
+    actors.append(FakeActor(tagged=False))
+    client = EventBusClient("app", "replica", call_timeout_s=1.0)
+    await client.start("redis://x", "t:")
+    await client.progress("inst", "OLD", "0", "message", {"i": 0})
+    await client.completion("inst", "OLD", {"status_code": 200, "request_id": "OLD"})
+    assert [len(e) for e in actors[0].entries] == [2, 2]
+    actors[0].dead = True
+    await client.check_health()  # a current publisher replaces it
+    await client.progress("inst", "NEW", "0", "message", {"i": 0})
+    await client.completion("inst", "NEW", {"status_code": 200, "request_id": "NEW"})
+    assert [e[2:] for e in actors[1].entries] == [("NEW", "0"), ("NEW", "")]
+    assert labels_of(actors[1].events("NEW")) == ["0", "done:200"]
+    await client.aclose()
+
+
 @pytest.fixture
 def marked(actors: list[FakeActor]) -> list[FakeActor]:
     """``actors`` whose replies carry written marks (today's ``RedisPublisher``)."""
@@ -516,7 +546,7 @@ async def test_after_a_publishers_death_only_tasks_with_unwritten_events_lose_th
     held = asyncio.create_task(
         client.completion("inst", "HELD", {"status_code": 200, "request_id": "HELD"})
     )
-    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f in first.held[-1]))
+    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f, *_ in first.held[-1]))
     first.dead = True
     # The confirmations it still owes reveal the death (a batch in flight to a dying
     # publisher may or may not have been applied: its tasks count as lost).

@@ -85,17 +85,16 @@ def test_queue_client_rejects_a_bad_url_without_showing_it() -> None:
 async def test_publisher_outage_log_hides_the_password(caplog: pytest.LogCaptureFixture) -> None:
     from ray_worker.config import PublisherOptions
     from ray_worker.errors import EventBusUnavailableError
-    from ray_worker.eventbus.writer import EventPublisher, ping
+    from ray_worker.eventbus.redis_check import ping
+    from ray_worker.eventbus.redis_writer import StreamWriter
 
     url = "redis://:p@ss/w0rd@127.0.0.1:1/0"
     with pytest.raises(EventBusUnavailableError) as info:
         await ping(url, timeout_s=0.5)
     assert "w0rd" not in str(info.value)
     assert "p@ss" not in str(info.value)
-    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.writer")
-    publisher = EventPublisher(
-        "redis://:p@ss@127.0.0.1:1/0", PublisherOptions(connect_timeout_s=0.2)
-    )
+    caplog.set_level(logging.WARNING, logger="ray_worker.eventbus.redis_writer")
+    publisher = StreamWriter("redis://:p@ss@127.0.0.1:1/0", PublisherOptions(connect_timeout_s=0.2))
     try:
         await publisher.publish([("s", {"name": "x"})])
         await publisher.flush(1.0)

@@ -1,13 +1,16 @@
-"""Event-bus writer: already-encoded stream entries into Redis Streams (protocol §4).
+"""Event-bus Redis writer: already-encoded stream entries into Redis Streams (protocol §4).
 
-This module owns the event-bus Redis connection (``EventPublisher``, plain asyncio, no Ray)
-and the one-shot reachability check ``ping``. It is the only module that sees redis-py
-errors: they are counted, logged and translated into ``errors.EventBusUnavailableError``. It
-must not encode events beyond what ``protocol.progress_fields`` / ``completion_fields``
-produced (``batcher.lost_events_answer`` builds the one answer of its own, below), decide
-what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray.
+Runs in the publisher actor (``publisher_actor.RedisPublisher`` holds one), never in a
+caller. This module owns the event-bus Redis connection (``StreamWriter``, plain asyncio, no
+Ray). Apart from the one-shot checks in ``redis_check``, it is the only module that sees
+redis-py errors: they are counted, logged and translated into
+``errors.EventBusUnavailableError``. It must not encode events beyond what
+``protocol.progress_fields`` / ``completion_fields`` produced (``shared.lost_events_answer``
+builds the one answer of its own, below), read an entry's JSON payload (each entry carries
+its task id and event id: ``shared.Entry``), decide what a successful task's result is, talk
+to Bella-Queue over HTTP, or import Ray.
 
-``EventPublisher``
+``StreamWriter``
     One ``redis.asyncio.Redis`` built from a URL with explicit socket/connect timeouts, TCP
     keepalive, idle health checks, and redis-py's own retry turned off (this class retries,
     so it knows what may have been applied). ``publish(entries)`` appends to one FIFO buffer
@@ -19,9 +22,9 @@ what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray
     atomically and Redis runs a command only once it has arrived whole, so a connection drop
     mid-batch applies all of it or none, like MULTI/EXEC. We use a script rather than a
     MULTI/EXEC pipeline because (1) it makes retries exactly-once without an extra round
-    trip: the script keeps this publisher's high-water mark
+    trip: the script keeps this writer's high-water mark
     (``bella-ray-worker:evbatch:<publisher uuid>`` = the sequence number of the last entry
-    applied, TTL ``idempotency_ttl_s``, one key per publisher) and skips entries at or below
+    applied, TTL ``idempotency_ttl_s``, one key per writer) and skips entries at or below
     it, so re-sending a batch whose reply was lost never duplicates events; (2) redis-py
     reads one reply per batch instead of a QUEUED reply plus a result per entry: measured
     here ~1.5-2x cheaper on the client than a MULTI/EXEC pipeline, and faster than a plain
@@ -57,7 +60,8 @@ what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray
 
     Answers owed after an outage: a task given up whole because of an outage still has a
     producer waiting (until its own deadline). The writer remembers each such task (bounded,
-    for the 30 min a stream keeps entries: past that the server answered 408 itself) with its
+    for ``ONLINE_MAX_WAIT_S``, the longest an online producer waits: past that the server has
+    answered it 408 itself, and only online tasks use the event bus) with its
     stream key and the eventId after the last progress event it saw of it, and once Redis
     answers again it writes it an error chunk (that eventId) and a 503 completion
     (``code: events_lost``); the task's own later events, its completion included, stay
@@ -69,12 +73,9 @@ what a successful task's result is, talk to Bella-Queue over HTTP, or import Ray
     returns the last one it buffered); ``written_upto()`` is the highest number N such that
     Redis acknowledged every entry up to N. An entry that was not written (given up in an
     outage or at close, rejected by Redis) stops the mark below it for the rest of this
-    publisher's life: whoever reads the mark (``actor.RedisPublisher``, to tell a client which
-    of its batches are safe in Redis) must never take a given-up event for a written one,
-    and a task given up whole may still be owed its answer.
-
-``ping(url)``
-    One PING with its own short-lived connection, for ``ray-worker check``.
+    writer's life: whoever reads the mark (``publisher_actor.RedisPublisher``, to tell a
+    client which of its batches are safe in Redis) must never take a given-up event for a
+    written one, and a task given up whole may still be owed its answer.
 """
 
 from __future__ import annotations
@@ -82,9 +83,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
-import random
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -97,34 +96,29 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import DataError, RedisError, ResponseError
 
+from ray_worker.aio import Backoff
 from ray_worker.bella.protocol import (
     COMPLETION_EVENT,
-    EVENT_STREAM_MINID_WINDOW_MS,
+    ONLINE_MAX_WAIT_S,
     event_minid,
     now_ms,
     redact_url,
 )
 from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError
-from ray_worker.eventbus.batcher import lost_events_answer
+from ray_worker.eventbus.shared import BareEntry, Entry, describe, lost_events_answer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MARKER_PREFIX",
-    "Entry",
-    "EventPublisher",
-    "PublisherOptions",
-    "PublisherStats",
-    "config_value",
-    "ping",
+    "StreamWriter",
+    "StreamWriterStats",
 ]
 
-Entry = tuple[str, Mapping[str, str]]
-"""One stream entry: ``(stream_key, fields)`` with every field a ``str`` (§4.2)."""
 
 MARKER_PREFIX = "bella-ray-worker:evbatch:"
-"""Prefix of each publisher's idempotency marker key (see the module docstring)."""
+"""Prefix of each writer's idempotency marker key (see the module docstring)."""
 
 _FAILURES = (RedisError, OSError)
 
@@ -134,8 +128,9 @@ _FATES_MAX = 65_536
 """Completion outcomes remembered for ``delivery`` (a caller asks right after handing over)."""
 _OWED_MAX = 65_536
 """Tasks given up in an outage still owed an error answer once Redis is back."""
-_OWED_FOR_S = EVENT_STREAM_MINID_WINDOW_MS / 1000
-"""How long such a task is owed one: past this the server has answered it 408 itself."""
+_OWED_FOR_S = float(ONLINE_MAX_WAIT_S)
+"""How long such a task is owed one: the event bus serves online tasks only, whose producers
+wait at most this long; past it the server has answered the task 408 itself."""
 _UNENCODABLE = (UnicodeError, DataError)
 """What redis-py's encoder raises for a value it cannot encode: that entry's fault, not
 Redis's (``DataError`` is a ``RedisError``, so it is caught before ``_FAILURES``)."""
@@ -187,8 +182,8 @@ return out
 
 
 @dataclass
-class PublisherStats:
-    """Counters of an ``EventPublisher``; read them through ``EventPublisher.stats()``."""
+class StreamWriterStats:
+    """Counters of a ``StreamWriter``; read them through ``StreamWriter.stats()``."""
 
     published: int = 0
     batches: int = 0
@@ -242,19 +237,25 @@ class _LatencyWindow:
 
 
 class _Pending:
-    __slots__ = ("enqueued_at", "fields", "key", "owed", "seq", "size")
+    __slots__ = ("enqueued_at", "event_id", "fields", "key", "owed", "seq", "size", "task_id")
 
     def __init__(
         self,
         seq: int,
         key: str,
         fields: Mapping[str, str],
+        task_id: str,
+        event_id: str,
         enqueued_at: float,
         owed: bool = False,
     ) -> None:
         self.seq = seq
         self.key = key
         self.fields = fields
+        self.task_id = task_id
+        """Its task ("": none; see ``BareEntry``)."""
+        self.event_id = event_id
+        """A progress event's ``eventId`` ("" for a completion)."""
         self.enqueued_at = enqueued_at
         self.owed = owed
         """An error answer the writer wrote itself: no caller waits for its fate."""
@@ -277,32 +278,10 @@ class _Owed:
         self.next_event_id = 0
         self.since = since
 
-    def saw(self, fields: Mapping[str, str]) -> None:
-        event_id = _event_id_of(fields)
-        if event_id is not None and event_id >= self.next_event_id:
-            self.next_event_id = event_id + 1
-
-
-def _payload_of(fields: Mapping[str, str]) -> dict[str, Any]:
-    try:
-        payload = json.loads(fields.get("payload") or "{}")
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
-
-
-def _task_id_of(fields: Mapping[str, str]) -> str:
-    return str(_payload_of(fields).get("taskId", "?"))
-
-
-def _event_id_of(fields: Mapping[str, str]) -> int | None:
-    """The numeric ``eventId`` of a progress event (None for a completion or other ids)."""
-    if _is_completion(fields):
-        return None
-    try:
-        return int(_payload_of(fields).get("eventId"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+    def saw(self, event_id: str) -> None:
+        """An event of it was given up: its answer's ``eventId`` comes after a numeric one."""
+        if event_id.isdigit() and int(event_id) >= self.next_event_id:
+            self.next_event_id = int(event_id) + 1
 
 
 def _is_completion(fields: Mapping[str, str]) -> bool:
@@ -313,27 +292,31 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _escaped(text: str, encoding: str) -> str:
     return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
-def _jittered(delay_s: float) -> float:
-    return delay_s / 2 + random.uniform(0, delay_s / 2)
-
-
-def _check_entry(key: object, fields: object) -> None:
+def _checked(entry: Entry | BareEntry) -> Entry:
+    """``entry`` as a four-item ``Entry`` (a ``BareEntry`` is of no task); ``TypeError`` for a
+    malformed one."""
+    if len(entry) == 2:
+        key, fields = entry
+        task_id = event_id = ""
+    elif len(entry) == 4:
+        key, fields, task_id, event_id = entry
+    else:
+        raise TypeError("an entry must be (stream_key, fields, task_id, event_id)")
     if not isinstance(key, str) or not isinstance(fields, Mapping):
-        raise TypeError("an entry must be (stream_key: str, fields: Mapping[str, str])")
+        raise TypeError("an entry must be (stream_key: str, fields: Mapping[str, str], ...)")
+    if not isinstance(task_id, str) or not isinstance(event_id, str):
+        raise TypeError("an entry's task_id and event_id must be str")
     for name, value in fields.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"stream field {name!r} must be str -> str, got {type(value)}")
+    return key, cast("dict[str, str]", fields), task_id, event_id
 
 
-class EventPublisher:
+class StreamWriter:
     """Single-writer, pipelined, outage-tolerant XADD of encoded events (see module doc).
 
     Safe to construct outside an event loop; the writer starts on first ``publish``.
@@ -399,48 +382,48 @@ class EventPublisher:
         self._last_down_log = 0.0
         self._marker_key = MARKER_PREFIX + uuid.uuid4().hex
         self._script = self._redis.register_script(_XADD_BATCH_LUA)
-        self._stats = PublisherStats()
+        self._stats = StreamWriterStats()
         self._latency = _LatencyWindow(opts.latency_window)
 
     # ---------------------------------------------------------------- public API
 
-    async def publish(self, entries: Sequence[Entry]) -> int:
+    async def publish(self, entries: Sequence[Entry | BareEntry]) -> int:
         """Append ``entries`` in order; wait while the buffer is full (``max_buffered``
         entries or ``max_buffered_bytes``). Returns once buffered: the sequence number of the
-        last entry buffered so far (see ``written_upto``).
+        last entry buffered so far (see ``written_upto``). A ``BareEntry`` is of no task:
+        written like any other, given up alone, never answered for, its fate not kept.
 
         Raises ``EventBusUnavailableError`` if the writer loop died or the publisher is
         closed, ``TypeError`` for a malformed entry (nothing of that call is enqueued).
         """
         self._check_usable()
-        for key, fields in entries:
-            _check_entry(key, fields)
+        checked = [_checked(e) for e in entries]
         if self._given_up:
-            entries = [e for e in entries if not self._drop_if_given_up(e[1])]
+            checked = [e for e in checked if not self._drop_if_given_up(e)]
         self._ensure_writer()
         queue = self._queue
         limit = self.options.max_buffered
         byte_limit = self.options.max_buffered_bytes
         now = time.monotonic()
-        sizes = [_entry_size(key, fields) for key, fields in entries]
+        sizes = [_entry_size(e[0], e[1]) for e in checked]
         if (
             not self._enqueue_lock.locked()
-            and len(queue) + len(entries) <= limit
-            and (self._bytes + sum(sizes) <= byte_limit or (not queue and len(entries) == 1))
+            and len(queue) + len(checked) <= limit
+            and (self._bytes + sum(sizes) <= byte_limit or (not queue and len(checked) == 1))
         ):
-            for key, fields in entries:
-                self._append(key, fields, now)
-            if entries:
+            for entry in checked:
+                self._append(entry, now)
+            if checked:
                 self._wake.set()
             return self._seq
         # Slow path: FIFO among waiting publishers (asyncio.Lock is fair).
         async with self._enqueue_lock:
-            for (key, fields), size in zip(entries, sizes, strict=True):
+            for entry, size in zip(checked, sizes, strict=True):
                 # An entry larger than the whole byte bound goes in alone (nothing wedges).
                 while len(queue) >= limit or (queue and self._bytes + size > byte_limit):
                     await self._progress.wait()
                     self._check_usable()
-                self._append(key, fields, time.monotonic())
+                self._append(entry, time.monotonic())
                 self._wake.set()
             return self._seq
 
@@ -535,7 +518,7 @@ class EventPublisher:
         """Raise ``EventBusUnavailableError`` if the writer loop died."""
         if self._failure is not None:
             raise EventBusUnavailableError(
-                f"event-bus writer loop died: {_describe(self._failure)}"
+                f"event-bus writer loop died: {describe(self._failure)}"
             ) from self._failure
 
     def stats(self) -> dict[str, Any]:
@@ -548,7 +531,7 @@ class EventPublisher:
         return out
 
     @property
-    def counters(self) -> PublisherStats:
+    def counters(self) -> StreamWriterStats:
         """The live counters object (``buffered`` and ``buffered_bytes`` refreshed)."""
         self._stats.buffered = len(self._queue)
         self._stats.buffered_bytes = self._bytes
@@ -556,11 +539,12 @@ class EventPublisher:
 
     # ---------------------------------------------------------------- internals
 
-    def _append(self, key: str, fields: Mapping[str, str], now: float, owed: bool = False) -> None:
+    def _append(self, entry: Entry, now: float, owed: bool = False) -> None:
         self._seq += 1
-        entry = _Pending(self._seq, key, fields, now, owed=owed)
-        self._queue.append(entry)
-        self._bytes += entry.size
+        key, fields, task_id, event_id = entry
+        pending = _Pending(self._seq, key, fields, task_id, event_id, now, owed=owed)
+        self._queue.append(pending)
+        self._bytes += pending.size
 
     def _popleft(self) -> _Pending:
         entry = self._queue.popleft()
@@ -590,7 +574,7 @@ class EventPublisher:
         exc = task.exception()
         if exc is not None:
             self._failure = exc
-            self._stats.last_error = _describe(exc)
+            self._stats.last_error = describe(exc)
             logger.error("event-bus writer loop died", exc_info=exc)
             if self._on_dead is not None:
                 try:
@@ -608,7 +592,7 @@ class EventPublisher:
 
     async def _run(self) -> None:
         opts = self.options
-        delay = opts.backoff_initial_s
+        backoff = Backoff(opts.backoff_initial_s, opts.backoff_max_s)
         while True:
             if not self._queue:
                 self._wake.clear()
@@ -617,16 +601,15 @@ class EventPublisher:
                     continue
                 # Nothing to write, but answers are owed once Redis is back: probe it.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _jittered(delay))
+                    await asyncio.wait_for(self._wake.wait(), backoff.next_s())
                 if self._queue:
                     continue
                 try:
                     await self._redis.ping()
                 except _FAILURES as exc:
                     self._on_failure(exc)
-                    delay = min(delay * 2, opts.backoff_max_s)
                 else:
-                    delay = opts.backoff_initial_s
+                    backoff.reset()
                     self._back_up()
                 continue
             try:
@@ -636,10 +619,9 @@ class EventPublisher:
                     raise
             except _FAILURES as exc:
                 self._on_failure(exc)
-                await asyncio.sleep(_jittered(delay))
-                delay = min(delay * 2, opts.backoff_max_s)
+                await backoff.sleep()
             else:
-                delay = opts.backoff_initial_s
+                backoff.reset()
                 self._back_up()
 
     def _back_up(self) -> None:
@@ -721,7 +703,7 @@ class EventPublisher:
                 self._bytes += size - entry.size
                 entry.size = size
         if escaped:
-            self._stats.last_error = _describe(exc)
+            self._stats.last_error = describe(exc)
             logger.warning("escaped %d event(s) Redis could not encode: %s", escaped, exc)
         return escaped > 0
 
@@ -741,13 +723,13 @@ class EventPublisher:
                     oldest = now - entry.enqueued_at
                 published += 1
                 latency.add(now - entry.enqueued_at)
-                if not entry.owed and _is_completion(entry.fields):
-                    self._settle(_task_id_of(entry.fields), True)
+                if not entry.owed and entry.task_id and _is_completion(entry.fields):
+                    self._settle(entry.task_id, True)
             else:
                 self._not_written(entry)
                 self._stats.rejected += 1
-                self._stats.last_error = _describe(error)
-                self._count_dropped(entry, f"rejected by Redis: {_describe(error)}")
+                self._stats.last_error = describe(error)
+                self._count_dropped(entry, f"rejected by Redis: {describe(error)}")
         self._stats.published += published
         if published and self._on_acked is not None:
             self._on_acked(oldest)
@@ -756,7 +738,7 @@ class EventPublisher:
     def _on_failure(self, exc: BaseException) -> None:
         now = time.monotonic()
         self._stats.retries += 1
-        self._stats.last_error = _describe(exc)
+        self._stats.last_error = describe(exc)
         if self._down_since is None:
             self._down_since = now
             self._last_down_log = now
@@ -764,7 +746,7 @@ class EventPublisher:
                 "event-bus Redis %s unavailable, buffering %d entries: %s",
                 redact_url(self.url),
                 len(self._queue),
-                _describe(exc),
+                describe(exc),
             )
         elif now - self._last_down_log >= 10.0:
             self._last_down_log = now
@@ -772,7 +754,7 @@ class EventPublisher:
                 "event-bus Redis still unavailable after %.1f s, %d entries buffered: %s",
                 now - self._down_since,
                 len(self._queue),
-                _describe(exc),
+                describe(exc),
             )
         outage_s = self.options.outage_timeout_s
         if now - self._down_since < outage_s:
@@ -799,13 +781,14 @@ class EventPublisher:
         finished: set[str] = set()
         now = time.monotonic()
 
-        def drop(entry: _Pending, task_id: str) -> None:
+        def drop(entry: _Pending) -> None:
             nonlocal progress
-            if owe and task_id != "?":
+            task_id = entry.task_id
+            if owe and task_id:
                 owed = self._owed.get(task_id)
                 if owed is None:
                     owed = self._owed[task_id] = _Owed(entry.key, now)
-                owed.saw(entry.fields)
+                owed.saw(entry.event_id)
             if _is_completion(entry.fields):
                 finished.add(task_id)
                 self._count_dropped(entry, reason)
@@ -817,16 +800,13 @@ class EventPublisher:
             if not entry.fields:
                 continue  # given up in place earlier, already counted
             self._not_written(entry)
-            task_id = _task_id_of(entry.fields)
-            tasks.add(task_id)
-            drop(entry, task_id)
+            if entry.task_id:  # an entry of no task goes alone
+                tasks.add(entry.task_id)
+            drop(entry)
         for entry in self._queue:
-            if not entry.fields:
-                continue
-            task_id = _task_id_of(entry.fields)
-            if task_id in tasks:
+            if entry.fields and entry.task_id in tasks:
                 self._not_written(entry)
-                drop(entry, task_id)
+                drop(entry)
                 # Given up in place (no fields): the script skips it, seqs stay consecutive.
                 entry.fields = {}
                 self._bytes -= entry.size
@@ -846,18 +826,18 @@ class EventPublisher:
         )
         self._notify()
 
-    def _drop_if_given_up(self, fields: Mapping[str, str]) -> bool:
-        """True (and counted) when ``fields`` is an event of a task given up whole."""
-        task_id = _task_id_of(fields)
+    def _drop_if_given_up(self, entry: Entry) -> bool:
+        """True (and counted) when ``entry`` is an event of a task given up whole."""
+        key, fields, task_id, event_id = entry
         if task_id not in self._given_up:
             return False
-        entry = _Pending(0, "", fields, 0.0)
         owed = self._owed.get(task_id)
         if owed is not None:
-            owed.saw(fields)
+            owed.saw(event_id)
         if _is_completion(fields):
             del self._given_up[task_id]
-        self._count_dropped(entry, "its task was given up after an outage")
+        dropped = _Pending(0, key, fields, task_id, event_id, 0.0)
+        self._count_dropped(dropped, "its task was given up after an outage")
         return True
 
     def _answer_owed(self) -> None:
@@ -871,12 +851,13 @@ class EventPublisher:
         for task_id, task in owed.items():
             if now - task.since > _OWED_FOR_S:
                 continue
-            for fields in lost_events_answer(
+            for entry in lost_events_answer(
+                task.key,
                 task_id,
                 task.next_event_id,
                 "the worker's event bus was unavailable; this task's events were lost",
             ):
-                self._append(task.key, fields, now, owed=True)
+                self._append(entry, now, owed=True)
             sent += 1
         if sent:
             self._stats.owed_answers_sent += sent
@@ -898,81 +879,23 @@ class EventPublisher:
                 future.set_result(delivered)
 
     def _count_dropped(self, entry: _Pending, reason: str) -> None:
+        task_id = entry.task_id or "?"
         if _is_completion(entry.fields):
             self._stats.dropped_completions += 1
-            self._settle(_task_id_of(entry.fields), False)
+            if entry.task_id:
+                self._settle(entry.task_id, False)
             logger.error(
                 "completion event of task %s NOT delivered to stream %s: %s",
-                _task_id_of(entry.fields),
+                task_id,
                 entry.key,
                 reason,
-                extra={"task_id": _task_id_of(entry.fields)},
+                extra={"task_id": task_id},
             )
         else:
             self._stats.dropped_progress += 1
             logger.warning(
                 "progress event of task %s not delivered to stream %s: %s",
-                _task_id_of(entry.fields),
+                task_id,
                 entry.key,
                 reason,
             )
-
-
-def _check_client(url: str, timeout_s: float) -> Redis:
-    """A one-shot client for a check (``ping``, ``keyspace_events``): no retries, short
-    timeouts, RESP2. Raises ``ValueError`` for a malformed URL."""
-    client: Redis = Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        client_name="bella-ray-worker-check",
-        protocol=2,
-    )
-    return client
-
-
-async def ping(url: str, timeout_s: float = 5.0) -> None:
-    """PING the Redis at ``url`` once (a reachability check, e.g. ``ray-worker check``).
-
-    Raises ``EventBusUnavailableError`` when the URL is malformed, Redis cannot be reached,
-    refuses the password, or does not answer within ``timeout_s``. Messages show the URL
-    with its password hidden (``protocol.redact_url``).
-    """
-    shown = redact_url(url)
-    try:
-        client = _check_client(url, timeout_s)
-    except ValueError as exc:
-        raise EventBusUnavailableError(f"invalid event-bus URL {shown}: {exc}") from None
-    try:
-        await client.ping()
-    except (*_FAILURES, TimeoutError) as exc:
-        raise EventBusUnavailableError(
-            f"event-bus Redis at {shown} did not answer PING: {_describe(exc)}"
-        ) from None
-    finally:
-        await client.aclose()
-
-
-async def config_value(url: str, setting: str, timeout_s: float = 5.0) -> tuple[str | None, str]:
-    """``CONFIG GET setting`` of the Redis at ``url``: (its value, "") or (None, why it is
-    unknown). A Redis that refuses CONFIG (ACL, a renamed command on a managed Redis) is
-    common: that answers "unknown", never an error."""
-    try:
-        client = _check_client(url, timeout_s)
-    except ValueError as exc:
-        return None, f"invalid URL: {exc}"
-    try:
-        reply = await client.config_get(setting)
-    except (*_FAILURES, TimeoutError) as exc:
-        return None, f"CONFIG GET {setting} failed: {_describe(exc)}"
-    finally:
-        await client.aclose()
-    value: Any = None
-    if isinstance(reply, dict):  # keys are bytes: the client does not decode replies
-        value = next((v for k, v in reply.items() if k in (setting, setting.encode())), None)
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    if not isinstance(value, str):
-        return None, f"CONFIG GET {setting} answered no value"
-    return value, ""

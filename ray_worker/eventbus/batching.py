@@ -1,6 +1,7 @@
 """Caller-side event batcher: coalesces events for a remote publisher, one send in flight.
 
-This module owns ``PublisherClient``, which a dispatcher, task runner or ``EventBusClient``
+Runs in the callers (an LLM replica's task runner, the poller), never in the publisher actor.
+This module owns ``EventBatcher``, which ``client.EventBusClient`` (or a test, or a benchmark)
 uses to ship encoded stream entries without one remote call per token. It must not import
 Ray or redis-py, or know where its batches go: the ``send`` function it is given decides.
 
@@ -11,87 +12,42 @@ so coalescing saves far more than it delays). An urgent entry (a stream's first 
 completion) does not wait for the interval. One
 send in flight ⇒ per-task order holds across the hop. Each batch carries a sequence number
 (1, 2, ... per client, the same on every retry of that batch), so a receiver can
-acknowledge a resent batch without applying it twice (``send_seq``). Failed sends are
-retried with backoff for ``send_timeout_s``, then surfaced to whoever awaits that batch
-(``completion()``, ``flush()``) and counted; never swallowed.
+acknowledge a resent batch without applying it twice (``send_seq``). Each entry carries its
+task id and event id beside its fields (``shared.Entry``), so the receiver never parses a
+payload. Failed sends are retried with backoff (``aio.Backoff``) for ``send_timeout_s``,
+then surfaced to whoever awaits that batch (``completion()``, ``flush()``) and counted;
+never swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ray_worker.bella.protocol import (
-    completion_fields,
-    progress_fields,
-    result_body,
-    stream_key,
-)
+from ray_worker.aio import Backoff
+from ray_worker.bella.protocol import completion_fields, progress_fields, stream_key
 from ray_worker.errors import EventBusUnavailableError
+from ray_worker.eventbus.shared import Batch, Entry, describe
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EVENTS_LOST_CODE",
-    "Batch",
-    "PublisherClient",
-    "PublisherClientStats",
+    "EventBatcher",
+    "EventBatcherStats",
     "SendFn",
     "SeqSendFn",
-    "entry_task_id",
-    "lost_events_answer",
 ]
 
-EVENTS_LOST_CODE = "events_lost"
-"""``error.code`` of the answer to a task whose events the event bus may have lost."""
-
-EVENTS_LOST_STATUS = 503
-"""Its ``status_code``: the producer may retry the request."""
-
-Batch = list[tuple[str, dict[str, str]]]
-"""What one send ships: ``(stream_key, fields)`` pairs, in order."""
-
 SendFn = Callable[[Batch], Awaitable[object]]
-"""What ``PublisherClient`` calls to ship a batch, e.g. ``handle.publish.remote``."""
+"""What ``EventBatcher`` calls to ship a batch, e.g. ``handle.publish.remote``."""
 
 SeqSendFn = Callable[[int, Batch], Awaitable[object]]
 """Like ``SendFn`` with the batch's sequence number first (the same on every retry)."""
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def entry_task_id(fields: Mapping[str, str]) -> str | None:
-    """The ``taskId`` of an encoded progress or completion entry (None if unreadable)."""
-    try:
-        payload = json.loads(fields.get("payload") or "{}")
-    except ValueError:
-        return None
-    task_id = payload.get("taskId") if isinstance(payload, dict) else None
-    return task_id if isinstance(task_id, str) else None
-
-
-def lost_events_answer(task_id: str, event_id: int, message: str) -> list[dict[str, str]]:
-    """Stream fields ending a task whose events may have been lost: an error chunk
-    (``eventId`` = ``event_id``, after every event it had; a blocking task's producer
-    ignores it) then a 503 completion with the same OpenAI error body (§4.5)."""
-    body = {"error": {"message": message, "type": "server_error", "code": EVENTS_LOST_CODE}}
-    return [
-        progress_fields(task_id, str(event_id), "message", body),
-        completion_fields(task_id, result_body(EVENTS_LOST_STATUS, task_id, body)),
-    ]
-
-
-def _jittered(delay_s: float) -> float:
-    return delay_s / 2 + random.uniform(0, delay_s / 2)
 
 
 def _unsequenced(send: SendFn) -> SeqSendFn:
@@ -102,8 +58,8 @@ def _unsequenced(send: SendFn) -> SeqSendFn:
 
 
 @dataclass
-class PublisherClientStats:
-    """Counters of a ``PublisherClient``."""
+class EventBatcherStats:
+    """Counters of an ``EventBatcher``."""
 
     sent_batches: int = 0
     sent_events: int = 0
@@ -125,12 +81,13 @@ class _Batch:
         self.urgent = False
 
 
-class PublisherClient:
+class EventBatcher:
     """Coalesces events into batches for a remote publisher, one ``send`` in flight.
 
-    Give exactly one of ``send(batch)``, which ships a list of ``(stream_key, fields)``
-    pairs (e.g. ``lambda b: handle.publish.remote(b)``), or ``send_seq(seq, batch)``, which
-    also gets the batch's sequence number (1, 2, ...; unchanged when a batch is retried).
+    Give exactly one of ``send(batch)``, which ships a list of entries (``shared.Entry``:
+    ``(stream_key, fields, task_id, event_id)``; e.g. ``lambda b: handle.publish.remote(b)``),
+    or ``send_seq(seq, batch)``, which also gets the batch's sequence number (1, 2, ...;
+    unchanged when a batch is retried).
     ``topic`` is the event-bus topic used by ``progress``/``completion`` to build stream keys.
     """
 
@@ -164,17 +121,20 @@ class PublisherClient:
         self._sender: asyncio.Task[None] | None = None
         self._space = asyncio.Event()
         self._closed = False
-        self._stats = PublisherClientStats()
+        self._stats = EventBatcherStats()
         self._min_interval_s = min_interval_s
         self._last_send = -min_interval_s
         self._wake = asyncio.Event()
 
-    async def emit(self, key: str, fields: dict[str, str]) -> None:
-        """Queue one entry; starts a send at once if none is in flight.
+    async def emit(
+        self, key: str, fields: dict[str, str], task_id: str = "", event_id: str = ""
+    ) -> None:
+        """Queue one already encoded entry of task ``task_id`` (event ``event_id``; "" for a
+        completion); starts a send at once if none is in flight.
 
         Waits only while ``max_pending`` entries are already waiting for the next send.
         """
-        await self._enqueue(key, fields)
+        await self._enqueue((key, fields, task_id, event_id))
 
     async def progress(
         self, instance_id: str, task_id: str, event_id: str, event_name: str, event_data: Any
@@ -185,8 +145,12 @@ class PublisherClient:
         A stream's first event (``event_id`` "0") leaves without waiting for the interval.
         """
         await self._enqueue(
-            stream_key(self.topic, instance_id),
-            progress_fields(task_id, event_id, event_name, event_data),
+            (
+                stream_key(self.topic, instance_id),
+                progress_fields(task_id, event_id, event_name, event_data),
+                task_id,
+                event_id,
+            ),
             urgent=event_id == "0",
         )
         return self.next_seq  # nothing ran since it was queued: it is in the gathering batch
@@ -204,7 +168,8 @@ class PublisherClient:
         is queued. Raises ``EventBusUnavailableError`` if the batch could not be sent.
         """
         batch = await self._enqueue(
-            stream_key(self.topic, instance_id), completion_fields(task_id, result), urgent=True
+            (stream_key(self.topic, instance_id), completion_fields(task_id, result), task_id, ""),
+            urgent=True,
         )
         if on_queued is not None:
             on_queued(self.next_seq)
@@ -246,14 +211,14 @@ class PublisherClient:
         """The sequence number of the last batch taken for sending (in flight or sent)."""
         return self._batch_seq
 
-    def discard(self, keep: Callable[[str, dict[str, str]], bool]) -> int:
-        """Drop the not yet acknowledged entries (in flight and gathering) ``keep`` refuses;
+    def discard(self, task_ids: Collection[str]) -> int:
+        """Drop the not yet acknowledged entries (in flight and gathering) of ``task_ids``;
         returns how many. An in-flight batch that is resent goes without them."""
         dropped = 0
         for batch in (self._inflight, self._next):
             if batch is None or batch.done.is_set():
                 continue
-            kept = [(k, f) for k, f in batch.entries if keep(k, f)]
+            kept = [e for e in batch.entries if e[2] not in task_ids]
             dropped += len(batch.entries) - len(kept)
             batch.entries[:] = kept
         return dropped
@@ -263,7 +228,7 @@ class PublisherClient:
         entries the caller must not block on, e.g. answers written on a send path); returns
         the sequence number of the batch they go out with."""
         if self._closed:
-            raise EventBusUnavailableError("publisher client is closed")
+            raise EventBusUnavailableError("event batcher is closed")
         if not entries:
             return self.next_seq
         self._next.entries.extend(entries)
@@ -278,14 +243,14 @@ class PublisherClient:
 
     # ---------------------------------------------------------------- internals
 
-    async def _enqueue(self, key: str, fields: dict[str, str], urgent: bool = False) -> _Batch:
+    async def _enqueue(self, entry: Entry, urgent: bool = False) -> _Batch:
         if self._closed:
-            raise EventBusUnavailableError("publisher client is closed")
+            raise EventBusUnavailableError("event batcher is closed")
         while len(self._next.entries) >= self._max_pending:
             self._space.clear()
             await self._space.wait()
         batch = self._next
-        batch.entries.append((key, fields))
+        batch.entries.append(entry)
         if urgent:
             batch.urgent = True
             self._wake.set()
@@ -300,7 +265,7 @@ class PublisherClient:
         await batch.done.wait()
         if batch.error is not None:
             raise EventBusUnavailableError(
-                f"event batch not delivered to the publisher: {_describe(batch.error)}"
+                f"event batch not delivered to the publisher: {describe(batch.error)}"
             ) from batch.error
 
     async def _send_loop(self) -> None:
@@ -320,17 +285,17 @@ class PublisherClient:
             try:
                 await self._send_with_retry(self._batch_seq, batch.entries)
             except asyncio.CancelledError:
-                batch.error = EventBusUnavailableError("publisher client sender was cancelled")
+                batch.error = EventBusUnavailableError("event batcher sender was cancelled")
                 raise
             except Exception as exc:
                 batch.error = exc
                 self._stats.failed_batches += 1
                 self._stats.failed_events += len(batch.entries)
-                self._stats.last_error = _describe(exc)
+                self._stats.last_error = describe(exc)
                 logger.error(
                     "could not hand %d events to the event-bus publisher: %s",
                     len(batch.entries),
-                    _describe(exc),
+                    describe(exc),
                 )
             else:
                 self._stats.sent_batches += 1
@@ -348,10 +313,10 @@ class PublisherClient:
             self._sender = None
         error: BaseException
         if task.cancelled():
-            error = EventBusUnavailableError("publisher client sender was cancelled")
+            error = EventBusUnavailableError("event batcher sender was cancelled")
         elif task.exception() is not None:
             error = task.exception()  # type: ignore[assignment]
-            logger.error("publisher client sender died", exc_info=error)
+            logger.error("event batcher sender died", exc_info=error)
         else:
             return
         for batch in (self._inflight, self._next):
@@ -363,23 +328,22 @@ class PublisherClient:
 
     async def _send_with_retry(self, seq: int, entries: Batch) -> None:
         deadline = time.monotonic() + self._send_timeout_s
-        delay = self._backoff_initial_s
+        backoff = Backoff(self._backoff_initial_s, self._backoff_max_s)
         attempt = 1
         while True:
             try:
                 await self._send(seq, entries)
                 return
             except Exception as exc:
-                pause = _jittered(delay)
+                pause = backoff.next_s()
                 if time.monotonic() + pause > deadline:
                     raise
                 self._stats.send_retries += 1
-                self._stats.last_error = _describe(exc)
+                self._stats.last_error = describe(exc)
                 logger.warning(
                     "event-bus publisher call failed (attempt %d), retrying: %s",
                     attempt,
-                    _describe(exc),
+                    describe(exc),
                 )
                 await asyncio.sleep(pause)
-                delay = min(delay * 2, self._backoff_max_s)
                 attempt += 1

@@ -1,41 +1,31 @@
-"""Event-bus Ray side: the per-node ``RedisPublisher`` actor and ``EventBusClient``.
+"""Event-bus caller side: ``EventBusClient`` and ``node_publisher``.
 
-This module owns where events cross a Ray hop: the ``RedisPublisher`` actor (one per node
-and app, detached and named, around one ``writer.EventPublisher``), ``node_publisher``
-(get-or-create the calling node's actor by name) and ``EventBusClient`` (the event sink an
-LLM replica's task runner or the poller uses). It must not talk to Redis itself (that is
-``writer``), batch events itself (``batcher``), or import ``ray.serve``.
-
-``RedisPublisher``
-    Not owned by whoever created it (``lifetime="detached"``), so it outlives a poller or
-    replica restart. Clients take leases (``lease``/``release``, renewed in the background);
-    once it has had a lease and none is alive any more, it waits ``exit_grace_s`` (a
-    replacement replica may attach during a redeploy), drains within ``drain_timeout_s``
-    and exits, so nothing is left running when the app is gone. ``publish(client_id,
-    batch_seq, batch)`` returns once the batch is buffered; it remembers the last
-    ``batch_seq`` applied per client and acknowledges a resent batch without buffering it
-    again. One actor per node: two actors could reorder one task's consecutive batches.
+Runs in the callers (every LLM replica's task host, the poller), never in the publisher
+actor. This module owns a caller's side of the hop to its node's ``RedisPublisher``
+(``publisher_actor``): finding or creating that actor by name (``node_publisher``), its lease,
+sending batches, confirming completions, and settling open tasks when the actor dies. It
+must not talk to Redis (``redis_writer``, in the actor), batch events itself (``batching``),
+or import ``ray.serve``; of the actor side it imports only the actor class, to create it.
 
 ``EventBusClient``
-    Wraps a ``batcher.PublisherClient`` (one send in flight, so per-task order holds) whose
-    send calls this node's actor. ``ActorUnavailableError`` and call timeouts are transient:
-    the same batch seq is resent to the same handle. A dead actor is re-resolved by name
+    Wraps a ``batching.EventBatcher`` (one send in flight, so per-task order holds) whose
+    send calls this node's actor. Entries go tagged with their task and event ids
+    (``shared.Entry``) to an actor whose ``target()`` says it takes them, bare ``(key,
+    fields)`` pairs to an actor of the previous version. ``ActorUnavailableError`` and call
+    timeouts are transient: the same batch seq is resent to the same handle. A dead actor
+    is re-resolved by name
     (get-or-create: never two live actors of one name), leased again, and the same batch seq
     is resent. What a dead actor had buffered but not yet written to Redis is lost, and a
     batch it had written whose reply never came back is written again by its successor
     (the successor does not know the dead one's sequence marks): exactly-once holds across
     transient failures, not across an actor's death.
 
-    Written mark. The actor remembers, per client, which writer entries each accepted batch
-    became, and reports the client's mark N: every batch of that client up to seq N is
-    acknowledged by Redis (``EventPublisher.written_upto``; an entry given up or rejected is
-    not written and stops the mark below it for the rest of that writer's life, so after an
-    outage's give-up, a rejection, or a replaced writer (``configure``) no later batch is
-    reported written). The mark comes with every ``publish`` reply (``(status, mark)``;
-    ``"exiting"`` stays a plain string) and every lease renewal (``(True, mark)``, every
-    ``lease_ttl_s / 3``), so it also advances while the client's streams are idle; the
-    client keeps the highest mark heard from the actor in use. Replies without a mark (an
-    actor of an older version) leave it where it was: every batch then counts as unwritten.
+    Written mark. The actor reports the client's mark N: every batch of that client up to
+    seq N is acknowledged by Redis (see ``publisher_actor``). It comes with every
+    ``publish`` reply and every lease renewal, so it also advances while the client's
+    streams are idle; the client keeps the highest mark heard from the actor in use.
+    Replies without a mark (an actor of an older version) leave it where it was: every
+    batch then counts as unwritten.
     Per task the client keeps only the seq of the batch its last event went out with (and
     the one before, as that batch may still be gathering): O(1) per event.
 
@@ -63,7 +53,7 @@ LLM replica's task runner or the poller uses). It must not talk to Redis itself 
     has a deadline (``confirm_timeout_s``). A task the dead actor gave up whole in a Redis
     outage always has an event above M (the mark stops at the first entry given up), so it
     is settled as above: if the dead actor had already written its own 503 answer (see
-    ``writer``), this second answer is dropped by the server (§4.4), and one it had not
+    ``redis_writer``), this second answer is dropped by the server (§4.4), and one it had not
     written yet is not lost with it.
 
     The actor exits when its writer loop dies (a bug): clients see it gone, and
@@ -81,7 +71,6 @@ import functools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,323 +78,36 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ray_worker.bella.clock import ServerClock
-from ray_worker.bella.protocol import (
-    completion_fields,
-    now_ms,
-    redact_url,
-    stream_key,
-)
+from ray_worker.bella.protocol import completion_fields, stream_key
 from ray_worker.config import PublisherOptions
 from ray_worker.errors import EventBusUnavailableError, EventsGivenUpError
-from ray_worker.eventbus.batcher import (
+from ray_worker.eventbus.batching import EventBatcher
+from ray_worker.eventbus.shared import (
+    DUPLICATE,
+    EXITING,
+    PUBLISHER_NAMESPACE,
+    BareEntry,
     Batch,
-    PublisherClient,
-    entry_task_id,
+    describe,
     lost_events_answer,
+    publisher_name,
 )
-from ray_worker.eventbus.writer import EventPublisher
-from ray_worker.metrics import WorkerMetrics
-from ray_worker.proc import tolerate_surrogates_in_output
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PUBLISHER_NAMESPACE",
-    "EventBusClient",
-    "RedisPublisher",
-    "node_publisher",
-    "publisher_name",
-]
-
-PUBLISHER_NAMESPACE = "bella-ray-worker"
-"""Ray namespace of the named per-node publisher actors."""
-
-ACCEPTED = "ok"
-DUPLICATE = "duplicate"
-EXITING = "exiting"
-# What RedisPublisher.publish answers: buffered, already had it (each with the client's
-# written mark: ``(status, mark)``), or going away (the plain string: resend to the node's
-# next publisher).
-
-_LEASE_CHECK_INTERVAL_S = 0.25
+__all__ = ["EventBusClient", "node_publisher"]
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def publisher_name(app_name: str, node_id: str) -> str:
-    """The Ray actor name of ``app_name``'s publisher on node ``node_id``."""
-    return f"event-publisher:{app_name}:{node_id}"
-
-
-class RedisPublisher:
-    """The Ray actor around one ``EventPublisher`` (see the module docstring).
-
-    ``url``/``topic`` may come later through ``configure``. ``options`` is a
-    ``PublisherOptions`` or its dict form. Get the node's one with ``node_publisher``.
-    """
-
-    def __init__(
-        self,
-        url: str | None = None,
-        topic: str = "",
-        options: PublisherOptions | Mapping[str, Any] | None = None,
-        drain_timeout_s: float = 20.0,
-        exit_grace_s: float = 5.0,
-    ) -> None:
-        tolerate_surrogates_in_output()
-        self._options = (
-            options
-            if isinstance(options, PublisherOptions)
-            else PublisherOptions.model_validate(dict(options or {}))
-        )
-        self._drain_timeout_s = drain_timeout_s
-        self._exit_grace_s = exit_grace_s
-        self._topic = topic
-        self._metrics = WorkerMetrics()
-        self._exported: dict[str, int] = {}
-        self._publisher = self._make(url) if url else None
-        self._leases: dict[str, float] = {}  # client id -> expiry (monotonic)
-        self._lease_ttls: dict[str, float] = {}
-        self._last_seq: dict[str, int] = {}
-        self._unwritten: dict[str, deque[tuple[int, int]]] = {}
-        """Per client, its batches not yet known written: (batch_seq, writer seq of its last
-        entry), oldest first."""
-        self._marks: dict[str, int] = {}
-        """Per client, the written mark last computed (see ``EventBusClient``)."""
-        self._marks_frozen = False
-        """The writer was replaced (``configure``): marks no longer advance."""
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._idle_since: float | None = None
-        self._watchdog: asyncio.Task[None] | None = None
-        self._watchdog_error: BaseException | None = None
-        self._exiting = False
-        self._duplicates = 0
-        self._clock_offset_ms = 0
-
-    def _make(self, url: str) -> EventPublisher:
-        return EventPublisher(
-            url,
-            self._options,
-            on_acked=lambda s: self._metrics.observe("publish_latency_s", s),
-            on_dead=self._writer_died,
-            clock_ms=lambda: now_ms() + self._clock_offset_ms,
-        )
-
-    def _writer_died(self, exc: BaseException) -> None:
-        """The writer loop died: what it buffered is lost, and a broken actor must not linger
-        (clients would keep sending to it). Exit, so the next client makes a fresh one."""
-        if self._exiting:
-            return
-        self._exiting = True
-        logger.error("event-bus writer loop died (%s): the publisher actor exits", _describe(exc))
-        ray.get_runtime_context().current_actor._exit.remote()
-
-    async def configure(self, url: str, topic: str) -> None:
-        """Set (or replace) the Redis URL and topic; a previous publisher is drained first."""
-        self._topic = topic
-        if self._publisher is not None and self._publisher.url == url:
-            return
-        old, self._publisher = self._publisher, self._make(url)
-        if old is not None:
-            # The old writer's sequence numbers mean nothing to the new one, and what it
-            # drains may be given up: no batch sent so far is ever reported written.
-            self._marks_frozen = True
-            self._unwritten.clear()
-            await old.aclose(self._drain_timeout_s)
-        logger.info("event-bus publisher configured for %s", redact_url(url))
-
-    async def topic(self) -> str:
-        """The event-bus topic (stream key prefix)."""
-        return self._topic
-
-    async def target(self) -> dict[str, Any]:
-        """``{"url", "topic", "exiting"}``: where it writes, and whether it is going away."""
-        url = self._publisher.url if self._publisher is not None else None
-        return {"url": url, "topic": self._topic, "exiting": self._exiting}
-
-    async def lease(
-        self, client_id: str, ttl_s: float, clock_offset_ms: int | None = None
-    ) -> tuple[bool, int] | bool:
-        """Take or renew ``client_id``'s lease for ``ttl_s``: ``(True, written mark)``, or
-        False once the actor is exiting.
-
-        ``clock_offset_ms`` (Bella-Queue's clock minus ours, when the client knows it) sets the
-        clock ``MINID`` trims by."""
-        if clock_offset_ms is not None:
-            self._clock_offset_ms = int(clock_offset_ms)
-        if self._exiting:
-            return False
-        self._leases[client_id] = time.monotonic() + ttl_s
-        self._lease_ttls[client_id] = ttl_s
-        self._idle_since = None
-        if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(
-                self._watch(), name="event-bus-publisher-leases"
-            )
-            self._watchdog.add_done_callback(self._watchdog_done)
-        return True, self._written_mark(client_id)
-
-    async def release(self, client_id: str) -> None:
-        """Drop ``client_id``'s lease and its sequence mark (it sends nothing more)."""
-        self._leases.pop(client_id, None)
-        self._lease_ttls.pop(client_id, None)
-        self._last_seq.pop(client_id, None)
-        self._unwritten.pop(client_id, None)
-        self._marks.pop(client_id, None)
-        self._locks.pop(client_id, None)
-        if not self._leases and self._idle_since is None:
-            self._idle_since = time.monotonic()
-
-    async def publish(self, client_id: str, batch_seq: int, batch: Batch) -> tuple[str, int] | str:
-        """Buffer ``batch`` in order unless ``batch_seq`` was already applied for the client.
-
-        Returns ``("ok", mark)`` (buffered), ``("duplicate", mark)`` (a resend, acknowledged,
-        not buffered again) or ``"exiting"`` (not taken: resend to the node's next
-        publisher); ``mark`` is the client's written mark (``EventBusClient``). Waits while
-        the buffer is full.
-        """
-        if self._exiting:
-            return EXITING
-        lock = self._locks.get(client_id)
-        if lock is None:
-            lock = self._locks[client_id] = asyncio.Lock()
-        # One send in flight per client, but a resend after a caller-side timeout can arrive
-        # while the first call still waits for buffer space: the lock orders the two.
-        async with lock:
-            if batch_seq <= self._last_seq.get(client_id, 0):
-                self._duplicates += 1
-                return DUPLICATE, self._written_mark(client_id)
-            publisher = self._require()
-            try:
-                last_entry = await publisher.publish(batch)
-            except EventBusUnavailableError:
-                if self._exiting:
-                    return EXITING
-                raise
-            self._last_seq[client_id] = batch_seq
-            if not self._marks_frozen and not publisher.lost_writes:
-                # Once an entry was not written, no later batch is ever reported written
-                # (the writer's mark stays below it), so none is remembered.
-                self._unwritten.setdefault(client_id, deque()).append((batch_seq, last_entry))
-        ttl = self._lease_ttls.get(client_id)
-        if ttl is not None and client_id in self._leases:
-            self._leases[client_id] = time.monotonic() + ttl  # a publish proves it is alive
-        return ACCEPTED, self._written_mark(client_id)
-
-    def _written_mark(self, client_id: str) -> int:
-        """The highest ``batch_seq`` N of ``client_id`` such that Redis acknowledged every
-        entry of every batch up to N that this actor buffered (0: none known)."""
-        mark = self._marks.get(client_id, 0)
-        pending = self._unwritten.get(client_id)
-        if pending and self._publisher is not None and not self._marks_frozen:
-            upto = self._publisher.written_upto()
-            while pending and pending[0][1] <= upto:
-                mark = pending.popleft()[0]
-            self._marks[client_id] = mark
-        return mark
-
-    async def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything buffered so far is acknowledged or given up."""
-        return await self._require().flush(timeout_s)
-
-    async def delivery(self, task_ids: list[str], timeout_s: float) -> dict[str, bool]:
-        """The settled completions among ``task_ids`` (True: Redis acknowledged it; False:
-        given up), waiting up to ``timeout_s`` for a first one; see ``EventPublisher.delivery``."""
-        return await self._require().delivery(task_ids, timeout_s)
-
-    async def stats(self) -> dict[str, Any]:
-        """Counters, latency summary and leases (``configured`` False before configure)."""
-        own = {
-            "leases": len(self._leases),
-            "duplicates": self._duplicates,
-            "exiting": self._exiting,
-        }
-        if self._publisher is None:
-            return {"configured": False, **own}
-        return {"configured": True, **self._publisher.stats(), **own}
-
-    async def check_health(self) -> None:
-        """Raise if the writer loop or the lease watchdog died (not once the actor is exiting:
-        it is going away, and its clients move to the next one)."""
-        if self._exiting:
-            return
-        if self._watchdog_error is not None:
-            raise EventBusUnavailableError(
-                f"publisher lease watchdog died: {_describe(self._watchdog_error)}"
-            )
-        if self._publisher is not None:
-            self._publisher.check_health()
-
-    async def aclose(self) -> None:
-        """Drain what is buffered (up to ``drain_timeout_s``), then close the connection."""
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.aclose(self._drain_timeout_s)
-
-    async def _exit(self) -> None:
-        # Called through our own handle so exit_actor() raises inside an actor task, where
-        # Ray turns it into a clean exit (raised in a background asyncio task it only logs
-        # "Task exception was never retrieved").
-        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
-
-    def _require(self) -> EventPublisher:
-        if self._publisher is None:
-            raise EventBusUnavailableError("event-bus publisher is not configured yet")
-        return self._publisher
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(min(_LEASE_CHECK_INTERVAL_S, max(self._exit_grace_s, 0.01)))
-            self._export_drops()
-            now = time.monotonic()
-            for client_id, expires in list(self._leases.items()):
-                if expires <= now:
-                    logger.warning("event-bus lease of %s expired without release", client_id)
-                    del self._leases[client_id]
-            if self._leases:
-                continue
-            if self._idle_since is None:
-                self._idle_since = now
-            elif now - self._idle_since >= self._exit_grace_s:
-                break
-        self._exiting = True
-        logger.info(
-            "event-bus publisher has no client left for %.1f s: draining and exiting",
-            self._exit_grace_s,
-        )
-        await self.aclose()
-        ray.get_runtime_context().current_actor._exit.remote()
-
-    def _export_drops(self) -> None:
-        """What the writer gave up, as counters operators see (``publish_failures`` by kind,
-        ``tasks_given_up``)."""
-        if self._publisher is None:
-            return
-        stats = self._publisher.stats()
-        for name, kind in (
-            ("dropped_progress", "progress"),
-            ("dropped_completions", "completion"),
-            ("dropped_tasks", None),
-        ):
-            delta = int(stats.get(name, 0)) - self._exported.get(name, 0)
-            if delta <= 0:
-                continue
-            self._exported[name] = self._exported.get(name, 0) + delta
-            if kind is None:
-                self._metrics.inc("tasks_given_up", delta)
-            else:
-                self._metrics.inc("publish_failures", delta, kind=kind)
-
-    def _watchdog_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._watchdog_error = task.exception()
-            logger.error("event-bus publisher lease watchdog died", exc_info=self._watchdog_error)
+def _bare(batch: Batch) -> list[BareEntry]:
+    """``batch`` as an actor of the previous version takes it: ``(key, fields)`` pairs."""
+    return [(key, fields) for key, fields, _, _ in batch]
 
 
 @functools.cache
 def _actor_class() -> Any:
+    # The actor's code runs in its own process: imported here only to create it by class.
+    from ray_worker.eventbus.publisher_actor import RedisPublisher
+
     return ray.remote(RedisPublisher)
 
 
@@ -460,7 +162,7 @@ def node_publisher(
         if time.monotonic() >= deadline:
             raise EventBusUnavailableError(
                 f"no event-bus publisher on node {node_id} within {timeout_s} s"
-                + (f": {_describe(error)}" if error else " (the old one is still exiting)")
+                + (f": {describe(error)}" if error else " (the old one is still exiting)")
             )
         time.sleep(0.1)
 
@@ -556,7 +258,9 @@ class EventBusClient:
         self._url = ""
         self._topic = ""
         self._actor: Any = None
-        self._batcher: PublisherClient | None = None
+        self._batcher: EventBatcher | None = None
+        self._tagged = True
+        """The actor in use takes tagged entries (an actor of the previous version: bare)."""
         self._renewer: asyncio.Task[None] | None = None
         self._unconfirmed: dict[str, _Waiter] = {}
         """Completions handed over, waiting for Redis' acknowledgement (by task id)."""
@@ -603,7 +307,7 @@ class EventBusClient:
             raise RuntimeError("EventBusClient.start() was already called")
         self._url, self._topic = url, topic
         await self._attach(None)
-        self._batcher = PublisherClient(
+        self._batcher = EventBatcher(
             send_seq=self._send,
             topic=topic,
             send_timeout_s=max(30.0, 3 * self._call_timeout_s),
@@ -701,7 +405,7 @@ class EventBusClient:
             ) from None
         except Exception as exc:
             raise EventBusUnavailableError(
-                f"the event-bus publisher is unhealthy: {_describe(exc)}"
+                f"the event-bus publisher is unhealthy: {describe(exc)}"
             ) from None
 
     async def flush(self) -> None:
@@ -725,7 +429,7 @@ class EventBusClient:
             logger.error(
                 "event-bus client %s closing with undelivered events: %s",
                 self.client_id,
-                _describe(exc),
+                describe(exc),
             )
         finally:
             await self._stop_confirming()
@@ -736,7 +440,7 @@ class EventBusClient:
                     )
                 except (RayActorError, TimeoutError) as exc:
                     # The lease then expires on its own.
-                    logger.warning("could not release event-bus lease: %s", _describe(exc))
+                    logger.warning("could not release event-bus lease: %s", describe(exc))
 
     def stats(self) -> dict[str, Any]:
         """Batcher counters plus retries, re-attachments and acknowledged duplicates."""
@@ -751,7 +455,7 @@ class EventBusClient:
 
     # ---------------------------------------------------------------- internals
 
-    def _require(self) -> PublisherClient:
+    def _require(self) -> EventBatcher:
         if self._batcher is None:
             raise EventBusUnavailableError("event-bus client is not started")
         return self._batcher
@@ -760,9 +464,10 @@ class EventBusClient:
         """Ship batch ``seq``; raising makes the batcher back off and resend the same seq."""
         actor = self._actor
         for attempt in (1, 2):
+            sent = batch if self._tagged else _bare(batch)
             try:
                 reply = await asyncio.wait_for(
-                    actor.publish.remote(self.session, seq, batch), self._call_timeout_s
+                    actor.publish.remote(self.session, seq, sent), self._call_timeout_s
                 )
             except (ActorUnavailableError, TimeoutError):
                 # Maybe applied, maybe not: resend the same seq to the same actor later.
@@ -827,17 +532,17 @@ class EventBusClient:
                 continue
             except RayActorError as exc:
                 self._counters["confirm_retries"] += 1
-                logger.warning("event-bus publisher lost while confirming: %s", _describe(exc))
+                logger.warning("event-bus publisher lost while confirming: %s", describe(exc))
                 try:
                     await self._attach(actor)
                 except EventBusUnavailableError as attach_error:
-                    logger.error("event-bus publisher lost: %s", _describe(attach_error))
+                    logger.error("event-bus publisher lost: %s", describe(attach_error))
                     await asyncio.sleep(0.5)
                 continue
             except Exception as exc:
                 # Anything else: the fate cannot be learned.
                 self._fail_waiters(
-                    ids, f"the event-bus publisher could not confirm delivery: {_describe(exc)}"
+                    ids, f"the event-bus publisher could not confirm delivery: {describe(exc)}"
                 )
                 continue
             for task_id, delivered in fates.items():
@@ -902,7 +607,7 @@ class EventBusClient:
                     written,
                 )
             return
-        batcher.discard(lambda _key, fields: entry_task_id(fields) not in affected)
+        batcher.discard(affected)
         now = time.monotonic()
         ended = resent = again = 0
         for task_id, track in affected.items():
@@ -911,21 +616,16 @@ class EventBusClient:
             if track.lost:
                 # Its error answer went to the publisher that died and may be lost with it:
                 # the same answer (the same eventId) again.
-                entries = [
-                    (key, f)
-                    for f in lost_events_answer(task_id, track.next_event_id - 1, LOST_MESSAGE)
-                ]
+                entries = lost_events_answer(key, task_id, track.next_event_id - 1, LOST_MESSAGE)
                 again += 1
             elif track.streaming:
                 track.lost = True
-                entries = [
-                    (key, f) for f in lost_events_answer(task_id, track.next_event_id, LOST_MESSAGE)
-                ]
+                entries = lost_events_answer(key, task_id, track.next_event_id, LOST_MESSAGE)
                 track.next_event_id += 1
                 ended += 1
             else:
                 assert track.result is not None
-                entries = [(key, completion_fields(task_id, track.result))]
+                entries = [(key, completion_fields(task_id, track.result), task_id, "")]
                 resent += 1
             track.went_with(batcher.push(entries))
             waiter = self._unconfirmed.get(task_id)
@@ -978,6 +678,7 @@ class EventBusClient:
                     timeout_s=max(deadline - time.monotonic(), 1.0),
                 )
                 try:
+                    target = await asyncio.wait_for(handle.target.remote(), self._call_timeout_s)
                     # The new actor's mark is not taken in here: it is not in use yet.
                     granted = self._take_reply(
                         handle,
@@ -990,9 +691,10 @@ class EventBusClient:
                     )
                 except (RayActorError, TimeoutError) as exc:
                     granted = False
-                    logger.warning("event-bus publisher lease failed: %s", _describe(exc))
+                    logger.warning("event-bus publisher lease failed: %s", describe(exc))
                 if granted:
                     self._actor = handle
+                    self._tagged = bool(target.get("tagged_entries"))
                     if dead is not None:
                         self._counters["reattached"] += 1
                         logger.warning("event-bus client %s re-attached", self.client_id)
@@ -1020,17 +722,17 @@ class EventBusClient:
                     await self._attach(actor)
             except (ActorUnavailableError, TimeoutError) as exc:
                 self._counters["lease_renew_failures"] += 1
-                logger.warning("event-bus lease renewal failed: %s", _describe(exc))
+                logger.warning("event-bus lease renewal failed: %s", describe(exc))
             except RayActorError:
                 try:
                     await self._attach(actor)
                 except EventBusUnavailableError as exc:
                     self._counters["lease_renew_failures"] += 1
-                    logger.error("event-bus publisher lost: %s", _describe(exc))
+                    logger.error("event-bus publisher lost: %s", describe(exc))
             except Exception as exc:
                 # Keep renewing: a dead loop would let the lease lapse and the actor exit.
                 self._counters["lease_renew_failures"] += 1
-                logger.error("event-bus lease renewal failed: %s", _describe(exc))
+                logger.error("event-bus lease renewal failed: %s", describe(exc))
 
     def _renewer_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
