@@ -14,8 +14,8 @@ This module owns the operator-facing commands:
   ``main`` (``serve``: :mod:`ray_worker.supervise`).
 
 It talks to Bella-Queue only through :class:`~ray_worker.bella.client.QueueClient` and to
-Redis through :func:`ray_worker.eventbus.writer.ping` and
-:func:`~ray_worker.eventbus.writer.config_value` (one ``CONFIG GET``; every redis error is
+Redis through :func:`ray_worker.eventbus.redis_check.ping` and
+:func:`~ray_worker.eventbus.redis_check.config_value` (one ``CONFIG GET``; every redis error is
 "unknown"), so it never sees httpx or redis errors.
 It must not print or log the API key or a Redis password (every line it prints is scrubbed of
 both, URLs go through ``protocol.redact_url``), and it must not start Ray.

@@ -171,3 +171,71 @@ def test_the_hop_module_is_plain() -> None:
     bad = [i for i in MODULES[HOP] if not _within(i, ("ray_worker.bella.protocol",))]
     bad = [i for i in bad if i.partition(".")[0] == "ray_worker" or _within(i, ("ray",))]
     assert not bad, f"{HOP} must import no Ray and nothing of either side: {bad}"
+
+
+# ---------------------------------------------------------------- the event bus's own hop
+
+EVENTBUS_CALLER_SIDE = ("ray_worker.eventbus.client", "ray_worker.eventbus.batching")
+"""Event-bus code that runs in the callers (LLM replicas, the poller)."""
+EVENTBUS_ACTOR_SIDE = ("ray_worker.eventbus.publisher_actor", "ray_worker.eventbus.redis_writer")
+"""Event-bus code that runs in the per-node publisher actor."""
+EVENTBUS_SHARED = ("ray_worker.eventbus.shared",)
+"""What crosses the event-bus hop: pure helpers both sides import."""
+EVENTBUS_CHECKS = ("ray_worker.eventbus.redis_check",)
+"""One-shot Redis checks of the CLI and the poller: on neither side of the event-bus hop."""
+ACTOR_CLASS = "ray_worker.eventbus.publisher_actor"
+"""The one crossing: ``client`` imports the actor class to create the actor by it."""
+
+
+def _eventbus_modules() -> list[str]:
+    return sorted(
+        m for m in MODULES if _within(m, ("ray_worker.eventbus",)) and m != "ray_worker.eventbus"
+    )
+
+
+@pytest.mark.parametrize("module", _eventbus_modules())
+def test_every_event_bus_module_says_where_it_runs(module: str) -> None:
+    tables = (EVENTBUS_CALLER_SIDE, EVENTBUS_ACTOR_SIDE, EVENTBUS_SHARED, EVENTBUS_CHECKS)
+    assert sum(_within(module, t) for t in tables) == 1, f"{module} must be in exactly one table"
+
+
+@pytest.mark.parametrize(
+    ("side", "others"),
+    [
+        (EVENTBUS_CALLER_SIDE, EVENTBUS_ACTOR_SIDE + EVENTBUS_CHECKS),
+        (EVENTBUS_ACTOR_SIDE, EVENTBUS_CALLER_SIDE + EVENTBUS_CHECKS),
+        (EVENTBUS_SHARED, EVENTBUS_CALLER_SIDE + EVENTBUS_ACTOR_SIDE + EVENTBUS_CHECKS),
+        (EVENTBUS_CHECKS, EVENTBUS_CALLER_SIDE + EVENTBUS_ACTOR_SIDE),
+    ],
+)
+def test_no_event_bus_module_runs_on_both_sides_of_its_hop(
+    side: tuple[str, ...], others: tuple[str, ...]
+) -> None:
+    crossing = {
+        module: bad
+        for module in _eventbus_modules()
+        if _within(module, side)
+        and (
+            bad := [
+                i
+                for i in MODULES[module]
+                if _within(i, others)
+                and not (module == "ray_worker.eventbus.client" and _within(i, (ACTOR_CLASS,)))
+            ]
+        )
+    }
+    assert not crossing, f"event-bus modules import the other side's: {crossing}"
+
+
+@pytest.mark.parametrize(
+    ("module", "banned"),
+    [
+        ("ray_worker.eventbus.shared", ("ray", "redis")),
+        ("ray_worker.eventbus.batching", ("ray", "redis")),
+        ("ray_worker.eventbus.redis_writer", ("ray",)),
+        ("ray_worker.eventbus.redis_check", ("ray",)),
+    ],
+)
+def test_the_plain_event_bus_modules_stay_plain(module: str, banned: tuple[str, ...]) -> None:
+    bad = [i for i in MODULES[module] if _within(i, banned)]
+    assert not bad, f"{module} must not import {banned}: {bad}"
