@@ -466,7 +466,8 @@ def _pair(capacity: Mapping[str, Any], key: str) -> str:
 
 
 def format_status(status: Mapping[str, Any]) -> str:
-    """A readable summary of the poller's status dict (``QueuePoller.status``)."""
+    """A readable summary of the poller's status dict
+    (``ray_worker.worker.status.poller_status``)."""
     lines = [
         f"worker     {status.get('state', '?')}"
         f"   strategy {status.get('strategy', '?')}"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ray.serve import Application
 
-from ray_worker.config import STOP_MARGIN_S, EnvSettings, WorkerAppArgs
+from ray_worker.config import DEFAULT_ENGINE, STOP_MARGIN_S, EnvSettings, WorkerAppArgs
 from ray_worker.errors import ConfigError
 from ray_worker.serve.poller_host import QueuePoller
 
@@ -38,7 +38,7 @@ def build_app(args: dict[str, Any]) -> Application:
         with_backlog_autoscaling(as_llm_config(c), app_args.capacity.target_ratio)
         for c in app_args.llm_configs
     ]
-    if app_args.engine == "vllm":
+    if app_args.engine == DEFAULT_ENGINE:
         configs = [_local_model_source(c) for c in configs]
     runner = app_args.runner_settings().model_dump(mode="json")
     llm_apps = {

@@ -14,7 +14,6 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from ray_worker.bella.protocol import Task
-from ray_worker.hop import POLLER_DEPLOYMENT as POLLER_DEPLOYMENT
 from ray_worker.serve.ray_errors import translate_ray_error
 
 __all__ = ["ServeReplicas"]

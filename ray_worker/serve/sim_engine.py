@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_worker.bella.protocol import openai_error
 from ray_worker.serve.llm_config import SIM_ENGINE_KEY
 
 __all__ = [
@@ -602,7 +603,10 @@ def _error_type(failure: SimFailure) -> str:
 
 
 def _error_body(message: str, status: int, err_type: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+    """The OpenAI error body as vLLM sends it: its ``code`` is the HTTP status, an int."""
+    body = openai_error(message, err_type)
+    body["error"]["code"] = status
+    return body
 
 
 class _Formatter:

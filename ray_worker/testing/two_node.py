@@ -289,7 +289,7 @@ def _inspect(app: str) -> dict[str, Any]:
     import ray
 
     from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE
-    from ray_worker.serve.handles import POLLER_DEPLOYMENT
+    from ray_worker.hop import POLLER_DEPLOYMENT
 
     publishers: list[dict[str, Any]] = []
     for entry in _named(f"event-publisher:{app}:", PUBLISHER_NAMESPACE):
