@@ -17,6 +17,29 @@ Importing this module is cheap: ``ray.serve.llm`` imports vLLM (about 6-8 s and 
 ``BellaLLMServer`` is created on first attribute access (module ``__getattr__``), which also
 keeps it picklable by reference for Serve.
 
+Ray internals, checked against Ray 2.60.0 (``RAY_VERSION_CHECKED``;
+``tests/unit/test_llm_server_seams.py`` fails when one changes): the server keeps to what
+``LLMServer`` offers publicly (the ``__init__``/``sync_init`` constructors with their
+``engine_cls``/``model_downloader`` injection, ``start``, ``check_health``, ``__del__``,
+``get_deployment_options``, the ``engine`` attribute, ``serve.get_replica_context()``), except
+where Ray offers no public way:
+
+- ``LLMServer._get_default_engine_class()`` (overridden): the engine of a replica given no
+  ``engine_cls``: ``BellaVLLMEngine``, unless Ray's ``RAYLLM_VLLM_ENGINE_CLS`` escape hatch names
+  another. Passing ``engine_cls=`` instead would override that escape hatch, and
+  ``ray_worker.dev.check_gpu_stack`` asks this method which engine a deployment runs.
+- ``LLMServer._load_model`` (called): the LoRA loader Ray wraps in ``serve.multiplexed`` for
+  this replica (its LRU of adapters, and the model ids Serve routes by); a loader of our own
+  would keep a second LRU beside Ray's and report to Serve twice.
+- Serve's stop flag (read by ``serve_stopping_replica``): the replica actor object Ray keeps for
+  this process (``ray._private.worker.global_worker.actors[actor_id]``), its ``_replica_impl``
+  and that one's ``_shutting_down``; Serve tells a replica's code of a stop only by
+  ``__del__``, once no request runs.
+
+Every other private name of the server is its own (``_TaskServingMixin``; the test checks that
+none shadows one of ``LLMServer``'s). ``_RayLLMServer`` types the part of ``LLMServer`` the
+server uses, for mypy (Ray's own methods are unannotated).
+
 Priority: vLLM schedules a *lower* value first (``ray_worker.hop.PRIORITY_ONLINE`` 0
 for level-0 tasks, ``PRIORITY_OFFLINE`` 1 for level-1 tasks); deployments built here run vLLM
 with ``scheduling_policy="priority"`` unless the operator chose another policy (then priority
@@ -32,12 +55,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ray_worker.config import (
     DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_ENGINE,
     STOP_MARGIN_S,
+    Engine,
     ReasoningField,
     adapter_of,
 )
@@ -60,10 +85,52 @@ if TYPE_CHECKING:
     # Created on first access by the module ``__getattr__`` below.
     BellaLLMServer: type
 
+    class _RayLLMServer:
+        """What the server uses of Ray's ``LLMServer`` (Ray 2.60.0), typed."""
+
+        engine: Any
+        _load_model: Callable[[str], Awaitable[Any]]
+
+        # Serve awaits a deployment's async constructor; mypy wants __init__ to return None.
+        async def __init__(  # type: ignore[misc]
+            self,
+            llm_config: LLMConfig,
+            *,
+            engine_cls: type | None = None,
+            model_downloader: type | None = None,
+        ) -> None: ...
+
+        @classmethod
+        def sync_init(
+            cls,
+            llm_config: LLMConfig,
+            *,
+            engine_cls: type | None = None,
+            model_downloader: type | None = None,
+        ) -> Any: ...
+
+        async def start(self) -> None: ...
+
+        def _get_default_engine_class(self) -> type: ...
+
+        @classmethod
+        def get_deployment_options(cls, llm_config: LLMConfig) -> dict[str, Any]: ...
+
+        async def check_health(self) -> None: ...
+
+        async def __del__(self) -> None: ...
+
+    _Base = _RayLLMServer
+else:
+    _Base = object
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENDPOINTS",
+    "RAY_PRIVATE_OVERRIDES",
+    "RAY_PUBLIC_OVERRIDES",
+    "RAY_VERSION_CHECKED",
     "BellaLLMServer",
     "build_llm_deployment",
     "serve_stopping_replica",
@@ -74,6 +141,21 @@ ENDPOINTS: dict[str, str] = dict(
     zip(SUPPORTED_ENDPOINTS, ("chat", "completions", "embeddings"), strict=True)
 )
 """Task endpoints served, and the engine method each runs."""
+
+RAY_VERSION_CHECKED = "2.60.0"
+"""The Ray release whose internals this module was checked against (see the module docstring)."""
+RAY_PRIVATE_OVERRIDES = ("_get_default_engine_class",)
+"""Private ``LLMServer`` methods the server overrides: same parameters as Ray's."""
+RAY_PUBLIC_OVERRIDES = (
+    "__init__",
+    "sync_init",
+    "start",
+    "check_health",
+    "__del__",
+    "get_deployment_options",
+)
+"""Public ``LLMServer`` methods the server overrides: Ray's parameters (the constructor adds
+keyword-only ones of its own)."""
 
 _ABORTED_STATUS = 499  # client closed request: the caller aborted it
 _STOP_POLL_S = 0.25
@@ -89,9 +171,8 @@ def serve_stopping_replica() -> bool:
     (stop taking, start the budget), so it reads Serve's own flag: the replica actor object
     Ray keeps for this process (``global_worker.actors``), its ``_replica_impl`` (a
     ``Replica``) and that one's ``_shutting_down``, set first thing by
-    ``_perform_graceful_shutdown``. Checked against
-    Ray 2.60.0 (``tests/unit/test_llm_server_seams.py`` fails when Ray changes them); if they
-    are missing this reads False and the stop begins at ``__del__``.
+    ``_perform_graceful_shutdown`` (Ray internals: see the module docstring); if they are
+    missing this reads False and the stop begins at ``__del__``.
     """
     try:
         from ray._private.worker import global_worker
@@ -115,7 +196,7 @@ class _Inflight:
         self.started = time.monotonic()
 
 
-class _TaskServingMixin:
+class _TaskServingMixin(_Base):
     """``run_task`` / ``abort`` / ``get_load`` over whichever engine ``LLMServer`` started.
 
     Mixed in before ``LLMServer``; the engine must offer, besides Ray's ``LLMEngine`` methods,
@@ -123,19 +204,28 @@ class _TaskServingMixin:
     ``get_load() -> dict`` and a ``supports_priority`` attribute.
     """
 
-    engine: Any
-    _llm_config: Any
     # The worker app's DispatcherConfig.reasoning_field; DeepSeek's name elsewhere.
     _reasoning_field: ReasoningField = "reasoning_content"
+    # Set by _init_state.
+    _config: LLMConfig
+    _engine_cls_given: type | None
+    _inflight: dict[str, _Inflight]
+    _engine_dead: bool
+    _replica_id: str | None
+    _warned_priority: bool
+    _load_reporter: Any
+    _tasks: Any
+    _stop_watch: asyncio.Task[None] | None
 
     # -- construction -----------------------------------------------------------------------
 
+    # Serve awaits a deployment's async constructor; mypy wants __init__ to return None.
     async def __init__(  # type: ignore[misc]
         self,
-        llm_config: Any,
+        llm_config: LLMConfig,
         *,
-        engine_cls: Any = None,
-        model_downloader: Any = None,
+        engine_cls: type | None = None,
+        model_downloader: type | None = None,
         load_report_interval_s: float | None = None,
         bella: Mapping[str, Any] | None = None,
         apikey: Any = None,
@@ -143,13 +233,9 @@ class _TaskServingMixin:
         from ray_worker.proc import tolerate_surrogates_in_output
 
         tolerate_surrogates_in_output()
-        self._load_report_interval_s = load_report_interval_s
-        self._load_reporter: Any = None
-        self._tasks: Any = None
-        self._stop_watch: asyncio.Task[None] | None = None
-        await super().__init__(  # type: ignore[misc,call-arg]
-            llm_config, engine_cls=engine_cls, model_downloader=model_downloader
-        )
+        self._init_state(llm_config, engine_cls)
+        # Ray's constructor starts the engine (``start``).
+        await super().__init__(llm_config, engine_cls=engine_cls, model_downloader=model_downloader)
         if bella is not None:
             # In the worker app: this replica runs and answers whole tasks (``run``).
             from ray import serve
@@ -160,7 +246,7 @@ class _TaskServingMixin:
                 bella,
                 apikey,
                 stream=self.run_task,
-                model_id=str(self._llm_config.model_id),
+                model_id=str(self._config.model_id),
                 app_name=serve.get_replica_context().app_name,
                 client_id=f"replica-{self._get_replica_id()}",
                 replica_id=self._get_replica_id(),
@@ -175,40 +261,57 @@ class _TaskServingMixin:
             self._load_reporter = LoadReporter(self.get_load, load_report_interval_s)
             self._load_reporter.start()
 
-    def _init_shared(
-        self, llm_config: Any, engine_cls: Any = None, model_downloader: Any = None
-    ) -> None:
-        self._inflight: dict[str, _Inflight] = {}
+    def _init_state(self, llm_config: LLMConfig, engine_cls: type | None) -> None:
+        """The server's own state, set before Ray's constructor starts the engine."""
+        self._config = llm_config
+        self._engine_cls_given = engine_cls
+        self._inflight = {}
         self._engine_dead = False
-        self._replica_id: str | None = None
+        self._replica_id = None
         self._warned_priority = False
-        if not hasattr(self, "_load_reporter"):
-            self._load_reporter = None
-        if not hasattr(self, "_tasks"):
-            self._tasks = None
-        super()._init_shared(llm_config, engine_cls, model_downloader)  # type: ignore[misc]
+        self._load_reporter = None
+        self._tasks = None
+        self._stop_watch = None
 
-    def _get_default_engine_class(self) -> Any:
+    @classmethod
+    def sync_init(
+        cls,
+        llm_config: LLMConfig,
+        *,
+        engine_cls: type | None = None,
+        model_downloader: type | None = None,
+    ) -> Any:
+        """Ray's synchronous constructor: an unstarted server (``await server.start()``), with
+        no task host nor load reports."""
+        server = super().sync_init(
+            llm_config, engine_cls=engine_cls, model_downloader=model_downloader
+        )
+        server._init_state(llm_config, engine_cls)
+        return server
+
+    def _get_default_engine_class(self) -> type:
         # build_llm_deployment passes the simulated engine as engine_cls; this is vLLM's.
         if os.environ.get("RAYLLM_VLLM_ENGINE_CLS"):
-            return super()._get_default_engine_class()  # type: ignore[misc]
+            return super()._get_default_engine_class()
         from ray_worker.serve.vllm_engine import engine_class
 
         return engine_class()
 
-    async def _start_engine(self) -> None:
-        if sim_settings(self._llm_config) is not None:
-            # Ray's telemetry push builds a vLLM engine config and blocks on an actor: skip it.
-            await self.engine.start()
+    async def start(self) -> None:
+        """Start the engine: Ray's ``start`` for vLLM; a simulated engine starts alone (Ray's
+        telemetry push after the start builds a vLLM engine config and blocks on an actor)."""
+        if sim_settings(self._config) is None:
+            await super().start()
             return
-        await super()._start_engine()  # type: ignore[misc]
+        engine_cls = self._engine_cls_given or self._get_default_engine_class()
+        self.engine = engine_cls(self._config)
+        await self.engine.start()
 
     @classmethod
-    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
+    def get_deployment_options(cls, llm_config: LLMConfig) -> dict[str, Any]:
         """Serve options from the ``LLMConfig``; simulated replicas need no placement group."""
         if sim_settings(llm_config) is None:
-            options: dict[str, Any] = super().get_deployment_options(llm_config)  # type: ignore[misc]
-            return options
+            return super().get_deployment_options(llm_config)
         options = copy.deepcopy(llm_config.deployment_config)
         actor_options = options.setdefault("ray_actor_options", {})
         actor_options.setdefault("num_cpus", 0.05)
@@ -256,13 +359,13 @@ class _TaskServingMixin:
         if reporter is not None:
             with contextlib.suppress(Exception):
                 await reporter.stop()
-        await super().__del__()  # type: ignore[misc]
+        await super().__del__()
 
     async def check_health(self) -> None:
         """Serve health check: the engine's, and the task host's start-up."""
         if self._engine_died():
             raise EngineDeadError("the engine of this replica died")
-        await super().check_health()  # type: ignore[misc]
+        await super().check_health()
         tasks = getattr(self, "_tasks", None)
         if tasks is not None:
             tasks.check_health()
@@ -323,13 +426,13 @@ class _TaskServingMixin:
             )
         if not isinstance(data, Mapping):
             raise InvalidTaskError("the task's data must be a JSON object")
-        model_id = self._llm_config.model_id
+        model_id = self._config.model_id
         requested = data.get("model")
         body = dict(data)
         body["model"] = model_id
         if requested not in (None, "") and requested != model_id:
             if (
-                getattr(self._llm_config, "lora_config", None) is None
+                getattr(self._config, "lora_config", None) is None
                 or not isinstance(requested, str)
                 or adapter_of(requested, model_id) is None
             ):
@@ -411,7 +514,7 @@ class _TaskServingMixin:
         held: dict[str, Any] = self._tasks.held() if self._tasks is not None else {}
         load = ReplicaLoad(
             replica_id=self._get_replica_id(),
-            model_id=str(self._llm_config.model_id),
+            model_id=str(self._config.model_id),
             running=int(raw.get("running", 0)),
             waiting=int(raw.get("waiting", 0)),
             kv_cache_usage=float(raw.get("kv_cache_usage", 0.0)),
@@ -421,7 +524,7 @@ class _TaskServingMixin:
             held_online=int(held.get("held_online", 0)),
             held_offline=int(held.get("held_offline", 0)),
             in_flight=len(self._inflight),
-            engine=str(raw.get("engine", "vllm")),
+            engine=str(raw.get("engine", DEFAULT_ENGINE)),
             ts=time.time(),
             outbox=self._tasks.outbox_load() if self._tasks is not None else {},
         )
@@ -432,7 +535,7 @@ class _TaskServingMixin:
     async def _load_adapter(self, lora_model_id: str) -> None:
         """Load ``base:adapter`` into this replica (Serve's multiplexed LRU) and the engine."""
         try:
-            disk = await self._load_model(lora_model_id)  # type: ignore[attr-defined]
+            disk = await self._load_model(lora_model_id)
             await self.engine.resolve_lora(disk)
         except WorkerError:
             raise
@@ -461,7 +564,7 @@ class _TaskServingMixin:
             try:
                 from ray import serve
 
-                self._replica_id = str(serve.get_replica_context().replica_id.unique_id)
+                self._replica_id = serve.get_replica_context().replica_tag
             except Exception:
                 self._replica_id = f"{socket.gethostname()}:{os.getpid()}"
         return self._replica_id
@@ -500,9 +603,10 @@ def server_class() -> type:
 
 
 def _set_stop_budget(cfg: LLMConfig, drain_timeout_s: float) -> None:
-    """Serve's ``graceful_shutdown_timeout_s`` (its force-kill deadline for a stopping replica,
-    20 s by default) becomes the stop budget plus ``STOP_MARGIN_S``, unless the operator set
-    it; one set below that is kept, with a warning: tasks then die at Serve's deadline."""
+    """Serve's ``graceful_shutdown_timeout_s`` (its force-kill deadline for a stopping replica;
+    Serve's own default is 20 s) becomes the stop budget (``poller.drain_timeout_s``,
+    ``DEFAULT_DRAIN_TIMEOUT_S`` by default) plus ``STOP_MARGIN_S``, unless the operator set it;
+    one set below that is kept, with a warning: tasks then die at Serve's deadline."""
     needed = drain_timeout_s + STOP_MARGIN_S
     deployment = cfg.deployment_config
     chosen = deployment.get("graceful_shutdown_timeout_s")
@@ -524,7 +628,7 @@ def build_llm_deployment(
     llm_config: LLMConfig | Mapping[str, Any],
     *,
     name: str | None = None,
-    engine: Literal["vllm", "simulated"] = "vllm",
+    engine: Engine = DEFAULT_ENGINE,
     load_report_interval_s: float | None = None,
     override_serve_options: Mapping[str, Any] | None = None,
     bella: Mapping[str, Any] | None = None,

@@ -255,20 +255,17 @@ async def test_failure_injection_before_and_during_generation() -> None:
 
 
 class _FakeLLMServer:
-    """Stand-in for Ray's LLMServer: what the mixin calls on its base."""
+    """Stand-in for Ray's LLMServer: what the mixin calls on its base, in Ray's order (the
+    constructor resolves the engine class, then ``start`` makes and starts the engine)."""
 
     engine: Any
 
     async def __init__(self, llm_config: Any, *, engine_cls: Any = None, **_: Any) -> None:  # type: ignore[misc]
-        self._init_shared(llm_config, engine_cls)
-        self.engine = self._engine_cls(llm_config)
-        await self.engine.start()
-
-    def _init_shared(
-        self, llm_config: Any, engine_cls: Any = None, model_downloader: Any = None
-    ) -> None:
-        self._llm_config = llm_config
         self._engine_cls = engine_cls or self._get_default_engine_class()
+        await self.start()
+
+    async def start(self) -> None:
+        raise AssertionError("a simulated engine starts without Ray's start (and its telemetry)")
 
     def _get_default_engine_class(self) -> Any:
         raise AssertionError("the simulated engine is passed in as engine_cls")
