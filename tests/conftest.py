@@ -1,8 +1,13 @@
-"""Fixtures shared by every test tier.
+"""Fixtures shared by every test tier, and the tier marks by folder.
+
+Every item under ``tests/integration`` is marked ``integration`` and every item under
+``tests/e2e`` is marked ``e2e`` here (``pytest_collection_modifyitems``); modules set no tier
+mark by hand.
 
 - ``redis_server``: one real ``redis-server`` on a free loopback port for the whole session.
-- ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, with
-  the API key ``"test-key"``, short callback retry delays and a fast redelivery timer.
+- ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, made
+  by ``ray_worker.testing.emulator.emulator_server`` (the key ``EMULATOR_APIKEY``, short
+  callback retry delays and a fast redelivery timer).
 - ``unique_queue``: a fresh, valid queue name per test (registering it is up to the test).
 - ``ray_serve``: one local Ray head (``LocalRayCluster``) this process is connected to, with
   Serve on a free HTTP port, shared by the integration and e2e tiers (one Ray per session:
@@ -19,15 +24,33 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from ray_worker.testing.emulator import emulator_server
 
 if TYPE_CHECKING:
     from ray_worker.emulator.server import EmulatorServer
     from ray_worker.testing.redis_server import RedisServer
 
-EMULATOR_APIKEY = "test-key"
+TESTS_DIR = Path(__file__).parent
+TIER_MARKS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+"""The mark every item under ``tests/<folder>`` gets."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each item by its folder: ``tests/integration`` -> ``integration``,
+    ``tests/e2e`` -> ``e2e`` (so ``-m "not e2e"`` and friends need no mark in the modules)."""
+    for item in items:
+        try:
+            folder = item.path.relative_to(TESTS_DIR).parts[0]
+        except ValueError:
+            continue
+        mark = TIER_MARKS.get(folder)
+        if mark is not None and item.get_closest_marker(mark.name) is None:
+            item.add_marker(mark)
 
 
 @pytest.fixture(scope="session")
@@ -42,28 +65,9 @@ def redis_server() -> Iterator[RedisServer]:
         server.close()
 
 
-def emulator_server(redis_url: str, profile: str, **config: Any) -> EmulatorServer:
-    """An emulator (not started yet) on ``redis_url`` with the tests' settings: the key
-    ``"test-key"``, a free port, short callback retry delays, a fast redelivery timer;
-    ``config`` sets further ``EmulatorConfig`` fields. Use it as a context manager."""
-    from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
-
-    return EmulatorServer(
-        EmulatorConfig(
-            redis_url=redis_url,
-            apikeys=(EMULATOR_APIKEY,),
-            port=0,
-            profile=profile,
-            callback_retry_delays_s=(0.05, 0.1, 0.2),
-            redelivery_check_interval_s=0.05,
-            **config,
-        )
-    )
-
-
 @pytest.fixture(scope="session")
 def emulator(redis_server: RedisServer) -> Iterator[EmulatorServer]:
-    """A started ``EmulatorServer`` on ``redis_server`` accepting the key ``"test-key"``."""
+    """A started ``EmulatorServer`` on ``redis_server`` accepting the key ``EMULATOR_APIKEY``."""
     with emulator_server(redis_server.url, "test") as server:
         yield server
 

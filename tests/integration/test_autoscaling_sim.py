@@ -31,12 +31,12 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.serve_run import deployed_worker
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
-APIKEY = "test-key"
 MODEL = "sim-autoscale"
 ZERO_MODEL = "sim-zero"
 MAX_NUM_SEQS = 8
@@ -208,7 +208,7 @@ def scaled_app(ray_serve: Any, emulator: EmulatorServer) -> Iterator[tuple[Any, 
         "downscale_delay_s": DOWNSCALE_DELAY_S,
     }
     args = _app_args(emulator.url, queue, _llm_config(MODEL, autoscaling))
-    with deployed_worker(args, "autoscale-sim", APIKEY) as handle:
+    with deployed_worker(args, "autoscale-sim", EMULATOR_APIKEY) as handle:
         yield handle, "autoscale-sim", queue
 
 
@@ -221,7 +221,7 @@ async def burst(
     scenario = Burst(handle, app, queue, receiver)
     sampler = asyncio.create_task(_sample(scenario))
     try:
-        async with QueueClient(emulator.url, APIKEY) as client:
+        async with QueueClient(emulator.url, EMULATOR_APIKEY) as client:
             await scenario.put_offline(client, BURST)
         yield scenario
     finally:
@@ -232,7 +232,7 @@ async def burst(
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
+    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 
@@ -344,7 +344,7 @@ async def test_scale_to_zero_wakes_for_a_task_and_sleeps_again(
     }
     args = _app_args(emulator.url, queue, _llm_config(ZERO_MODEL, autoscaling))
     app = "autoscale-zero"
-    with deployed_worker(args, app, APIKEY) as handle:
+    with deployed_worker(args, app, EMULATOR_APIKEY) as handle:
 
         async def polling_at_zero() -> bool:
             status = await handle.status.remote()

@@ -28,15 +28,12 @@ import yaml
 from ray_worker.bella.protocol import keyspace_events_redeliver
 from ray_worker.cli import format_status, main
 from ray_worker.emulator.server import EmulatorServer
+from ray_worker.testing.emulator import EMULATOR_APIKEY, emulator_server
 from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.waiting import wait_for_sync
-from tests.conftest import emulator_server
-
-pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "local.yaml"
-APIKEY = "test-key"  # the emulator fixture's key (tests/conftest.py)
 
 SAMPLE_STATUS: dict[str, Any] = {
     "state": "running",
@@ -89,7 +86,7 @@ def env(monkeypatch: pytest.MonkeyPatch, emulator: EmulatorServer, unique_queue:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("BELLA_EVENTBUS_URL", raising=False)
     monkeypatch.setenv("BELLA_QUEUE_URL", emulator.url)
-    monkeypatch.setenv("BELLA_QUEUE_APIKEY", APIKEY)
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", EMULATOR_APIKEY)
     monkeypatch.setenv("BELLA_QUEUE_QUEUES", f"{unique_queue}:0,{unique_queue}:1")
     return unique_queue
 
@@ -134,7 +131,7 @@ def test_check_passes_for_registered_queue(
     assert "process_timeout_s 300, process_max_retries 2" in lines["redelivery"]
     assert "notify-keyspace-events 'xE'" in lines["redelivery"]
     assert "all 6 checks passed" in out
-    assert APIKEY not in out
+    assert EMULATOR_APIKEY not in out
 
 
 def test_check_wrong_key(
@@ -222,7 +219,7 @@ def test_check_missing_key_and_bad_config(
     assert lines["api key"].startswith("FAIL")
     assert "BELLA_QUEUE_APIKEY" in lines["api key"]
 
-    monkeypatch.setenv("BELLA_QUEUE_APIKEY", APIKEY)
+    monkeypatch.setenv("BELLA_QUEUE_APIKEY", EMULATOR_APIKEY)
     missing = tmp_path / "nope.yaml"
     assert run_cli(["check", "--config", str(missing)]) == 1
     assert lines_of(capsys.readouterr().out)["config"].startswith("FAIL")

@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
 from ray_worker.testing.waiting import wait_for
-
-pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 STATUS_URL = "http://127.0.0.1:8000/bella"

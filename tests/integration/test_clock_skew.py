@@ -19,15 +19,11 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY, emulator_server
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
-from tests.conftest import EMULATOR_APIKEY as APIKEY
-from tests.conftest import emulator_server
-
-pytestmark = pytest.mark.integration
-
 
 MODEL = "sim-model"
 SKEW_S = 300
@@ -44,7 +40,7 @@ def skewed_emulator(
 
 @pytest.fixture
 async def client(skewed_emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(skewed_emulator.url, APIKEY) as c:
+    async with QueueClient(skewed_emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 
@@ -68,7 +64,7 @@ async def test_online_tasks_are_served_and_expired_work_is_stopped_under_clock_s
         sim={"max_num_seqs": 8, "ttft_s": 0.05, "tokens_per_s": 20, "max_model_len": 8192},
     )
     name = f"skew-{'ahead' if skew_s > 0 else 'behind'}"
-    with CallbackReceiver() as receiver, deployed_worker(args, name, APIKEY) as handle:
+    with CallbackReceiver() as receiver, deployed_worker(args, name, EMULATOR_APIKEY) as handle:
         status = await worker_running(handle)
         # The poller measured the server's clock (Date headers have one-second resolution).
         assert abs(status["clock_offset_ms"] - skew_s * 1000) <= 2000, status["clock_offset_ms"]

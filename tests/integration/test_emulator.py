@@ -26,10 +26,9 @@ from ray_worker.bella.protocol import (
 )
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.waiting import wait_for
-
-pytestmark = pytest.mark.integration
 
 CHAT = "/v1/chat/completions"
 
@@ -148,7 +147,7 @@ async def still_serving(client: httpx.AsyncClient) -> None:
         ("GET", "/v1/files"),
     ],
 )
-@pytest.mark.parametrize("auth", [None, "Bearer wrong-key", "test-key", "Basic dGVzdA=="])
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-key", EMULATOR_APIKEY, "Basic dGVzdA=="])
 async def test_bad_or_missing_key_is_401_with_empty_body(
     emulator: EmulatorServer, method: str, path: str, auth: str | None
 ) -> None:
@@ -246,7 +245,7 @@ async def test_offline_callback_put_and_task_json(client: httpx.AsyncClient, que
     task = (await take(client, [f"{queue}:1"]))[f"{queue}:1"][0]
     assert task == {
         "task_id": task_id,
-        "ak": "test-key",
+        "ak": EMULATOR_APIKEY,
         "endpoint": CHAT,
         "queue": queue,
         "level": 1,

@@ -12,8 +12,6 @@ import pytest
 from ray_worker.testing.redis_server import RedisServer, free_port
 from ray_worker.testing.waiting import wait_for_sync
 
-pytestmark = pytest.mark.integration
-
 
 def test_cli_serves_and_stops_cleanly(redis_server: RedisServer, tmp_path: object) -> None:
     port = free_port()

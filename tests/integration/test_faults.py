@@ -20,15 +20,13 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.event_stream import completions_after, last_entry_id
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
-pytestmark = pytest.mark.integration
-
-APIKEY = "test-key"
 MODEL = "sim-model"
 APP = "worker-faults"
 
@@ -50,13 +48,13 @@ def queue() -> str:
 
 @pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
-    with deployed_worker(_app_args(emulator.url, queue), APP, APIKEY) as handle:
+    with deployed_worker(_app_args(emulator.url, queue), APP, EMULATOR_APIKEY) as handle:
         yield handle
 
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
+    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 

@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import httpx
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -48,8 +47,6 @@ from ray_worker.testing.redis_server import RedisServer
 from ray_worker.worker.capacity import CapacityTracker
 from ray_worker.worker.dispatcher import Dispatcher
 from ray_worker.worker.poller import Poller, make_pools
-
-pytestmark = pytest.mark.integration
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 MODEL = "m"

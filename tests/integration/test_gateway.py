@@ -21,10 +21,8 @@ from ray_worker.config import DispatcherConfig
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.task.outbox import Outbox
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.waiting import wait_for
-from tests.conftest import EMULATOR_APIKEY as APIKEY
-
-pytestmark = pytest.mark.integration
 
 ENDPOINT = "/v1/chat/completions"
 TASKS = 5
@@ -45,7 +43,7 @@ def gateway(emulator: EmulatorServer) -> Iterator[EmulatorServer]:
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
     async with QueueClient(
-        emulator.url, APIKEY, complete_retry=RetryPolicy(attempts=1)
+        emulator.url, EMULATOR_APIKEY, complete_retry=RetryPolicy(attempts=1)
     ) as queue_client:
         yield queue_client
 

@@ -32,15 +32,13 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.event_stream import completions_after, last_entry_id
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deploy_worker, deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
-pytestmark = pytest.mark.integration
-
-APIKEY = "test-key"
 MODEL = "sim-model"
 APP = "worker-stop"
 BUDGET_S = 2.0
@@ -71,13 +69,13 @@ def queue() -> str:
 @pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
     args = _app_args(emulator.url, queue, replicas=2, ttft_s=0.05)
-    with deployed_worker(args, APP, APIKEY) as handle:
+    with deployed_worker(args, APP, EMULATOR_APIKEY) as handle:
         yield handle
 
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
+    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 
@@ -301,7 +299,7 @@ async def test_a_downscale_lets_short_tasks_finish_and_answers_the_rest_once(
     )
 
     args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.05)
-    redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
+    redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, EMULATOR_APIKEY))
 
     await _short_ones_finish(load)
     # The long ones: the surviving replica finishes its own (200); the stopped replica's are
@@ -343,7 +341,7 @@ async def test_a_redeploy_cuts_long_tasks_at_the_budget_and_redelivers_level_1(
 
     # A changed engine setting: every replica of the old version stops.
     args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.06)
-    redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, APIKEY))
+    redeploy = asyncio.create_task(asyncio.to_thread(deploy_worker, args, APP, EMULATOR_APIKEY))
 
     await _short_ones_finish(load)
     long_blocking = await asyncio.wait_for(asyncio.gather(*load.blocking[LONG]), 60)
@@ -399,7 +397,7 @@ async def test_answers_held_at_a_redeploy_in_an_outage_are_handed_on_and_deliver
         await wait_for(held, timeout=60, interval=0.2, message="answers held in the outbox")
         old = set((await worker.status.remote())["pools"][0]["outbox"]["replicas"])
         args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.07)
-        await asyncio.to_thread(deploy_worker, args, APP, APIKEY)
+        await asyncio.to_thread(deploy_worker, args, APP, EMULATOR_APIKEY)
 
         async def old_replica_gone() -> bool:
             try:
@@ -477,7 +475,7 @@ async def test_a_stop_answers_level_1_503_when_bella_queues_redis_cannot_redeliv
     redis_client.config_set(setting, "")
     try:
         args = _app_args(emulator.url, queue, replicas=1, ttft_s=0.05)
-        with deployed_worker(args, app, APIKEY) as handle:
+        with deployed_worker(args, app, EMULATOR_APIKEY) as handle:
             await worker_running(handle)
             assert (await handle.status.remote())["redelivers"] is False
             ids = [

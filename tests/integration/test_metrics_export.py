@@ -20,8 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray_worker.metrics import METRIC_NAMES
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = pytest.mark.integration
-
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 

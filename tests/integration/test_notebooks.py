@@ -20,8 +20,6 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 KERNEL_NAME = "bella-ray-worker-test"
 CELL_TIMEOUT_S = 600

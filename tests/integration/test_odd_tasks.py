@@ -27,14 +27,12 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import CompletionEvent, PutRequest, ResponseMode, decode_event
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.event_stream import last_entry_id
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
-pytestmark = pytest.mark.integration
-
-APIKEY = "test-key"
 MODEL = "sim-model"
 MARKER = "@lone-d800@"
 ESCAPE = "\\ud800"
@@ -123,13 +121,13 @@ def worker(ray_serve: Any, proxy: SurrogateProxy, queue: str) -> Iterator[Any]:
         model=MODEL,
         sim={"max_num_seqs": 8, "ttft_s": 0.02, "tokens_per_s": 200, "max_model_len": 8192},
     )
-    with deployed_worker(args, "worker-odd", APIKEY) as handle:
+    with deployed_worker(args, "worker-odd", EMULATOR_APIKEY) as handle:
         yield handle
 
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
+    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 

@@ -23,15 +23,11 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY, emulator_server
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
-from tests.conftest import EMULATOR_APIKEY as APIKEY
-from tests.conftest import emulator_server
-
-pytestmark = pytest.mark.integration
-
 
 MODEL = "sim-model"
 TASKS_PER_LEVEL = 4
@@ -60,7 +56,7 @@ def own_emulator(redis_server: RedisServer) -> Iterator[EmulatorServer]:
 
 @pytest.fixture
 async def client(own_emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(own_emulator.url, APIKEY) as c:
+    async with QueueClient(own_emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 
@@ -151,7 +147,7 @@ async def test_a_60_s_outage_loses_no_callback_answer(
     """The issue's case: down for 60 s, four times the old ~15 s retry budget."""
     queue = f"outage-{uuid.uuid4().hex[:8]}"
     args = _app_args(own_emulator.url, queue, backoff_max_s=2.0)
-    with deployed_worker(args, "worker-outage-60s", APIKEY) as handle:
+    with deployed_worker(args, "worker-outage-60s", EMULATOR_APIKEY) as handle:
         figures = await _outage_run(handle, own_emulator, client, receiver, queue, down_s=60)
     # 8 answers retried for about a minute at <= 2 s apart: many retries each.
     assert figures["after"]["complete_retries"] >= 8 * 10, figures
@@ -171,6 +167,6 @@ async def test_a_compressed_10_minute_outage_loses_no_callback_answer(
     lifetimes (timeout=600) are not compressed: expiry is tested in the unit tests."""
     queue = f"outage10-{uuid.uuid4().hex[:8]}"
     args = _app_args(own_emulator.url, queue, backoff_max_s=0.05)
-    with deployed_worker(args, "worker-outage-10min", APIKEY) as handle:
+    with deployed_worker(args, "worker-outage-10min", EMULATOR_APIKEY) as handle:
         figures = await _outage_run(handle, own_emulator, client, receiver, queue, down_s=20)
     assert figures["after"]["complete_retries"] >= 8 * 60, figures

@@ -32,8 +32,6 @@ from ray_worker.eventbus.redis_writer import MARKER_PREFIX, StreamWriter
 from ray_worker.eventbus.shared import Entry
 from ray_worker.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.integration
-
 TOPIC = "redis-mesh:private-stream:test:"
 FAST = PublisherOptions(backoff_initial_s=0.01, backoff_max_s=0.1, connect_timeout_s=0.5)
 

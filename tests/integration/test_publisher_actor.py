@@ -33,8 +33,6 @@ from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE, publisher_name
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = pytest.mark.integration
-
 DONE = {"status_code": 200, "request_id": "r"}
 
 

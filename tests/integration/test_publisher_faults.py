@@ -31,14 +31,11 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import CompletionEvent, PutRequest, ResponseMode, decode_event
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.eventbus.shared import PUBLISHER_NAMESPACE
+from ray_worker.testing.emulator import EMULATOR_APIKEY, emulator_server
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
-from tests.conftest import EMULATOR_APIKEY as APIKEY
-from tests.conftest import emulator_server
-
-pytestmark = pytest.mark.integration
 
 MODEL = "sim-model"
 APP = "worker-publisher-faults"
@@ -71,13 +68,13 @@ def worker(ray_serve: Any, own_emulator: EmulatorServer, queue: str) -> Iterator
         sim={"max_num_seqs": 32, "ttft_s": 0.05, "tokens_per_s": 4, "max_model_len": 8192},
         publisher={"outage_timeout_s": OUTAGE_TIMEOUT_S, "backoff_max_s": 0.2},
     )
-    with deployed_worker(args, APP, APIKEY) as handle:
+    with deployed_worker(args, APP, EMULATOR_APIKEY) as handle:
         yield handle
 
 
 @pytest.fixture
 async def client(own_emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(own_emulator.url, APIKEY) as c:
+    async with QueueClient(own_emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 

@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from ray_worker.emulator.server import EmulatorServer
     from ray_worker.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.integration
-
 ENDPOINT = "/v1/chat/completions"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}]}
 

@@ -21,8 +21,6 @@ from ray_worker.serve.llm_config import sim_llm_config
 from ray_worker.serve.llm_server import build_llm_deployment
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = pytest.mark.integration
-
 CHAT = "/v1/chat/completions"
 MODEL = "sim-model"
 

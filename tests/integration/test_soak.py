@@ -42,14 +42,12 @@ from ray_worker.bella.protocol import (
 )
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.event_stream import completions_after, last_entry_id
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = pytest.mark.integration
-
-APIKEY = "test-key"
 MODEL = "sim-model"
 APP = "worker-soak"
 TASKS = int(os.environ.get("SOAK_TASKS", "10000"))
@@ -104,7 +102,7 @@ def queue() -> str:
 
 @pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
-    with deployed_worker(_app_args(emulator.url, queue), APP, APIKEY) as handle:
+    with deployed_worker(_app_args(emulator.url, queue), APP, EMULATOR_APIKEY) as handle:
         yield handle
 
 
@@ -121,7 +119,9 @@ def quiet_httpx() -> Iterator[None]:
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY, timeout_s=60, max_connections=IN_FLIGHT) as c:
+    async with QueueClient(
+        emulator.url, EMULATOR_APIKEY, timeout_s=60, max_connections=IN_FLIGHT
+    ) as c:
         yield c
 
 

@@ -23,8 +23,6 @@ import pytest
 
 from ray_worker.testing.two_node import REPORT_PREFIX
 
-pytestmark = pytest.mark.integration
-
 TASKS = 16
 MAX_TOKENS = 300
 TIMEOUT_S = 280

@@ -19,14 +19,12 @@ from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorConfig, EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import deployed_worker, worker_running
 from ray_worker.testing.waiting import wait_for
 from ray_worker.testing.worker_args import sim_worker_args
 
-pytestmark = pytest.mark.integration
-
-APIKEY = "test-key"
 MODEL = "sim-model"
 
 
@@ -48,13 +46,13 @@ def queue() -> str:
 
 @pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
-    with deployed_worker(_app_args(emulator.url, queue), "worker-sim", APIKEY) as handle:
+    with deployed_worker(_app_args(emulator.url, queue), "worker-sim", EMULATOR_APIKEY) as handle:
         yield handle
 
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
+    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
         yield c
 
 
@@ -333,13 +331,15 @@ async def test_redelivered_duplicate_runs_once(
 async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -> None:
     redis = RedisServer().start()
     emulator = EmulatorServer(
-        EmulatorConfig(redis_url=redis.url, apikeys=(APIKEY,), port=0, profile="restart")
+        EmulatorConfig(redis_url=redis.url, apikeys=(EMULATOR_APIKEY,), port=0, profile="restart")
     ).start()
     queue = f"rs-{uuid.uuid4().hex[:6]}"
     try:
-        with deployed_worker(_app_args(emulator.url, queue), "worker-restart", APIKEY) as handle:
+        with deployed_worker(
+            _app_args(emulator.url, queue), "worker-restart", EMULATOR_APIKEY
+        ) as handle:
             await worker_running(handle)
-            async with QueueClient(emulator.url, APIKEY) as client:
+            async with QueueClient(emulator.url, EMULATOR_APIKEY) as client:
                 requests = [
                     _put(queue, ResponseMode.STREAMING, _chat(max_tokens=400), timeout=120)
                     for _ in range(3)
