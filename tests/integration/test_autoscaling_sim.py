@@ -230,12 +230,6 @@ async def burst(
             await sampler
 
 
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
-        yield c
-
-
 async def _pending(client: QueueClient, full_queue: str) -> int:
     stats = await client.stats(full_queue)
     return int(stats.get("pending", 0))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -56,12 +56,6 @@ async def queue(client: httpx.AsyncClient, unique_queue: str) -> str:
     resp = await client.post("/v1/queue/register", json={"queue": unique_queue, "endpoint": CHAT})
     assert resp.status_code == 200
     return unique_queue
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as rec:
-        yield rec
 
 
 async def register(client: httpx.AsyncClient, name: str) -> str:

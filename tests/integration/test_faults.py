@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,26 +41,9 @@ def _app_args(queue_url: str, queue: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def queue() -> str:
-    return f"faults-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
     with deployed_worker(_app_args(emulator.url, queue), APP, EMULATOR_APIKEY) as handle:
         yield handle
-
-
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
-        yield c
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as r:
-        yield r
 
 
 def _pids(deployment: str) -> list[int]:

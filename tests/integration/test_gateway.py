@@ -48,12 +48,6 @@ async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
         yield queue_client
 
 
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as r:
-        yield r
-
-
 async def _taken(client: QueueClient, queue: str, callback_url: str, count: int) -> list[Task]:
     """Put ``count`` level-1 callback tasks and take them all."""
     assert await client.register(queue, ENDPOINT) == queue

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,27 +62,10 @@ def _app_args(queue_url: str, queue: str, *, replicas: int, ttft_s: float) -> di
 
 
 @pytest.fixture(scope="module")
-def queue() -> str:
-    return f"stop-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
     args = _app_args(emulator.url, queue, replicas=2, ttft_s=0.05)
     with deployed_worker(args, APP, EMULATOR_APIKEY) as handle:
         yield handle
-
-
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
-        yield c
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as r:
-        yield r
 
 
 def _put(queue: str, mode: ResponseMode, tokens: int, *, level: int = 0, **kw: Any) -> PutRequest:

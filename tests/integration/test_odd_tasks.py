@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
@@ -103,11 +102,6 @@ class SurrogateProxy:
 
 
 @pytest.fixture(scope="module")
-def queue() -> str:
-    return f"odd-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
 def proxy(emulator: EmulatorServer) -> Iterator[SurrogateProxy]:
     with SurrogateProxy(emulator.url) as p:
         yield p
@@ -123,12 +117,6 @@ def worker(ray_serve: Any, proxy: SurrogateProxy, queue: str) -> Iterator[Any]:
     )
     with deployed_worker(args, "worker-odd", EMULATOR_APIKEY) as handle:
         yield handle
-
-
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
-        yield c
 
 
 def _put(queue: str, mode: ResponseMode, model: str, timeout: int = 60, **kw: Any) -> PutRequest:

@@ -60,12 +60,6 @@ async def client(own_emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
         yield c
 
 
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as r:
-        yield r
-
-
 async def _status(handle: Any) -> dict[str, Any]:
     status: dict[str, Any] = await handle.status.remote()
     return status

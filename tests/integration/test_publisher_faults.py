@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -52,11 +51,6 @@ def own_redis() -> Iterator[RedisServer]:
 def own_emulator(own_redis: RedisServer) -> Iterator[EmulatorServer]:
     with emulator_server(own_redis.url, "pubfaults") as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def queue() -> str:
-    return f"pubfaults-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -96,11 +95,6 @@ def _app_args(queue_url: str, queue: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def queue() -> str:
-    return f"soak-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
     with deployed_worker(_app_args(emulator.url, queue), APP, EMULATOR_APIKEY) as handle:
         yield handle
@@ -123,12 +117,6 @@ async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
         emulator.url, EMULATOR_APIKEY, timeout_s=60, max_connections=IN_FLIGHT
     ) as c:
         yield c
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as r:
-        yield r
 
 
 def _say(*parts: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,26 +40,9 @@ def _app_args(queue_url: str, queue: str, **poller: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def queue() -> str:
-    return f"sim-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
 def worker(ray_serve: Any, emulator: EmulatorServer, queue: str) -> Iterator[Any]:
     with deployed_worker(_app_args(emulator.url, queue), "worker-sim", EMULATOR_APIKEY) as handle:
         yield handle
-
-
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
-        yield c
-
-
-@pytest.fixture
-def receiver() -> Iterator[CallbackReceiver]:
-    with CallbackReceiver() as r:
-        yield r
 
 
 async def _callback_answer(receiver: CallbackReceiver, task_id: str) -> dict[str, Any]:
