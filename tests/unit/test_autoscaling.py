@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from fakes import Delay, until
-from test_poller import make, rigs, tasks_of  # noqa: F401 - fixtures
 
 from ray_worker.serve.autoscaling import (
     BACKLOG_METRIC,
@@ -22,6 +20,8 @@ from ray_worker.serve.llm_config import (
     with_backlog_autoscaling,
     with_worker_defaults,
 )
+from tests.unit.fakes import Delay, until
+from tests.unit.poll_rig import tasks_of
 
 
 @dataclass

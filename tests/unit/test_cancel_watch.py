@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from fakes import Delay, FakeCompleter, FakeEngine, FakeEventSink, make_task, until
 
 from ray_worker.bella.protocol import Batch, ResponseMode, Task
 from ray_worker.errors import QueueUnavailableError
 from ray_worker.hop import Outcome
 from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.runner import TaskRunner
+from tests.unit.fakes import Delay, FakeCompleter, FakeEngine, FakeEventSink, make_task, until
 
 CALLBACK = ResponseMode.CALLBACK
 BATCH = ResponseMode.BATCH

@@ -6,12 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from fakes import settle, until
 
 from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
 from ray_worker.hop import ReplicaLoad
 from ray_worker.worker.capacity import CapacityTracker
+from tests.unit.fakes import settle, until
 
 ONLINE, OFFLINE = Level.ONLINE, Level.OFFLINE
 

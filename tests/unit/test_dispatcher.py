@@ -13,7 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from fakes import (
+
+from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
+from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
+from ray_worker.errors import EngineDeadError, EngineOverloadedError, ReplicaUnavailableError
+from ray_worker.hop import ACCEPTED, ANSWERING, DONE
+from ray_worker.worker.capacity import CapacityTracker
+from ray_worker.worker.dispatcher import Dispatcher
+from tests.unit.fakes import (
     DieAfterAnswering,
     FakeCompleter,
     FakeEventSink,
@@ -24,13 +31,6 @@ from fakes import (
     settle,
     until,
 )
-
-from ray_worker.bella.protocol import STREAM_DONE, Level, ResponseMode, Task
-from ray_worker.config import CapacityConfig, DispatcherConfig, QueueSpec
-from ray_worker.errors import EngineDeadError, EngineOverloadedError, ReplicaUnavailableError
-from ray_worker.hop import ACCEPTED, ANSWERING, DONE
-from ray_worker.worker.capacity import CapacityTracker
-from ray_worker.worker.dispatcher import Dispatcher
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING

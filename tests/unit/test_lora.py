@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import make_task
 from openai.types.chat import ChatCompletion
 from test_sim_engine import CHAT, _Config, _Server, chat_body
 
@@ -20,6 +19,7 @@ from ray_worker.serve.handles import ServeReplicas
 from ray_worker.serve.llm_config import LORA_PATH_KEY, as_llm_config, lora_path_of
 from ray_worker.serve.lora import BellaLoraLoader
 from ray_worker.serve.sim_engine import SimEngine
+from tests.unit.fakes import make_task
 
 
 @pytest.mark.parametrize(

@@ -13,16 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from fakes import (
-    Delay,
-    FakeCompleter,
-    FakeEngine,
-    FakeEventSink,
-    Recorded,
-    make_task,
-    settle,
-    until,
-)
 
 from ray_worker.bella.protocol import STREAM_DONE, ResponseMode, Task
 from ray_worker.config import DispatcherConfig
@@ -35,6 +25,16 @@ from ray_worker.errors import (
 )
 from ray_worker.hop import PRIORITY_OFFLINE, PRIORITY_ONLINE, Outcome
 from ray_worker.task.runner import TaskRunner
+from tests.unit.fakes import (
+    Delay,
+    FakeCompleter,
+    FakeEngine,
+    FakeEventSink,
+    Recorded,
+    make_task,
+    settle,
+    until,
+)
 
 STREAMING = ResponseMode.STREAMING
 BLOCKING = ResponseMode.BLOCKING
