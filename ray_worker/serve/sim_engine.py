@@ -11,8 +11,8 @@ starts instead of vLLM when its ``LLMConfig.experimental_configs`` holds ``bella
 - length: ``max_tokens`` / ``max_completion_tokens`` of the request, else the settings' default;
   prompts longer than ``max_model_len`` are rejected (400) as vLLM does;
 - abort: frees the slot at once; the stream ends with ``finish_reason="abort"`` as vLLM's does;
-- outputs: chunks and full responses shaped like vLLM 0.32's (``usage`` included), which the
-  ``openai`` package's types validate;
+- outputs: chunks and full responses shaped like vLLM 0.29's (the pinned release; 0.32's have
+  the same keys; ``usage`` included), which the ``openai`` package's types validate;
 - failure injection: ``data["sim_fail"]`` (see ``SimFailure``) fails one request with a chosen
   status, before the first token or after some tokens, or raises inside the engine.
 
@@ -610,7 +610,7 @@ def _error_body(message: str, status: int, err_type: str) -> dict[str, Any]:
 
 
 class _Formatter:
-    """OpenAI dicts shaped like vLLM 0.32's (same keys, ``None`` where vLLM sends null)."""
+    """OpenAI dicts shaped like vLLM 0.29's (``None`` where vLLM sends null)."""
 
     def __init__(self, request: SimRequest, *, chat: bool, fingerprint: str) -> None:
         self.request = request
