@@ -154,8 +154,8 @@ def _serve_probe(kind: str) -> Callable[[Any], dict[str, Any]]:
                 d = user.dispatcher
                 put("dispatcher_running", lambda: d._running)
                 put("dispatcher_completed", lambda: d._completed)
-                put("outbox_entries", lambda: user.outbox._entries)
-                put("outbox_jobs", lambda: user.outbox._jobs)
+                put("outbox_entries", lambda: user.kit.outbox._entries)
+                put("outbox_jobs", lambda: user.kit.outbox._jobs)
                 put("capacity_recent", lambda: user.capacity._recent)
                 put("capacity_mine", lambda: user.capacity._mine)
             else:
