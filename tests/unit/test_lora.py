@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletion
-from test_sim_engine import CHAT, _Config, _Server, chat_body
 
 from ray_worker.bella.protocol import ResponseMode
 from ray_worker.config import WorkerAppArgs, adapter_of
@@ -18,8 +17,8 @@ from ray_worker.errors import ModelNotFoundError
 from ray_worker.serve.handles import ServeReplicas
 from ray_worker.serve.llm_config import LORA_PATH_KEY, as_llm_config, lora_path_of
 from ray_worker.serve.lora import BellaLoraLoader
-from ray_worker.serve.sim_engine import SimEngine
 from tests.unit.fakes import make_task
+from tests.unit.sim_server import CHAT, SimConfig, chat_body, make_sim_server
 
 
 @pytest.mark.parametrize(
@@ -97,7 +96,7 @@ def _adapter(root: Path, name: str) -> None:
     (root / name / "adapter_config.json").write_text(json.dumps({"r": 8}))
 
 
-class _LoraConfig(_Config):
+class _LoraConfig(SimConfig):
     def __init__(self, root: Path) -> None:
         super().__init__()
         self.lora_config = {"max_num_adapters_per_replica": 2}
@@ -118,9 +117,8 @@ async def test_loader_reads_local_adapters_in_place_and_404s_missing_ones(tmp_pa
 
 
 async def _lora_server(root: Path) -> Any:
-    server = _Server.__new__(_Server)
     cfg = _LoraConfig(root)
-    await server.__init__(cfg, engine_cls=SimEngine)  # type: ignore[misc]
+    server = await make_sim_server(cfg)
     loader = BellaLoraLoader()
     loads: list[str] = []
 
