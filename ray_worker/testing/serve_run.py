@@ -48,7 +48,10 @@ class ServeRun:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServeRun:
-        """Launch ``serve run`` (output to ``log_path``)."""
+        """Launch ``serve run`` (output to ``log_path``) in a session of its own, with SIGINT at
+        its default: ``stop`` is Ctrl-C, and a caller started with SIGINT ignored (``nohup ...
+        &`` from a script, some CI runners) would pass that on (Python keeps an ignored SIGINT
+        ignored), leaving every stop to the SIGTERM fallback."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         serve = Path(sys.executable).with_name("serve")
         with self.log_path.open("wb") as log:
@@ -59,6 +62,7 @@ class ServeRun:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_default_sigint,
             )
         return self
 
@@ -134,6 +138,10 @@ class ServeRun:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def deploy_worker(args: Mapping[str, Any], name: str, apikey: str) -> Any:
