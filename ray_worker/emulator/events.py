@@ -32,6 +32,10 @@ _STREAM_TTL_S = 86400
 _TRIM_WINDOW_MS = 10 * 60 * 1000
 
 
+_STOP_TIMEOUT_S = 1.0
+"""Longest a stop waits for Redis to delete the private stream and close the client."""
+
+
 class EventBusReader:
     """Reads ``stream`` and dispatches events to per-task queues."""
 
@@ -81,10 +85,13 @@ class EventBusReader:
                 await task
         client, self._client = self._client, None
         if client is not None:
+            # Bounded: a connection the cancelled XREAD left mid-reply could hold the delete
+            # (and so the server's shutdown) until the socket timeout.
             if delete_stream:
                 with contextlib.suppress(Exception):
-                    await client.delete(self.stream)
-            await client.aclose()
+                    await asyncio.wait_for(client.delete(self.stream), _STOP_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), _STOP_TIMEOUT_S)
 
     async def _run(self) -> None:
         assert self._client is not None

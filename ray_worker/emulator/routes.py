@@ -75,6 +75,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["CompleteFaults", "create_app", "result_status"]
 
 
+_SHUTDOWN_STEP_S = 2.0
+"""Longest one step of the emulator's shutdown may take (see ``shutdown``)."""
+
+
 class CompleteFaults:
     """What ``POST /v1/queue/{id}/complete`` answers instead of completing, while set (the
     request is not read nor acted on: something in front of Bella-Queue answered it).
@@ -202,17 +206,21 @@ class _Emulator:
         )
 
     async def shutdown(self) -> None:
+        # Each step is bounded (_SHUTDOWN_STEP_S): a connection a Redis restart left half-open
+        # must not hold the server's stop (it did, for the 2 x 10 s a test's stop waits).
         tasks = [t for t in (self._maintenance, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await self.events.stop()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_SHUTDOWN_STEP_S)
+        steps: list[Awaitable[Any]] = [self.events.stop()]
         if self._http is not None:
-            await self._http.aclose()
+            steps.append(self._http.aclose())
         if self._redis is not None:
-            await self._redis.aclose()
+            steps.append(self._redis.aclose())
+        for step in steps:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(step, _SHUTDOWN_STEP_S)
         if self._tmp_dir is not None:
             self._tmp_dir.cleanup()
 
