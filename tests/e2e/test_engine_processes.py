@@ -16,15 +16,12 @@ The config is ``configs/local.yaml`` with Ray's own executor for CPU (``mp``) in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,44 +32,25 @@ from ray_worker.bella.client import QueueClient, SSEEvent
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.e2e import TINY_MODEL as MODEL
+from ray_worker.testing.e2e import SessionProcess, serve_worker, session_processes
+from ray_worker.testing.e2e import engine_processes as _engines
+from ray_worker.testing.emulator import EMULATOR_APIKEY
 from ray_worker.testing.event_stream import completions_after, last_entry_id
 from ray_worker.testing.redis_server import RedisServer
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[2]
-APIKEY = "test-key"
-MODEL = "tiny-llama"
 
 
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    args: str
-
-
-def _session(sid: int) -> list[Proc]:
+def _session(sid: int) -> list[SessionProcess]:
     """The live (not zombie) processes of session ``sid``."""
-    out = subprocess.run(
-        ["ps", "-eo", "pid=,ppid=,sid=,stat=,args="], capture_output=True, text=True, check=True
-    ).stdout
-    procs = []
-    for line in out.splitlines():
-        parts = line.split(None, 4)
-        if len(parts) == 5 and parts[2] == str(sid) and not parts[3].startswith("Z"):
-            procs.append(Proc(int(parts[0]), int(parts[1]), parts[4]))
-    return procs
+    return session_processes(sid, zombies=False)
 
 
 def _comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
-
-
-def _engines(sid: int) -> list[Proc]:
-    return [p for p in _session(sid) if p.args.startswith("VLLM::")]
 
 
 @pytest.fixture(scope="module")
@@ -98,32 +76,19 @@ def mp_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def worker(
     tiny_model: Path, emulator: EmulatorServer, queue: str, mp_config: Path
 ) -> Iterator[ServeRun]:
-    run = ServeRun(
+    """A ``serve run`` of its own, with its own Ray (a session of its own: the tests kill
+    processes by session); whatever a failed test left of it is killed at the end."""
+    with serve_worker(
         mp_config,
         env={
             "BELLA_QUEUE_URL": emulator.url,
-            "BELLA_QUEUE_APIKEY": APIKEY,
+            "BELLA_QUEUE_APIKEY": EMULATOR_APIKEY,
             "BELLA_QUEUE_QUEUES": f"{queue}:0,{queue}:1",
         },
         log_path=REPO / ".run" / "e2e-engine-processes.log",
         cwd=REPO,
-    ).start()
-    assert run.proc is not None
-    sid = run.proc.pid
-    try:
-        run.wait_ready(timeout_s=420)
+    ) as run:
         yield run
-    finally:
-        run.stop(timeout_s=60)
-        for p in _session(sid):  # whatever a failed test left of this run
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-
-
-@pytest.fixture
-async def client(emulator: EmulatorServer) -> AsyncIterator[QueueClient]:
-    async with QueueClient(emulator.url, APIKEY) as c:
-        yield c
 
 
 async def _answers(client: QueueClient, queue: str) -> bool:

