@@ -226,7 +226,10 @@ class _Emulator:
 
     async def _maintain(self) -> None:
         failing = False
-        while True:
+        me = asyncio.current_task()
+        # Until cancelled, also when a Redis client swallowed the cancellation mid-command (seen:
+        # the loop went on sleeping and asyncio.run's final cancel waited for it forever).
+        while me is None or not me.cancelling():
             try:
                 await self.store.process_due_redeliveries()
                 await self.batches.expire_due()
