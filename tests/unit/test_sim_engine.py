@@ -23,21 +23,14 @@ from ray_worker.errors import (
     ModelNotFoundError,
 )
 from ray_worker.serve.engine_io import error_from_openai_body
-from ray_worker.serve.llm_server import _TaskServingMixin
 from ray_worker.serve.sim_engine import SimEngine, SimEngineSettings
 from ray_worker.testing.waiting import wait_for
+from tests.unit.sim_server import CHAT, SLOW, chat_body, make_sim_server
 
-CHAT = "/v1/chat/completions"
 CMPL = "/v1/completions"
 EMB = "/v1/embeddings"
 
-# Slow decode so requests stay running while the test looks at them; tests never wait it out.
-SLOW = {"ttft_s": 0.0, "tokens_per_s": 20.0}
 FAST = {"ttft_s": 0.0, "tokens_per_s": 1000.0}
-
-
-def chat_body(**extra: Any) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": "hello there"}], **extra}
 
 
 def engine(**settings: Any) -> SimEngine:
@@ -254,48 +247,8 @@ async def test_failure_injection_before_and_during_generation() -> None:
 # -- the server mixin on top of the simulated engine ------------------------------------------
 
 
-class _FakeLLMServer:
-    """Stand-in for Ray's LLMServer: what the mixin calls on its base, in Ray's order (the
-    constructor resolves the engine class, then ``start`` makes and starts the engine)."""
-
-    engine: Any
-
-    async def __init__(self, llm_config: Any, *, engine_cls: Any = None, **_: Any) -> None:  # type: ignore[misc]
-        self._engine_cls = engine_cls or self._get_default_engine_class()
-        await self.start()
-
-    async def start(self) -> None:
-        raise AssertionError("a simulated engine starts without Ray's start (and its telemetry)")
-
-    def _get_default_engine_class(self) -> Any:
-        raise AssertionError("the simulated engine is passed in as engine_cls")
-
-    async def __del__(self) -> None:
-        pass
-
-
-class _Server(_TaskServingMixin, _FakeLLMServer):
-    def __del__(self) -> None:  # type: ignore[override]
-        """Serve awaits the async ``__del__``; plain garbage collection here must not warn."""
-
-
-class _Config:
-    def __init__(self) -> None:
-        self.model_id = "sim"
-        self.engine_kwargs: dict[str, Any] = {}
-        self.experimental_configs = {"bella_sim_engine": {"max_num_seqs": 2, **SLOW}}
-        self.deployment_config: dict[str, Any] = {}
-        self.runtime_env = None
-
-
-async def make_server() -> Any:
-    server = _Server.__new__(_Server)
-    await server.__init__(_Config(), engine_cls=SimEngine)  # type: ignore[misc]
-    return server
-
-
 async def test_server_runs_chat_and_reports_load() -> None:
-    server = await make_server()
+    server = await make_sim_server()
     assert isinstance(server.engine, SimEngine)
     out = [x async for x in server.run_task(CHAT, chat_body(max_tokens=2), request_id="t1")]
     assert len(out) == 1
@@ -327,7 +280,7 @@ async def test_server_runs_chat_and_reports_load() -> None:
     ],
 )
 async def test_server_raises_task_errors(endpoint: str, data: dict[str, Any], error: type) -> None:
-    server = await make_server()
+    server = await make_sim_server()
     with pytest.raises(error) as info:
         async for _ in server.run_task(endpoint, data, request_id="bad"):
             pass
@@ -336,7 +289,7 @@ async def test_server_raises_task_errors(endpoint: str, data: dict[str, Any], er
 
 
 async def test_server_abort_raises_request_aborted_and_frees_the_slot() -> None:
-    server = await make_server()
+    server = await make_sim_server()
     seen: list[dict[str, Any]] = []
 
     async def consume() -> None:
@@ -357,7 +310,7 @@ async def test_server_abort_raises_request_aborted_and_frees_the_slot() -> None:
 
 
 async def test_server_generator_close_aborts_in_the_engine() -> None:
-    server = await make_server()
+    server = await make_sim_server()
     gen = server.run_task(CHAT, chat_body(stream=True, max_tokens=500), request_id="y")
     await gen.__anext__()
     assert (await server.get_load())["running"] == 1
@@ -366,7 +319,7 @@ async def test_server_generator_close_aborts_in_the_engine() -> None:
 
 
 async def test_server_priority_reaches_the_engine() -> None:
-    server = await make_server()
+    server = await make_sim_server()
     request_priorities: list[int] = []
     original = server.engine.parse_request
 
@@ -405,7 +358,7 @@ async def test_a_killed_engine_fails_every_request_and_its_health_check() -> Non
 
 
 async def test_the_server_over_a_dead_engine_refuses_reports_no_capacity_and_is_unhealthy() -> None:
-    server = await make_server()
+    server = await make_sim_server()
     body = chat_body(max_tokens=10, sim_fail={"after_tokens": 1, "kill_engine": True})
     with pytest.raises(EngineDeadError):
         async for _ in server.run_task(CHAT, body, request_id="k1"):
