@@ -23,19 +23,7 @@ from ray_worker.bella.protocol import (
 from ray_worker.config import PublisherOptions
 from ray_worker.eventbus.redis_writer import StreamWriter
 from ray_worker.eventbus.shared import Entry
-
-
-async def wait_for(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Poll ``condition`` until true (fails the test after ``within_s``)."""
-    async with asyncio.timeout(within_s):
-        while not condition():  # noqa: ASYNC110 - polling a plain predicate
-            await asyncio.sleep(0.001)
-
-
-async def ticks(n: int = 20) -> None:
-    """Let the loop run ``n`` rounds (no wall-clock wait)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
+from tests.unit.fakes import settle, until
 
 
 class FakeRedis:
@@ -121,7 +109,7 @@ async def test_publish_waits_while_the_buffer_is_over_its_byte_bound(
     await pub.publish(entries[:3])
     assert pub.stats()["buffered_bytes"] == 3 * size
     blocked = asyncio.create_task(pub.publish(entries[3:]))
-    await ticks()
+    await settle()
     assert not blocked.done(), "a fourth entry would exceed the byte bound"
     assert pub.stats()["buffered"] == 3, "well under the entry bound"
     redis.gate.set()
@@ -139,10 +127,10 @@ async def test_an_entry_larger_than_the_byte_bound_goes_alone_once_the_buffer_is
     redis.gate.clear()
     await pub.publish([small])
     blocked = asyncio.create_task(pub.publish([huge]))
-    await ticks()
+    await settle()
     assert not blocked.done(), "waits while anything else is buffered"
     follower = asyncio.create_task(pub.publish([after]))
-    await ticks()
+    await settle()
     assert not follower.done(), "FIFO: no overtaking of a waiting publisher"
     redis.gate.set()
     await asyncio.wait_for(asyncio.gather(blocked, follower), 5)
@@ -192,10 +180,10 @@ async def test_the_writer_gives_tasks_up_by_the_ids_their_entries_carry(
             ("s", {"name": COMPLETION_EVENT, "payload": opaque}, "T", ""),
         ]
     )
-    await wait_for(lambda: pub.stats()["dropped_tasks"] == 1)
+    await until(lambda: pub.stats()["dropped_tasks"] == 1)
     assert await pub.delivery(["T"], 0) == {"T": False}, "its completion was given up"
     redis.down = False
-    await wait_for(lambda: pub.stats()["owed_answers_sent"] == 1)
+    await until(lambda: pub.stats()["owed_answers_sent"] == 1)
     assert await pub.flush(5)
     chunk_event, done = (decode_event(fields) for _, fields in redis.written)
     assert isinstance(chunk_event, ProgressEvent)
@@ -211,11 +199,11 @@ async def test_answers_are_owed_only_while_an_online_producer_may_still_wait(
     pub = make(**OUTAGE)
     redis.down = True
     await pub.publish([chunk("OLD", 0), chunk("NEW", 0)])
-    await wait_for(lambda: pub.stats()["dropped_tasks"] == 2)
+    await until(lambda: pub.stats()["dropped_tasks"] == 2)
     # OLD was given up longer ago than its producer waits (well within the stream's window).
     pub._owed["OLD"].since -= ONLINE_MAX_WAIT_S + 1
     redis.down = False
-    await wait_for(lambda: pub.stats()["owed_answers_sent"] > 0)
+    await until(lambda: pub.stats()["owed_answers_sent"] > 0)
     assert await pub.flush(5)
     answered = {event.task_id for _, f in redis.written if (event := decode_event(f))}
     assert answered == {"NEW"}

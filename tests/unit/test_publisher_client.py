@@ -25,19 +25,7 @@ from ray_worker.eventbus import client as client_module
 from ray_worker.eventbus.batching import EventBatcher
 from ray_worker.eventbus.client import EventBusClient
 from ray_worker.eventbus.shared import Batch, Entry
-
-
-async def wait_for(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Poll ``condition`` until true (fails the test after ``within_s``)."""
-    async with asyncio.timeout(within_s):
-        while not condition():  # noqa: ASYNC110 - polling a plain predicate
-            await asyncio.sleep(0.001)
-
-
-async def ticks(n: int = 20) -> None:
-    """Let the loop run ``n`` rounds (no wall-clock wait)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
+from tests.unit.fakes import settle, until
 
 
 class FakeSend:
@@ -61,7 +49,7 @@ class FakeSend:
         try:
             await self.gate.wait()
             if self.jitter:
-                await ticks(random.randint(0, 3))
+                await settle(random.randint(0, 3))
             if self.always_fail or self.fail_times > 0:
                 self.fail_times -= 1
                 raise ConnectionError("replica unavailable")
@@ -82,7 +70,7 @@ async def test_first_event_is_sent_at_once() -> None:
     send = FakeSend()
     client = EventBatcher(send)
     await client.emit(*entry(0))
-    await wait_for(lambda: len(send.batches) == 1)
+    await until(lambda: len(send.batches) == 1)
     assert send.batches == [[entry(0)]]
     await client.flush()
 
@@ -92,10 +80,10 @@ async def test_events_coalesce_while_a_send_is_in_flight() -> None:
     send.gate.clear()
     client = EventBatcher(send)
     await client.emit(*entry(0))
-    await wait_for(lambda: send.calls == 1)
+    await until(lambda: send.calls == 1)
     for i in range(1, 50):
         await client.emit(*entry(i))
-    await ticks()
+    await settle()
     assert send.calls == 1, "no second send while one is in flight"
     send.gate.set()
     await client.flush()
@@ -140,11 +128,11 @@ async def test_pending_is_bounded_and_emit_waits() -> None:
     send.gate.clear()
     client = EventBatcher(send, max_pending=5)
     await client.emit(*entry(0))
-    await wait_for(lambda: send.calls == 1)
+    await until(lambda: send.calls == 1)
     for i in range(1, 6):
         await client.emit(*entry(i))
     blocked = asyncio.create_task(client.emit(*entry(6)))
-    await ticks()
+    await settle()
     assert not blocked.done(), "emit waits while max_pending entries are waiting"
     assert client.stats()["pending"] == 5
     send.gate.set()
@@ -189,10 +177,10 @@ async def test_flush_waits_for_in_flight_and_pending() -> None:
     send.gate.clear()
     client = EventBatcher(send)
     await client.emit(*entry(0))
-    await wait_for(lambda: send.calls == 1)
+    await until(lambda: send.calls == 1)
     await client.emit(*entry(1))
     flushing = asyncio.create_task(client.flush())
-    await ticks()
+    await settle()
     assert not flushing.done()
     send.gate.set()
     await asyncio.wait_for(flushing, 5)
@@ -255,13 +243,13 @@ async def test_interval_gathers_events_but_first_chunks_and_completions_leave_at
     # An interval no test run reaches: whatever leaves early left because it was urgent.
     client = EventBatcher(send, topic="t:", min_interval_s=3600)
     await client.progress("i", "A", "0", "message", {"n": 0})
-    await wait_for(lambda: len(send.batches) == 1)
+    await until(lambda: len(send.batches) == 1)
     for n in range(1, 6):
         await client.progress("i", "A", str(n), "message", {"n": n})
-    await ticks()
+    await settle()
     assert len(send.batches) == 1, "later chunks wait for the interval"
     await client.progress("i", "B", "0", "message", {"n": 0})  # another stream's first chunk
-    await wait_for(lambda: len(send.batches) == 2)
+    await until(lambda: len(send.batches) == 2)
     assert [json.loads(f["payload"])["eventId"] for _, f, *_ in send.batches[1]] == [
         "1",
         "2",
@@ -406,7 +394,7 @@ async def test_a_dead_publishers_streams_end_in_an_error_and_its_blocking_answer
     blocking = asyncio.create_task(
         client.completion("inst", "BLOCK", {"status_code": 200, "request_id": "BLOCK"})
     )
-    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f, *_ in first.entries))
+    await until(lambda: any(f["name"] == COMPLETION_EVENT for _, f, *_ in first.entries))
     first.dead = True  # SIGKILL: what it held is gone
 
     # The stream goes on (its next events reveal the death), then finishes with [DONE].
@@ -532,7 +520,7 @@ async def test_after_a_publishers_death_only_tasks_with_unwritten_events_lose_th
     written = asyncio.create_task(
         client.completion("inst", "WRITTEN", {"status_code": 200, "request_id": "WRITTEN"})
     )
-    await wait_for(
+    await until(
         lambda: (
             bool(first.events("WRITTEN"))
             and first.written == first.accepted == client.stats()["sent_batches"]
@@ -546,11 +534,11 @@ async def test_after_a_publishers_death_only_tasks_with_unwritten_events_lose_th
     held = asyncio.create_task(
         client.completion("inst", "HELD", {"status_code": 200, "request_id": "HELD"})
     )
-    await wait_for(lambda: any(f["name"] == COMPLETION_EVENT for _, f, *_ in first.held[-1]))
+    await until(lambda: any(f["name"] == COMPLETION_EVENT for _, f, *_ in first.held[-1]))
     first.dead = True
     # The confirmations it still owes reveal the death (a batch in flight to a dying
     # publisher may or may not have been applied: its tasks count as lost).
-    await wait_for(lambda: client.stats()["reattached"] == 1)
+    await until(lambda: client.stats()["reattached"] == 1)
 
     # Both streams go on.
     for task_id, n in (("KEPT", 3), ("CUT", 2)):
@@ -593,7 +581,7 @@ async def test_the_written_mark_comes_with_lease_renewals_while_a_stream_is_idle
     await client.flush()
     first.write()
     renewals = len(first.leases)
-    await wait_for(lambda: len(first.leases) >= renewals + 2)
+    await until(lambda: len(first.leases) >= renewals + 2)
     first.dead = True
     await client.check_health()  # replaces the dead publisher
     await client.progress("inst", "IDLE", "3", "message", "[DONE]")
