@@ -240,7 +240,18 @@ class CapacityConfig(_Frozen):
         default=0.1,
         ge=0,
         lt=1,
-        description="Share of the target kept free for level-0 tasks (offline stops short).",
+        description=(
+            "Engine seats kept for online tasks, as a share of max_num_seqs (rounded up): each "
+            "engine runs max_num_seqs plus these; offline work never uses more than max_num_seqs."
+        ),
+    )
+    max_preemptions: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "Times one offline task may be aborted and run again from the start to give its seat "
+            "to an online task that found every seat taken (0: offline runs are never preempted)."
+        ),
     )
     kv_cache_high_watermark: float = Field(
         default=0.95,

@@ -156,6 +156,15 @@ class ReplicaLoad:
     """The tasks the replica runs (a restarted poller counts them as in flight)."""
     held_online: int = 0
     held_offline: int = 0
+    offline_width: int = 0
+    """Seats offline work may hold: the configured ``max_num_seqs`` (0: the replica keeps no
+    online seats; its whole ``max_num_seqs`` is the width)."""
+    online_seats: int = 0
+    """Engine seats above the width, kept for online work (``ray_worker.task.seats``)."""
+    seats_online_in_use: int = 0
+    seats_offline_in_use: int = 0
+    preemptions: int = 0
+    """Offline runs preempted for online work since the replica started."""
     in_flight: int = 0
     """Engine requests running in the replica."""
     engine: str = "vllm"
@@ -163,6 +172,11 @@ class ReplicaLoad:
     """Epoch seconds when the replica made the report."""
     outbox: Mapping[str, Any] = field(default_factory=dict)
     """The replica's outbox figures (``Outbox.stats``: entries, bytes, give-ups)."""
+
+    @property
+    def width(self) -> int:
+        """Seats offline work may hold."""
+        return self.offline_width or max(1, self.max_num_seqs - self.online_seats)
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> ReplicaLoad:
@@ -181,6 +195,11 @@ class ReplicaLoad:
             else frozenset(),
             held_online=int(report.get("held_online", 0)),
             held_offline=int(report.get("held_offline", 0)),
+            offline_width=int(report.get("offline_width", 0)),
+            online_seats=int(report.get("online_seats", 0)),
+            seats_online_in_use=int(report.get("seats_online_in_use", 0)),
+            seats_offline_in_use=int(report.get("seats_offline_in_use", 0)),
+            preemptions=int(report.get("preemptions", 0)),
             in_flight=int(report.get("in_flight", 0)),
             engine=str(report.get("engine", "vllm")),
             ts=float(report.get("ts", 0.0)),
@@ -200,6 +219,11 @@ class ReplicaLoad:
             "held_ids": sorted(self.held_ids),
             "held_online": self.held_online,
             "held_offline": self.held_offline,
+            "offline_width": self.offline_width,
+            "online_seats": self.online_seats,
+            "seats_online_in_use": self.seats_online_in_use,
+            "seats_offline_in_use": self.seats_offline_in_use,
+            "preemptions": self.preemptions,
             "in_flight": self.in_flight,
             "engine": self.engine,
             "ts": self.ts,

@@ -45,6 +45,7 @@ METRIC_NAMES = {
     "complete_given_up": "bella_worker_complete_given_up_total",
     "tasks_cancelled": "bella_worker_tasks_cancelled_total",
     "cancel_checks": "bella_worker_cancel_checks_total",
+    "preemptions": "bella_worker_preemptions_total",
 }
 
 
@@ -180,6 +181,11 @@ class WorkerMetrics:
                 "Cancellation status requests of long offline tasks, by kind and result "
                 "(ok, cancelled, error).",
                 tag_keys=("kind", "result"),
+            ),
+            "preemptions": rm.Counter(
+                n["preemptions"],
+                "Offline runs aborted to free an engine seat for an online task (each re-runs).",
+                tag_keys=("queue",),
             ),
         }
 

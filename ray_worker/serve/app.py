@@ -29,13 +29,22 @@ def build_app(args: dict[str, Any]) -> Application:
     Each ``llm_configs`` entry is parsed into an ``LLMConfig`` once; every default the worker
     derives from it (``ray_worker.serve.llm_config``) reads that parsed config.
     """
-    from ray_worker.serve.llm_config import as_llm_config, with_backlog_autoscaling
+    from ray_worker.serve.llm_config import (
+        as_llm_config,
+        with_backlog_autoscaling,
+        with_online_seats,
+    )
     from ray_worker.serve.llm_server import build_llm_deployment
 
     app_args = WorkerAppArgs.model_validate(args).resolved()
     apikey = EnvSettings().require_apikey()
+    capacity = app_args.capacity
     configs = [
-        with_backlog_autoscaling(as_llm_config(c), app_args.capacity.target_ratio)
+        with_online_seats(
+            with_backlog_autoscaling(as_llm_config(c), capacity.target_ratio),
+            capacity.online_reserve_ratio,
+            capacity.max_preemptions,
+        )
         for c in app_args.llm_configs
     ]
     if app_args.engine == DEFAULT_ENGINE:

@@ -24,15 +24,19 @@ if TYPE_CHECKING:
 __all__ = [
     "HEALTH_CHECK_PERIOD_S",
     "LORA_PATH_KEY",
+    "SEATS_KEY",
+    "SIM_DEFAULT_MAX_NUM_SEQS",
     "SIM_ENGINE_KEY",
     "VLLM_DEFAULT_MAX_NUM_SEQS",
     "as_llm_config",
     "cpu_llm_config",
     "lora_path_of",
     "max_num_seqs_of",
+    "seats_of",
     "sim_llm_config",
     "sim_settings",
     "with_backlog_autoscaling",
+    "with_online_seats",
     "with_worker_defaults",
 ]
 
@@ -52,6 +56,14 @@ HEALTH_CHECK_PERIOD_S = 5.0
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 """vLLM's ``max_num_seqs`` when ``engine_kwargs`` leave it unset (its engine-args default on
 GPUs under 70 GiB; a running engine reports its real value in the load report)."""
+
+SIM_DEFAULT_MAX_NUM_SEQS = 8
+"""The simulated engine's ``max_num_seqs`` when neither its settings nor ``engine_kwargs`` set
+one (``SimEngineSettings``' default)."""
+
+SEATS_KEY = "bella_seats"
+"""``experimental_configs`` key holding a replica's engine seats (``with_online_seats``):
+``{"width": w, "online_seats": s, "max_preemptions": p}``; read by ``seats_of``."""
 
 
 def sim_settings(llm_config: Any) -> Mapping[str, Any] | None:
@@ -97,10 +109,53 @@ def lora_path_of(llm_config: Any) -> str | None:
 
 
 def max_num_seqs_of(llm_config: LLMConfig) -> int:
+    """The engine's ``max_num_seqs`` as ``llm_config`` sets it (after ``with_online_seats``:
+    the width plus the online seats)."""
     sim = sim_settings(llm_config)
-    if sim is not None and "max_num_seqs" in sim:
-        return int(sim["max_num_seqs"])
+    if sim is not None:
+        if "max_num_seqs" in sim:
+            return int(sim["max_num_seqs"])
+        return int(llm_config.engine_kwargs.get("max_num_seqs") or SIM_DEFAULT_MAX_NUM_SEQS)
     return int(llm_config.engine_kwargs.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)
+
+
+def with_online_seats(
+    llm_config: LLMConfig, online_reserve_ratio: float, max_preemptions: int
+) -> LLMConfig:
+    """A copy of ``llm_config`` whose engine runs ``ceil(width * online_reserve_ratio)`` seats
+    above its configured ``max_num_seqs`` (the width), kept for online work
+    (``ray_worker.task.seats``); the seats are written under ``SEATS_KEY``. Idempotent: a
+    config that has them already is returned as is (a copy)."""
+    cfg = as_llm_config(llm_config)
+    if SEATS_KEY in cfg.experimental_configs:
+        return cfg
+    width = max_num_seqs_of(cfg)
+    online = math.ceil(width * online_reserve_ratio) if online_reserve_ratio > 0 else 0
+    cfg.experimental_configs[SEATS_KEY] = {
+        "width": width,
+        "online_seats": online,
+        "max_preemptions": max_preemptions,
+    }
+    if online:
+        sim = sim_settings(cfg)
+        if sim is not None:
+            cfg.experimental_configs[SIM_ENGINE_KEY] = {**sim, "max_num_seqs": width + online}
+        else:
+            cfg.engine_kwargs["max_num_seqs"] = width + online
+    return cfg
+
+
+def seats_of(llm_config: Any) -> tuple[int, int, int] | None:
+    """``(width, online_seats, max_preemptions)`` written by ``with_online_seats``, or None."""
+    experimental = getattr(llm_config, "experimental_configs", None) or {}
+    value = experimental.get(SEATS_KEY)
+    if not isinstance(value, Mapping):
+        return None
+    return (
+        int(value.get("width", 1)),
+        int(value.get("online_seats", 0)),
+        int(value.get("max_preemptions", 0)),
+    )
 
 
 def with_worker_defaults(

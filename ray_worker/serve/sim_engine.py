@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_worker.bella.protocol import openai_error
-from ray_worker.serve.llm_config import SIM_ENGINE_KEY
+from ray_worker.serve.llm_config import SIM_DEFAULT_MAX_NUM_SEQS, SIM_ENGINE_KEY
 
 __all__ = [
     "SimEngine",
@@ -63,7 +63,9 @@ class SimEngineSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_num_seqs: int = Field(
-        default=8, ge=1, description="Requests running at once; more wait in the queue."
+        default=SIM_DEFAULT_MAX_NUM_SEQS,
+        ge=1,
+        description="Requests running at once; more wait in the queue.",
     )
     ttft_s: float = Field(default=0.05, ge=0, description="Delay before a request's first token.")
     tokens_per_s: float = Field(

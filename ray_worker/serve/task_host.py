@@ -35,6 +35,7 @@ from ray_worker.metrics import WorkerMetrics
 from ray_worker.serve.answering import AnsweringKit
 from ray_worker.task.cancel_watch import CancelWatch
 from ray_worker.task.runner import TaskRunner
+from ray_worker.task.seats import Seats
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ReplicaTasks:
         app_name: str,
         client_id: str,
         replica_id: str = "",
+        seats: Seats | None = None,
     ) -> None:
         self.settings = (
             settings
@@ -107,6 +109,7 @@ class ReplicaTasks:
             redelivery_window_s=self.settings.redelivery_window_s,
             model_id=model_id,
             redelivers=self.settings.redelivers,
+            seats=seats,
         )
         self.cancel_watch: CancelWatch | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -193,8 +196,11 @@ class ReplicaTasks:
         yield done(result)
 
     def held(self) -> dict[str, Any]:
-        """The tasks running here (part of the load report)."""
-        return self.runner.held()
+        """The tasks running here and the engine's seats (part of the load report)."""
+        held = self.runner.held()
+        if self.runner.seats is not None:
+            held.update(self.runner.seats.stats())
+        return held
 
     def outbox_load(self) -> dict[str, Any]:
         """The outbox's figures (entries, bytes, give-ups; part of the load report)."""

@@ -16,6 +16,11 @@ Cancelling: ``abort`` ends a task that Bella-Queue no longer wants (a cancelled 
 see ``ray_worker.task.cancel_watch``) before its answer: the engine request is aborted and no
 answer is sent (the server would ignore it); its outcome says ``cancelled``.
 
+Seats: with ``seats`` (``ray_worker.task.seats``), every engine call holds seats of the
+replica's engine: online work (level 0, or a producer waiting) in any free seat, offline work
+within the configured width; an offline run an online task preempts runs again from the start
+(its answer leaves only at the end), at most ``max_preemptions`` times.
+
 Stopping: ``drain`` waits for the running tasks; what it must cut short is answered 503 when
 its producer waits online (or at level 0, which the server never redelivers), and left
 unanswered at level 1, where the server redelivers it after ``process_timeout``: a final 503
@@ -72,6 +77,7 @@ from ray_worker.task.answers import (
     delivery_failed,
     task_context,
 )
+from ray_worker.task.seats import Seats
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,7 @@ class _Run:
         "first_at",
         "on_answering",
         "overloaded",
+        "preemptions",
         "prompt_tokens",
         "sent",
         "started",
@@ -118,6 +125,7 @@ class _Run:
         self.first_at: float | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.preemptions = 0
 
     def mark_answering(self) -> None:
         """Called once, right before the task's first event or answer leaves."""
@@ -150,8 +158,11 @@ class TaskRunner:
         redelivery_window_s: float = 0.0,
         model_id: str = "",
         redelivers: bool = True,
+        seats: Seats | None = None,
     ) -> None:
         self.engine = engine
+        self.seats = seats
+        """The engine's seats (None: every call goes straight to the engine)."""
         self.redelivers = redelivers
         """Whether the server redelivers a level-1 task left unanswered (see the module doc)."""
         self.events = events
@@ -379,14 +390,23 @@ class TaskRunner:
             )
         timeout = asyncio.timeout((deadline - self.clock()) / 1000)
         response: dict[str, Any] | None = None
+        online = task.level == 0 or task.is_online
         try:
             async with timeout:
-                async for item in self._attempts(task, endpoint, data, priority, run):
-                    run.count_usage(item)
-                    if streaming:
-                        await self._chunk(task, run, item)
-                    else:
-                        response = item
+                if self.seats is not None and not online and not streaming:
+                    response = await self._preemptible(task, endpoint, data, priority, run)
+                else:
+                    async with contextlib.AsyncExitStack() as seat:
+                        if self.seats is not None:
+                            await seat.enter_async_context(
+                                self.seats.hold(task.task_id, online=online, weight=_seqs(data))
+                            )
+                        async for item in self._attempts(task, endpoint, data, priority, run):
+                            run.count_usage(item)
+                            if streaming:
+                                await self._chunk(task, run, item)
+                            else:
+                                response = item
         except EngineDeadError:
             raise
         except Exception as err:
@@ -455,6 +475,50 @@ class TaskRunner:
                     # Closing aborts the request in the engine when it did not finish.
                     with contextlib.suppress(Exception):
                         await aclose()
+
+    async def _preemptible(
+        self, task: Task, endpoint: str, data: dict[str, Any], priority: int, run: _Run
+    ) -> dict[str, Any] | None:
+        """An offline task's whole engine response, within the seats' offline width; run
+        again from the start (at the head of the line) when an online task preempts it."""
+        seats = self.seats
+        assert seats is not None
+        while True:
+            async with seats.hold(
+                task.task_id,
+                online=False,
+                weight=_seqs(data),
+                preemptible=run.preemptions < seats.max_preemptions,
+                first=run.preemptions > 0,
+            ) as seat:
+                call = asyncio.ensure_future(self._whole(task, endpoint, data, priority, run))
+                seat.on_preempt = call.cancel
+                try:
+                    return await call
+                except BaseException:
+                    job = asyncio.current_task()
+                    # Preempted, unless this job itself is being cancelled (deadline, abort,
+                    # stop); the engine may have made its own error of the cancellation.
+                    if not seat.preempted or (job is not None and job.cancelling()):
+                        raise
+            run.preemptions += 1
+            self.metrics.inc("preemptions", queue=task.queue)
+            logger.info(
+                "offline task preempted for an online task (%d of at most %d); it runs again",
+                run.preemptions,
+                seats.max_preemptions,
+                extra=task_context(task),
+            )
+
+    async def _whole(
+        self, task: Task, endpoint: str, data: dict[str, Any], priority: int, run: _Run
+    ) -> dict[str, Any] | None:
+        """The last item of one engine call (a non-streaming call yields one response)."""
+        response: dict[str, Any] | None = None
+        async for item in self._attempts(task, endpoint, data, priority, run):
+            run.count_usage(item)
+            response = item
+        return response
 
     async def _chunk(self, task: Task, run: _Run, data: Any) -> None:
         """Send the next progress event of a streaming task: ``eventId`` counts 0, 1, ..."""
@@ -552,3 +616,9 @@ class TaskRunner:
 
 def _outcome(task: Task, **fields: Any) -> Outcome:
     return outcome(task.task_id, **fields)
+
+
+def _seqs(data: dict[str, Any]) -> int:
+    """Engine sequences a request runs (its ``n``)."""
+    n = data.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1

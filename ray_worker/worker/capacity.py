@@ -5,19 +5,25 @@ replica reports (running and waiting requests, KV-cache use, ``max_num_seqs``), 
 replicas count as running (those that reported recently), and what the worker holds in
 flight. It must not do I/O or import Ray; the poller feeds it reports and asks it for sizes.
 
-Per replica ``r`` of a model:
+Per replica ``r`` of a model, with ``width(r)`` its configured ``max_num_seqs`` (the seats
+offline work may hold) and ``seats(r)`` the engine seats above it kept for online work
+(``ray_worker.task.seats``; the engine runs ``width + seats``):
 
-    slots(r)  = ceil(max_num_seqs(r) * target_ratio)       # target, not max
-    slots(r)  = min(slots(r), running(r) + waiting(r))     # when its KV cache is nearly full
-    slots(r)  = 0                                          # while it stops (draining)
-    target    = sum of slots(r) over fresh replicas
-    remaining = max(0, target - in_flight)                  # level 0
-    remaining = max(0, target - reserve - in_flight)        # level 1, reserve kept for level 0
+    offline(r) = ceil(width(r) * target_ratio)              # target, not max: the excess
+                                                            # waits in the replica for a seat
+    offline(r) = min(offline(r), running(r) + waiting(r))   # when its KV cache is nearly full
+    offline(r) = seats(r) = 0                               # while it stops (draining)
+    T, W, S    = sums of offline(r), width(r), seats(r) over fresh replicas
+    remaining  = max(0, T + S - online - min(offline, W))   # level 0
+    remaining  = max(0, T - offline - max(0, online - S))   # level 1
 
-``in_flight`` counts tasks the worker took and has not answered yet (queued in the worker,
-waiting in the engine or running), so the worker never takes more than it can start soon; a
-task with ``n`` > 1 counts as its ``n`` sequences (the caller says how many, and releases as
-many). Tasks a replica holds that this tracker did not count (``held_unknown``) count one each.
+``online``/``offline`` count the tasks the worker took and has not answered yet (queued in the
+worker, waiting in a replica or running), so the worker never takes more than it can start
+soon. Online work may use every seat (beyond the free ones it preempts offline runs), so the
+offline tasks waiting in a replica beyond the width do not hold it back; offline work gives
+way once online work overflows its seats. A task with ``n`` > 1 counts as its ``n``
+sequences (the caller says how many, and releases as many). Tasks a replica holds that this
+tracker did not count (``held_unknown``) count one each, at both levels.
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ class CapacityTracker:
             seen = _Seen(load, now, unknown)
         previous = state.loads.get(load.replica_id)
         state.loads[load.replica_id] = seen
-        if previous is None or _slots(previous.load, self.config) != _slots(load, self.config):
+        if previous is None or _seats(previous.load, self.config) != _seats(load, self.config):
             self._notify()
 
     def acquire(
@@ -183,8 +189,9 @@ class CapacityTracker:
         return self._clock()
 
     def target(self, model_id: str) -> int:
-        """Tasks the model's running replicas should hold: enough to keep batches full."""
-        return sum(_slots(seen.load, self.config) for seen in self._fresh(model_id))
+        """Tasks the model's running replicas should hold: enough to keep batches full, plus
+        the online seats."""
+        return sum(sum(_seats(seen.load, self.config)) for seen in self._fresh(model_id))
 
     def max_num_seqs(self, model_id: str) -> int:
         """Sequences the running replicas can run at once."""
@@ -192,10 +199,20 @@ class CapacityTracker:
 
     def remaining(self, model_id: str, level: Level) -> int:
         """How many more tasks of ``level`` may be taken for ``model_id`` now."""
-        target = self.target(model_id)
+        offline_target = seats = width = unknown = 0
+        for seen in self._fresh(model_id):
+            offline, online = _seats(seen.load, self.config)
+            offline_target += offline
+            seats += online
+            width += 0 if seen.load.draining else seen.load.width
+            unknown += seen.held_unknown
+        counts = self._models[model_id].in_flight
+        online_held, offline_held = counts[Level.ONLINE], counts[Level.OFFLINE]
         if level is Level.OFFLINE:
-            target -= math.ceil(target * self.config.online_reserve_ratio)
-        return max(0, target - self.in_flight(model_id))
+            left = offline_target - offline_held - max(0, online_held - seats)
+        else:
+            left = offline_target + seats - online_held - min(offline_held, width)
+        return max(0, left - unknown)
 
     def in_flight(self, model_id: str) -> int:
         """Tasks held for ``model_id``: counted here, plus those its replicas report running
@@ -221,6 +238,11 @@ class CapacityTracker:
                 "engine_running": sum(x.running for x in loads),
                 "engine_waiting": sum(x.waiting for x in loads),
                 "kv_cache_usage_max": max((x.kv_cache_usage for x in loads), default=0.0),
+                "offline_width": sum(x.width for x in loads if not x.draining),
+                "online_seats": sum(x.online_seats for x in loads if not x.draining),
+                "online_seats_in_use": sum(x.seats_online_in_use for x in loads),
+                "offline_seats_in_use": sum(x.seats_offline_in_use for x in loads),
+                "preemptions": sum(x.preemptions for x in loads),
                 "declined": state.declined,
                 "held_unknown": sum(seen.held_unknown for seen in seens),
             }
@@ -243,10 +265,11 @@ class CapacityTracker:
                 waiter.set_result(None)
 
 
-def _slots(load: ReplicaLoad, config: CapacityConfig) -> int:
+def _seats(load: ReplicaLoad, config: CapacityConfig) -> tuple[int, int]:
+    """``(offline target, online seats)`` of one replica."""
     if load.draining:
-        return 0
-    slots = math.ceil(load.max_num_seqs * config.target_ratio)
+        return 0, 0
+    offline = math.ceil(load.width * config.target_ratio)
     if load.kv_cache_usage >= config.kv_cache_high_watermark:
-        slots = min(slots, load.running + load.waiting)
-    return slots
+        offline = min(offline, load.running + load.waiting)
+    return offline, load.online_seats

@@ -9,6 +9,8 @@ the network, Ray or the wall clock beyond ``asyncio.sleep``.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from ray_worker.bella.protocol import TakeRequest, Task
@@ -56,9 +58,7 @@ class PollRig:
             "error_backoff_max_s": ERR_MAX,
             **config,
         }
-        self.capacity = CapacityTracker(
-            CapacityConfig(target_ratio=1.0, online_reserve_ratio=0.25), list(models)
-        )
+        self.capacity = CapacityTracker(CapacityConfig(target_ratio=1.0), list(models))
         if max_num_seqs is not None:
             for model in models:
                 self.report(model, max_num_seqs)
@@ -95,8 +95,17 @@ class PollRig:
         self.states.append(self.pools[0].state)
 
     def report(self, model: str = "m", max_num_seqs: int = 8) -> None:
+        """One replica of ``model`` whose engine runs ``max_num_seqs``, a quarter of them
+        (rounded up) online seats: 8 seqs are a width of 6 and 2 seats."""
+        seats = math.ceil(max_num_seqs * 0.25)
         self.capacity.report(
-            {"replica_id": f"r-{model}", "model_id": model, "max_num_seqs": max_num_seqs}
+            {
+                "replica_id": f"r-{model}",
+                "model_id": model,
+                "max_num_seqs": max_num_seqs,
+                "offline_width": max_num_seqs - seats,
+                "online_seats": seats,
+            }
         )
 
     @property

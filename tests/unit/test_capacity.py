@@ -52,7 +52,7 @@ def load(
 def tracker(
     models: tuple[str, ...] = ("m",), clock: Clock | None = None, **config: Any
 ) -> CapacityTracker:
-    settings = {"target_ratio": 1.0, "online_reserve_ratio": 0.25, **config}
+    settings = {"target_ratio": 1.0, **config}
     return CapacityTracker(CapacityConfig(**settings), list(models), clock=clock or Clock())
 
 
@@ -85,17 +85,35 @@ def test_target_ratio_scales_slots_and_rounds_up() -> None:
     assert cap.target("m") == 10 + 4  # ceil(3 * 1.25)
 
 
-def test_online_reserve_offline_stops_short_online_gets_the_rest() -> None:
-    cap = tracker(online_reserve_ratio=0.25)
-    cap.report(load(max_num_seqs=8))  # target 8, reserve ceil(2) for level 0
-    assert cap.remaining("m", OFFLINE) == 6
-    assert cap.remaining("m", ONLINE) == 8
-    cap.acquire("m", OFFLINE, 6)
+def test_online_seats_offline_stops_at_the_width_online_gets_the_seats() -> None:
+    cap = tracker()
+    # An engine of 10 seqs: a width of 8 for offline work, 2 seats kept for online work.
+    report = load(max_num_seqs=10)
+    cap.report({**report, "offline_width": 8, "online_seats": 2})
+    assert cap.target("m") == 10
+    assert cap.remaining("m", OFFLINE) == 8
+    assert cap.remaining("m", ONLINE) == 10
+    cap.acquire("m", OFFLINE, 8)
     assert cap.remaining("m", OFFLINE) == 0
     assert cap.remaining("m", ONLINE) == 2
     cap.acquire("m", ONLINE, 2)
     assert cap.remaining("m", ONLINE) == 0
     assert cap.remaining("m", OFFLINE) == 0
+
+
+def test_offline_waiting_beyond_the_width_does_not_hold_online_back() -> None:
+    cap = tracker(target_ratio=1.25)
+    report = load(max_num_seqs=10)
+    cap.report({**report, "offline_width": 8, "online_seats": 2})
+    assert cap.remaining("m", OFFLINE) == 10  # ceil(8 * 1.25): 2 wait in the replica
+    cap.acquire("m", OFFLINE, 10)
+    # Online tasks get the seats, and the seats of the 2 offline tasks that only wait.
+    assert cap.remaining("m", ONLINE) == 2 + 2
+    cap.acquire("m", ONLINE, 3)
+    assert cap.remaining("m", ONLINE) == 1
+    cap.release("m", OFFLINE, 10)
+    # Online work overflowing its seats holds offline work back by as much.
+    assert cap.remaining("m", OFFLINE) == 10 - 1
 
 
 def test_zero_reserve_gives_offline_everything() -> None:
@@ -256,10 +274,15 @@ def test_snapshot_shape() -> None:
             "in_flight_online": 1,
             "in_flight_offline": 2,
             "remaining_online": 13,
-            "remaining_offline": 16 - 4 - 3,
+            "remaining_offline": 16 - 2 - 1,
             "engine_running": 3,
             "engine_waiting": 1,
             "kv_cache_usage_max": 0.5,
+            "offline_width": 16,
+            "online_seats": 0,
+            "online_seats_in_use": 0,
+            "offline_seats_in_use": 0,
+            "preemptions": 0,
             "declined": 0,
             "held_unknown": 0,
         }
@@ -274,7 +297,7 @@ def test_unknown_held_ids_count_as_in_flight() -> None:
     cap.report(load("r1", held=["t1", "t2", "t3"]))
     assert cap.in_flight("m") == 3
     assert cap.remaining("m", ONLINE) == 8 - 3
-    assert cap.remaining("m", OFFLINE) == 8 - 2 - 3
+    assert cap.remaining("m", OFFLINE) == 8 - 3
     assert cap.snapshot()["m"]["held_unknown"] == 3
     assert cap.snapshot()["m"]["in_flight_online"] == 0  # its own counts are untouched
 

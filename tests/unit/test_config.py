@@ -72,6 +72,7 @@ def test_capacity_defaults() -> None:
     assert CapacityConfig().model_dump() == {
         "target_ratio": 1.25,
         "online_reserve_ratio": 0.1,
+        "max_preemptions": 2,
         "kv_cache_high_watermark": 0.95,
         "load_stale_after_s": 5.0,
         "load_report_interval_s": 0.5,
