@@ -10,7 +10,6 @@ the network, Ray or the wall clock beyond ``asyncio.sleep``.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 from ray_worker.bella.protocol import TakeRequest, Task

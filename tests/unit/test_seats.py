@@ -75,13 +75,15 @@ async def test_no_preemption_past_the_cap_nor_of_online_work() -> None:
         seat.on_preempt = lambda: called.append("capped")
         online = asyncio.create_task(_hold_briefly(seats, "o1", online=True))
         await settle()
-        assert called == [] and not online.done()  # it waits for the seat
+        assert called == []
+        assert not online.done()
     await online
     async with seats.hold("o2", online=True) as seat:
         seat.on_preempt = lambda: called.append("o2")
         other = asyncio.create_task(_hold_briefly(seats, "o3", online=True))
         await settle()
-        assert called == [] and not other.done()
+        assert called == []
+        assert not other.done()
     await other
     assert seats.preemptions == 0
 
@@ -219,7 +221,8 @@ async def test_online_task_starts_at_once_on_an_engine_full_of_offline_work() ->
     assert not any(kind == "answer" for kind, _ in timeline.log)
     results: list[Outcome] = await asyncio.gather(job, *(j for j in jobs if j is not None))
     assert [r["status_code"] for r in results] == [200] * 4
-    assert runner.seats is not None and runner.seats.preemptions == 0
+    assert runner.seats is not None
+    assert runner.seats.preemptions == 0
     for task in offline:
         _assert_one_whole_answer(timeline, task, 20)
 
@@ -235,7 +238,8 @@ async def test_preempted_offline_task_gets_exactly_one_whole_answer() -> None:
     online_job = runner.start(online)
     await until(lambda: ("event", online.task_id) in timeline.log)
     assert not any(kind == "answer" for kind, _ in timeline.log)
-    assert runner.seats is not None and runner.seats.preemptions == 1
+    assert runner.seats is not None
+    assert runner.seats.preemptions == 1
     outcomes = await asyncio.gather(online_job, *jobs)
     assert [o["status_code"] for o in outcomes] == [200, 200, 200]
     # The one started last lost its run and ran again after the online task: one answer each.
@@ -247,14 +251,15 @@ async def test_preempted_offline_task_gets_exactly_one_whole_answer() -> None:
 
 
 async def test_streaming_tasks_are_never_preempted() -> None:
-    runner, timeline, server = await _runner(width=1, online=0, cap=2)
+    runner, timeline, _server = await _runner(width=1, online=0, cap=2)
     long, late = _streaming(15), _streaming(5)
     first = runner.start(long)
     await until(lambda: ("event", long.task_id) in timeline.log)
     second = runner.start(late)
     outcomes = await asyncio.gather(first, second)
     assert [o["status_code"] for o in outcomes] == [200, 200]
-    assert runner.seats is not None and runner.seats.preemptions == 0
+    assert runner.seats is not None
+    assert runner.seats.preemptions == 0
     # The late one waited for the seat: the first stream's tokens went out whole, before it.
     long_events = [i for i, entry in enumerate(timeline.log) if entry == ("event", long.task_id)]
     assert max(long_events[:-1]) < timeline.first("event", late.task_id)  # all but [DONE]
@@ -270,7 +275,8 @@ async def test_a_task_is_preempted_at_most_the_cap() -> None:
     online_done = runner.start(preempting)
     assert online_done is not None
     assert (await online_done)["status_code"] == 200
-    assert runner.seats is not None and runner.seats.preemptions == 1
+    assert runner.seats is not None
+    assert runner.seats.preemptions == 1
     await until(lambda: server.engine.get_load()["running"] == 1)  # the victim runs again
     late = _streaming(3)
     late_done = runner.start(late)
