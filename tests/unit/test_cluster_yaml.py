@@ -20,10 +20,13 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from ray_worker.serve.data_parallel import layout_of, serve_replica_bounds
+
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 DEEPSEEK = ROOT / "configs" / "deepseek.yaml"
+DEEPSEEK_R1 = ROOT / "configs" / "deepseek-r1.yaml"
 
 
 @pytest.fixture
@@ -171,6 +174,59 @@ def test_gpu_nodes_hold_the_deepseek_config(cluster: dict[str, Any]) -> None:
     always = sum(n["resources"]["GPU"] * n["min_workers"] for n in matching.values())
     assert most >= autoscaling["max_replicas"] * tp
     assert always >= autoscaling["min_replicas"] * tp
+
+
+def _matching(config: dict[str, Any], llm: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    accelerator = f"accelerator_type:{llm['accelerator_type']}"
+    matching = {
+        name: node
+        for name, node in _gpu_node_types(config).items()
+        if node["resources"].get(accelerator, 0) > 0
+    }
+    assert matching, f"no node type advertises {accelerator}"
+    return matching
+
+
+def _r1_h100_alternative() -> dict[str, Any]:
+    """The commented H100 entry of deepseek-r1.yaml, uncommented."""
+    lines = DEEPSEEK_R1.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "Replace the entry above with:" in line)
+    block = [line.strip()[2:] for line in lines[start + 1 :] if line.strip().startswith("# ")]
+    [llm] = yaml.safe_load("\n".join(block))
+    assert isinstance(llm, dict)
+    return llm
+
+
+def test_gpu_nodes_hold_the_deepseek_r1_groups(cluster: dict[str, Any]) -> None:
+    """A data-parallel group (all its ranks' GPUs) fits one node, and the nodes the max."""
+    serve = yaml.safe_load(DEEPSEEK_R1.read_text())
+    [llm] = serve["applications"][0]["args"]["llm_configs"]
+    layout = layout_of(llm)
+    assert layout.is_data_parallel
+    bounds = serve_replica_bounds(llm["deployment_config"], layout.data_parallel_size)
+    assert bounds.max_replicas is not None
+    groups_at_most = layout.groups(bounds.max_replicas)
+
+    matching = _matching(cluster, llm)
+    for node in matching.values():
+        assert node["resources"]["GPU"] % layout.gpus_per_group == 0, "a group spans nodes"
+    most = sum(
+        node["resources"]["GPU"] // layout.gpus_per_group * node["max_workers"]
+        for node in matching.values()
+    )
+    assert most >= groups_at_most >= 1
+
+
+def test_gpu_nodes_hold_the_deepseek_r1_h100_alternative(cluster: dict[str, Any]) -> None:
+    llm = _r1_h100_alternative()
+    layout = layout_of(llm)
+    assert not layout.is_data_parallel
+    assert (layout.tensor_parallel_size, layout.pipeline_parallel_size) == (8, 2)
+    matching = _matching(cluster, llm)
+    for node in matching.values():
+        assert node["resources"]["GPU"] % layout.tensor_parallel_size == 0, "TP spans nodes"
+    most = sum(n["resources"]["GPU"] * n["max_workers"] for n in matching.values())
+    assert most >= llm["deployment_config"]["num_replicas"] * layout.gpus_per_rank
 
 
 # ------------------------------------------------------------------------ secrets, comments

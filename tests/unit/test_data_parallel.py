@@ -1,0 +1,158 @@
+"""Data-parallel deployments: replica and seat arithmetic (``ray_worker.serve.data_parallel``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Imported here, at collection: the first import of ray.serve.llm (vLLM) takes seconds.
+from ray.serve.llm import LLMConfig
+
+from ray_worker.errors import ConfigError
+from ray_worker.serve.data_parallel import (
+    DataParallelLayout,
+    RankReport,
+    ReplicaBounds,
+    counted_replicas,
+    is_data_parallel,
+    layout_of,
+    serve_replica_bounds,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _llm(name: str) -> dict[str, Any]:
+    [llm] = yaml.safe_load((CONFIGS / name).read_text())["applications"][0]["args"]["llm_configs"]
+    assert isinstance(llm, dict)
+    return llm
+
+
+# ------------------------------------------------------------------------------- layout
+
+
+def test_deepseek_r1_is_eight_ranks_of_one_gpu_per_group() -> None:
+    layout = layout_of(_llm("deepseek-r1.yaml"))
+    assert layout == DataParallelLayout(
+        data_parallel_size=8, tensor_parallel_size=1, pipeline_parallel_size=1, max_num_seqs=64
+    )
+    assert layout.is_data_parallel
+    assert layout.ranks_per_group == 8
+    assert (layout.gpus_per_rank, layout.gpus_per_group) == (1, 8)
+    assert (layout.seats_per_rank, layout.seats_per_group) == (64, 512)
+    # A running engine's seats (e.g. max_num_seqs raised by online seats) replace the config's.
+    assert layout_of(_llm("deepseek-r1.yaml"), max_num_seqs=71).seats_per_group == 568
+
+
+def test_a_config_without_data_parallelism_is_one_rank_per_group() -> None:
+    llm = _llm("deepseek.yaml")
+    assert not is_data_parallel(llm)
+    layout = layout_of(llm)
+    assert (layout.ranks_per_group, layout.gpus_per_rank, layout.gpus_per_group) == (1, 2, 2)
+    assert layout.seats_per_group == layout.seats_per_rank == 128
+    assert layout.serve_replicas(3) == 3
+    assert layout.groups(3) == 3
+
+
+def test_an_llm_config_object_reads_as_its_mapping() -> None:
+    llm = _llm("deepseek-r1.yaml")
+    assert layout_of(LLMConfig.model_validate(llm)) == layout_of(llm)
+    assert is_data_parallel(LLMConfig.model_validate(llm))
+
+
+def test_targets_are_per_rank_and_groups_round_up() -> None:
+    layout = DataParallelLayout(data_parallel_size=8, max_num_seqs=64)
+    # Serve's target_ongoing_requests is per replica, i.e. per rank.
+    assert layout.target_per_rank(1.25) == 80
+    assert layout.target_per_group(1.25) == 640
+    assert layout.serve_replicas(2) == 16
+    assert [layout.groups(r) for r in (0, 1, 8, 9, 16)] == [0, 1, 1, 2, 2]
+    # The backlog policy's ranks, rounded up to whole groups as Serve's gang policy does.
+    assert layout.desired_groups(0, 0, 1.25) == 0
+    assert layout.desired_groups(0, 1, 1.25) == 1
+    assert layout.desired_groups(600, 40, 1.25) == 1  # 640 tasks: 8 ranks of 80
+    assert layout.desired_groups(600, 41, 1.25) == 2  # one more task: a 9th rank, a 2nd group
+    with pytest.raises(ValueError, match="negative"):
+        layout.serve_replicas(-1)
+
+
+@pytest.mark.parametrize(
+    ("engine_kwargs", "match"),
+    [
+        ({"data_parallel_size": 0}, "positive integer"),
+        ({"data_parallel_size": "8"}, "positive integer"),
+        ({"data_parallel_size": True}, "positive integer"),
+        ({"data_parallel_size": 8, "data_parallel_rank": 0}, "data_parallel_rank"),
+        ({"data_parallel_size": 8, "data_parallel_size_local": 8}, "data_parallel_size_local"),
+    ],
+)
+def test_what_dp_server_would_get_wrong_is_a_config_error(
+    engine_kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        layout_of({"engine_kwargs": engine_kwargs})
+
+
+# ---------------------------------------------------------------------- Serve replicas
+
+
+@pytest.mark.parametrize(
+    ("deployment_config", "dp", "expected"),
+    [
+        (
+            {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+            8,
+            ReplicaBounds(min_replicas=8, max_replicas=16),
+        ),
+        (
+            {"autoscaling_config": {"min_replicas": 0, "initial_replicas": 1}},
+            8,
+            ReplicaBounds(min_replicas=0, max_replicas=800, initial_replicas=8),
+        ),
+        ({"num_replicas": "auto"}, 4, ReplicaBounds(min_replicas=4, max_replicas=400)),
+        ({"num_replicas": 2}, 8, ReplicaBounds(num_replicas=16)),
+        ({}, 8, ReplicaBounds(num_replicas=8)),
+        (
+            {"autoscaling_config": {"min_replicas": 1, "max_replicas": 8}},
+            1,
+            ReplicaBounds(min_replicas=1, max_replicas=8),
+        ),
+    ],
+)
+def test_serve_replicas_are_groups_times_data_parallel_size(
+    deployment_config: dict[str, Any], dp: int, expected: ReplicaBounds
+) -> None:
+    assert serve_replica_bounds(deployment_config, dp) == expected
+
+
+# ---------------------------------------------------------------------------- capacity
+
+
+def _gang(gang_id: str, ranks: range, size: int = 4, **kw: Any) -> list[RankReport]:
+    return [
+        RankReport(f"{gang_id}-{r}", gang_id=gang_id, rank=r, world_size=size, **kw) for r in ranks
+    ]
+
+
+def test_a_whole_group_counts() -> None:
+    reports = [*_gang("g1", range(4)), RankReport("plain")]
+    assert counted_replicas(reports) == {"g1-0", "g1-1", "g1-2", "g1-3", "plain"}
+
+
+def test_a_group_missing_a_rank_counts_nothing() -> None:
+    # Rank 2 has not reported (starting) or went stale (dead): the others cannot step alone.
+    reports = [*_gang("g1", range(4)), *_gang("g2", (0, 1, 3))]
+    assert counted_replicas(reports) == {"g1-0", "g1-1", "g1-2", "g1-3"}
+
+
+def test_a_group_with_a_draining_rank_counts_nothing() -> None:
+    # One rank's engine died: Serve restarts the whole gang, so its healthy ranks take nothing.
+    reports = [
+        *_gang("g1", range(3)),
+        RankReport("g1-3", draining=True, gang_id="g1", rank=3, world_size=4),
+        RankReport("plain-draining", draining=True),
+    ]
+    assert counted_replicas(reports) == {"plain-draining"}
