@@ -240,8 +240,11 @@ class _TaskServingMixin(_Base):
             # In the worker app: this replica runs and answers whole tasks (``run``).
             from ray import serve
 
+            from ray_worker.serve.llm_config import seats_of
             from ray_worker.serve.task_host import ReplicaTasks
+            from ray_worker.task.seats import Seats
 
+            seats = seats_of(self._config)
             self._tasks = ReplicaTasks(
                 bella,
                 apikey,
@@ -250,6 +253,9 @@ class _TaskServingMixin(_Base):
                 app_name=serve.get_replica_context().app_name,
                 client_id=f"replica-{self._get_replica_id()}",
                 replica_id=self._get_replica_id(),
+                seats=None
+                if seats is None
+                else Seats(seats[0], seats[1], max_preemptions=seats[2]),
             )
             self._reasoning_field = self._tasks.settings.dispatcher.reasoning_field
             self._stop_watch = asyncio.get_running_loop().create_task(
@@ -523,6 +529,11 @@ class _TaskServingMixin(_Base):
             held_ids=frozenset(held.get("held_ids", ())),
             held_online=int(held.get("held_online", 0)),
             held_offline=int(held.get("held_offline", 0)),
+            offline_width=int(held.get("offline_width", 0)),
+            online_seats=int(held.get("online_seats", 0)),
+            seats_online_in_use=int(held.get("seats_online_in_use", 0)),
+            seats_offline_in_use=int(held.get("seats_offline_in_use", 0)),
+            preemptions=int(held.get("preemptions", 0)),
             in_flight=len(self._inflight),
             engine=str(raw.get("engine", DEFAULT_ENGINE)),
             ts=time.time(),

@@ -343,3 +343,108 @@ async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -
     finally:
         emulator.stop()
         redis.close()
+
+
+# -- engine seats: online work never waits behind offline work ---------------------------------
+
+OFFLINE_TOKENS = 400
+"""2 s at the module's 200 tokens/s: the engine stays full of offline work while online
+streams are put into it."""
+
+
+async def _fill_with_offline(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> list[str]:
+    """Put a full width (8) of long offline tasks and wait until they all hold seats."""
+    ids = [
+        await client.put(
+            _put(
+                queue,
+                ResponseMode.CALLBACK,
+                _chat(f"offline {i}", max_tokens=OFFLINE_TOKENS),
+                level=1,
+                callback_url=receiver.url,
+                timeout=60,
+            )
+        )
+        for i in range(8)
+    ]
+
+    async def full() -> bool:
+        capacity = (await worker.status.remote())["pools"][0]["capacity"]
+        return bool(capacity["offline_seats_in_use"] == 8)
+
+    await wait_for(full, timeout=30, interval=0.05)
+    return ids
+
+
+async def _first_event_then_rest(
+    client: QueueClient, request: PutRequest, receiver: CallbackReceiver, offline: list[str]
+) -> tuple[int, list[Any]]:
+    """The stream's events, and how many offline tasks were answered at its first event."""
+    answered_at_first = -1
+    events: list[Any] = []
+    async for event in client.put_streaming(request):
+        if not events:
+            answered_at_first = sum(bool(receiver.answers(i)) for i in offline)
+        events.append(event)
+    return answered_at_first, events
+
+
+async def _each_answered_once_whole(receiver: CallbackReceiver, offline: list[str]) -> None:
+    for task_id in offline:
+        answer = await _callback_answer(receiver, task_id)
+        assert answer["status_code"] == 200
+        assert answer["body"]["usage"]["completion_tokens"] == OFFLINE_TOKENS
+    await asyncio.sleep(0.5)  # a second answer would have come by now
+    assert all(len(receiver.answers(i)) == 1 for i in offline)
+
+
+async def test_online_stream_starts_at_once_on_an_engine_full_of_offline_work(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> None:
+    await worker_running(worker)
+    before = (await worker.status.remote())["pools"][0]["capacity"]
+    assert before["offline_width"] == 8
+    assert before["online_seats"] == 1  # ceil(8 * the default online_reserve_ratio 0.1)
+    offline = await _fill_with_offline(worker, client, queue, receiver)
+    answered, events = await _first_event_then_rest(
+        client,
+        _put(queue, ResponseMode.STREAMING, _chat("online", max_tokens=5), timeout=60),
+        receiver,
+        offline,
+    )
+    assert answered == 0  # it started while every offline task still ran
+    assert events[-1].data == "[DONE]"
+    await _each_answered_once_whole(receiver, offline)
+    after = (await worker.status.remote())["pools"][0]["capacity"]
+    assert after["preemptions"] == before["preemptions"]  # the online seat was free
+
+
+async def test_online_burst_beyond_the_seats_preempts_offline_work_answered_once(
+    worker: Any, client: QueueClient, queue: str, receiver: CallbackReceiver
+) -> None:
+    await worker_running(worker)
+    before = (await worker.status.remote())["pools"][0]["capacity"]["preemptions"]
+    offline = await _fill_with_offline(worker, client, queue, receiver)
+    streams = [
+        _first_event_then_rest(
+            client,
+            _put(queue, ResponseMode.STREAMING, _chat(f"online {i}", max_tokens=100), timeout=60),
+            receiver,
+            offline,
+        )
+        for i in range(2)
+    ]
+    results = await asyncio.gather(*streams)
+    # Two online streams, one online seat: the second took a preempted offline task's seat.
+    assert [answered for answered, _ in results] == [0, 0]
+    assert all(events[-1].data == "[DONE]" for _, events in results)
+
+    async def preempted() -> bool:
+        capacity = (await worker.status.remote())["pools"][0]["capacity"]
+        return bool(capacity["preemptions"] > before)
+
+    await wait_for(preempted, timeout=10, interval=0.1)
+    # The preempted task ran again from the start: one whole answer each, none lost or doubled.
+    await _each_answered_once_whole(receiver, offline)

@@ -35,6 +35,7 @@ POLLER_SIDE = (
 REPLICA_SIDE = (
     "ray_worker.task.runner",
     "ray_worker.task.cancel_watch",
+    "ray_worker.task.seats",
     "ray_worker.serve.llm_server",
     "ray_worker.serve.task_host",
     "ray_worker.serve.load_report",
