@@ -75,12 +75,13 @@ bench: install tiny-model redis-server
 	$(PY) -m bench
 
 # The production stack (the gpu extra: ray[llm] and the CUDA vLLM and torch it pins) in its own
-# venv: builds the app of configs/deepseek.yaml (with a small local Ray, no GPU, no engine) and
-# checks the real server and engine classes and the pinned versions. Several GB: not in test.
+# venv: builds the apps of the production configs (with a small local Ray, no GPU, no engine) and
+# checks the real server and engine classes, the data-parallel gangs of deepseek-r1.yaml and the
+# pinned versions. Several GB: not in test. GPU_CONFIG=configs/x.yaml checks one config.
 GPU_VENV := .venv-gpu
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_STAMP := $(GPU_VENV)/.installed
-GPU_CONFIG ?= configs/deepseek.yaml
+GPU_CONFIG ?= configs/deepseek.yaml configs/deepseek-r1.yaml
 # pip's find-links (from the environment or a pip config file) are replaced by an empty folder:
 # a local CPU build such as torch 2.13.0+cpu sorts above PyPI's CUDA 2.13.0 and would win.
 GPU_PIP := PIP_FIND_LINKS=$(CURDIR)/$(GPU_VENV)/no-find-links $(GPU_PY) -m pip

@@ -652,10 +652,25 @@ def build_llm_deployment(
     ``/`` and ``.`` replaced, as Ray LLM does). With ``load_report_interval_s``, every replica
     pushes ``get_load()`` to the app's ``QueuePoller`` at that interval
     (``ray_worker.serve.load_report.LoadReporter``).
+
+    A vLLM config with ``engine_kwargs.data_parallel_size`` > 1 is built with Ray's
+    ``build_dp_deployment(deployment_cls=BellaDPServer)`` instead: one Serve replica per DP
+    rank, gangs of ``data_parallel_size`` (``ray_worker.serve.data_parallel``). The simulated
+    engine runs no data parallelism: such a config builds as any other there.
     """
+    from ray.serve.llm import build_dp_deployment
     from ray.serve.llm import build_llm_deployment as ray_build_llm_deployment
 
+    from ray_worker.serve.data_parallel import is_data_parallel, layout_of
+
     cfg = with_worker_defaults(llm_config, engine=engine)
+    builder: Callable[..., Application] = ray_build_llm_deployment
+    deployment_cls = server_class()
+    if is_data_parallel(cfg) and sim_settings(cfg) is None:
+        from ray_worker.serve.dp_server import dp_server_class
+
+        layout_of(cfg)  # ConfigError for what DPServer would get wrong (a fixed rank...)
+        builder, deployment_cls = build_dp_deployment, dp_server_class()
     options: dict[str, Any] = dict(override_serve_options or {})
     options["name"] = name or cfg.model_id.replace("/", "--").replace(".", "_")
     bind_kwargs: dict[str, Any] = {}
@@ -674,9 +689,9 @@ def build_llm_deployment(
         bind_kwargs["bella"] = dict(bella)
         bind_kwargs["apikey"] = apikey
         _set_stop_budget(cfg, float(bella.get("drain_timeout_s", DEFAULT_DRAIN_TIMEOUT_S)))
-    app: Application = ray_build_llm_deployment(
+    app: Application = builder(
         cfg,
-        deployment_cls=server_class(),
+        deployment_cls=deployment_cls,
         override_serve_options=options,
         bind_kwargs=bind_kwargs,
     )

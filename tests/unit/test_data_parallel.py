@@ -1,15 +1,25 @@
-"""Data-parallel deployments: replica and seat arithmetic (``ray_worker.serve.data_parallel``)."""
+"""Data-parallel deployments: the replica and seat arithmetic, and the builder's DP server.
+
+The arithmetic (``ray_worker.serve.data_parallel``) is plain; the builder tests build the Serve
+deployment with Ray's real ``DPServer.get_deployment_options`` (its only Ray call, the driver's
+runtime env, is stubbed: the unit tier starts no Ray) and hold Ray's answer against it.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
 # Imported here, at collection: the first import of ray.serve.llm (vLLM) takes seconds.
+from ray.llm._internal.serve.core.server.llm_server import LLMServer as RayLLMServer
+from ray.serve.config import GangPlacementStrategy, GangRuntimeFailurePolicy
 from ray.serve.llm import LLMConfig
+from ray.serve.llm.deployment import DPServer
 
 from ray_worker.errors import ConfigError
 from ray_worker.serve.data_parallel import (
@@ -156,3 +166,78 @@ def test_a_group_with_a_draining_rank_counts_nothing() -> None:
         RankReport("plain-draining", draining=True),
     ]
     assert counted_replicas(reports) == {"plain-draining"}
+
+
+# ----------------------------------------------------------------- the builder's DP server
+
+
+@pytest.fixture
+def no_ray_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray LLM's ``get_deployment_options`` reads the driver's runtime env (else it starts
+    Ray): an empty one, as a fresh driver has."""
+    import ray
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(runtime_env={}))
+
+
+def _build(llm: dict[str, Any]) -> Any:
+    from ray_worker.serve.llm_server import build_llm_deployment
+
+    return build_llm_deployment(llm)._bound_deployment
+
+
+@pytest.mark.usefixtures("no_ray_driver")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # DPServer's AutoscalingConfig.dict()
+def test_a_data_parallel_config_builds_gangs_of_bella_dp_servers() -> None:
+    from ray_worker.serve.dp_server import dp_server_class
+    from ray_worker.serve.llm_server import server_class
+
+    llm = _llm("deepseek-r1.yaml")
+    deployment = _build(llm)
+    cls = deployment.func_or_class
+    assert cls is dp_server_class()
+    assert cls.__name__ == "BellaDPServer"
+    assert issubclass(cls, server_class())
+    assert issubclass(cls, DPServer)
+
+    gang = deployment._deployment_config.gang_scheduling_config
+    assert gang is not None
+    assert gang.gang_size == 8
+    assert gang.gang_placement_strategy == GangPlacementStrategy.PACK
+    assert gang.runtime_failure_policy == GangRuntimeFailurePolicy.RESTART_GANG
+
+    autoscaling = deployment._deployment_config.autoscaling_config
+    expected = serve_replica_bounds(llm["deployment_config"], 8)
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (
+        expected.min_replicas,
+        expected.max_replicas,
+    )
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (8, 16)
+    # Per rank: Serve's replica is one rank with one engine of max_num_seqs.
+    assert autoscaling.target_ongoing_requests == 64
+    bundles = deployment._replica_config.placement_group_bundles
+    assert sum(b.get("GPU", 0) for b in bundles) == layout_of(llm).gpus_per_rank
+
+
+@pytest.mark.usefixtures("no_ray_driver")
+def test_a_config_without_data_parallelism_builds_as_before() -> None:
+    from ray_worker.serve.llm_server import server_class
+
+    deployment = _build(_llm("deepseek.yaml"))
+    assert deployment.func_or_class is server_class()
+    assert deployment._deployment_config.gang_scheduling_config is None
+    autoscaling = deployment._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 8)
+
+
+def test_the_dp_server_reaches_dp_servers_constructor_first() -> None:
+    """The mixin's ``super()`` calls (constructor, deployment options) reach ``DPServer``'s,
+    whose constructor takes what the mixin passes on (Ray's ``LLMServer`` parameters)."""
+    from ray_worker.serve.dp_server import dp_server_class
+    from ray_worker.serve.llm_server import _TaskServingMixin
+
+    mro = dp_server_class().__mro__
+    assert mro.index(_TaskServingMixin) < mro.index(DPServer) < mro.index(RayLLMServer)
+    for name in ("__init__", "get_deployment_options"):
+        assert name in vars(DPServer.__mro__[1]), name  # Ray's internal DPServer defines it
+    assert inspect.signature(DPServer.__init__) == inspect.signature(RayLLMServer.__init__)

@@ -37,6 +37,7 @@ REPLICA_SIDE = (
     "ray_worker.task.cancel_watch",
     "ray_worker.task.seats",
     "ray_worker.serve.llm_server",
+    "ray_worker.serve.dp_server",
     "ray_worker.serve.task_host",
     "ray_worker.serve.load_report",
     "ray_worker.serve.engine_io",
@@ -56,6 +57,7 @@ BOTH_SIDES = (
     "ray_worker.task.limits",
     "ray_worker.serve.llm_config",
     "ray_worker.serve.autoscaling",
+    "ray_worker.serve.data_parallel",
 )
 """The hop module and the helpers each side uses whole (the answering kit, the answer paths,
 the outbox, pure helpers): never code of one side."""
