@@ -1,8 +1,9 @@
-"""``python -m bench [--quick]``: the publisher, worker, capacity and CPU benchmarks, in order.
+"""``python -m bench [--quick]``: the publisher, worker, capacity, CPU and peer benchmarks.
 
 Each prints its JSON object; the publisher's goes to ``bench/results/publisher.json``, the
 worker's to ``bench/results/worker.json``, the capacity one's to
-``bench/results/capacity.json`` and the CPU one's to ``bench/results/cpu.json``. ``--quick``
+``bench/results/capacity.json``, the CPU one's to ``bench/results/cpu.json`` and the peer one's
+(the worker against vLLM's own server, tiny model) to ``bench/results/peer.json``. ``--quick``
 is passed on to the worker benchmark (it then skips the tiny-model part) and to the capacity
 benchmark (a shorter window). This module only sequences them; it measures nothing.
 """
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # CPU per streamed event in each Ray process of the worker (its own Ray, started last).
     cpu = subprocess.run([sys.executable, "-m", "bench.bench_cpu"], timeout=900, check=False)
-    return capacity.returncode or cpu.returncode
+    # The worker against vLLM's own OpenAI server on the tiny model (each side's Ray and
+    # engine of its own, one after the other), last.
+    peer = subprocess.run([sys.executable, "-m", "bench.bench_peer"], timeout=1500, check=False)
+    return capacity.returncode or cpu.returncode or peer.returncode
 
 
 if __name__ == "__main__":
