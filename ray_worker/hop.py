@@ -22,7 +22,8 @@ checks it).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -40,6 +41,7 @@ __all__ = [
     "ReplicaLoad",
     "accepted",
     "answering",
+    "counted_replicas",
     "deadline_ms",
     "done",
     "outcome",
@@ -165,6 +167,12 @@ class ReplicaLoad:
     seats_offline_in_use: int = 0
     preemptions: int = 0
     """Offline runs preempted for online work since the replica started."""
+    gang_id: str | None = None
+    """Its data-parallel group (Serve's ``gang_context.gang_id``); None: not data-parallel."""
+    dp_rank: int = 0
+    """Its rank in the group."""
+    dp_size: int = 1
+    """Ranks of its group (``data_parallel_size``)."""
     in_flight: int = 0
     """Engine requests running in the replica."""
     engine: str = "vllm"
@@ -200,6 +208,9 @@ class ReplicaLoad:
             seats_online_in_use=int(report.get("seats_online_in_use", 0)),
             seats_offline_in_use=int(report.get("seats_offline_in_use", 0)),
             preemptions=int(report.get("preemptions", 0)),
+            gang_id=None if report.get("gang_id") is None else str(report["gang_id"]),
+            dp_rank=int(report.get("dp_rank", 0)),
+            dp_size=max(1, int(report.get("dp_size", 1))),
             in_flight=int(report.get("in_flight", 0)),
             engine=str(report.get("engine", "vllm")),
             ts=float(report.get("ts", 0.0)),
@@ -224,11 +235,38 @@ class ReplicaLoad:
             "seats_online_in_use": self.seats_online_in_use,
             "seats_offline_in_use": self.seats_offline_in_use,
             "preemptions": self.preemptions,
+            "gang_id": self.gang_id,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
             "in_flight": self.in_flight,
             "engine": self.engine,
             "ts": self.ts,
             **self.outbox,
         }
+
+
+def counted_replicas(loads: Iterable[ReplicaLoad]) -> frozenset[str]:
+    """The replicas whose seats count toward a model's capacity.
+
+    A replica outside any data-parallel group counts alone. A DP group counts whole or not at
+    all: only while every one of its ``dp_size`` ranks reports and none drains. Its ranks step
+    together (expert parallelism exchanges tokens between all of them every step), start only
+    once all have joined, and Serve restarts the whole gang when one rank fails: the seats of a
+    group with a dead, stopping or missing rank would take tasks that cannot run.
+    """
+    counted: set[str] = set()
+    groups: dict[str, list[ReplicaLoad]] = defaultdict(list)
+    for load in loads:
+        if load.gang_id is None:
+            counted.add(load.replica_id)
+        else:
+            groups[load.gang_id].append(load)
+    for members in groups.values():
+        size = max(m.dp_size for m in members)
+        ranks = {m.dp_rank for m in members}
+        if ranks >= set(range(size)) and not any(m.draining for m in members):
+            counted.update(m.replica_id for m in members)
+    return frozenset(counted)
 
 
 # -- the rules both sides apply -----------------------------------------------------------

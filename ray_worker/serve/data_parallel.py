@@ -24,8 +24,7 @@ Ray import (``ray_worker.dev.check_gpu_stack`` compares them with Ray's own clas
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +35,7 @@ __all__ = [
     "SERVE_DEFAULT_MAX_REPLICAS",
     "SERVE_DEFAULT_MIN_REPLICAS",
     "DataParallelLayout",
-    "RankReport",
     "ReplicaBounds",
-    "counted_replicas",
     "data_parallel_size",
     "is_data_parallel",
     "layout_of",
@@ -216,42 +213,3 @@ def serve_replica_bounds(deployment_config: Mapping[str, Any], dp_size: int) -> 
     if num_replicas is None:
         return ReplicaBounds(num_replicas=dp_size)
     return ReplicaBounds(num_replicas=int(num_replicas) * dp_size)
-
-
-@dataclass(frozen=True, slots=True)
-class RankReport:
-    """What the capacity count needs of one replica's load report."""
-
-    replica_id: str
-    draining: bool = False
-    """It stops taking tasks (a dead engine, a stop begun)."""
-    gang_id: str | None = None
-    """Its DP group (Serve's ``gang_context.gang_id``); None: not data-parallel."""
-    rank: int = 0
-    """Its rank in the group (``gang_context.rank``)."""
-    world_size: int = 1
-    """Ranks of its group (``gang_context.world_size``: ``data_parallel_size``)."""
-
-
-def counted_replicas(reports: Iterable[RankReport]) -> frozenset[str]:
-    """The replicas whose seats count toward a model's capacity.
-
-    A replica outside any DP group counts alone. A DP group counts whole or not at all: only
-    while every one of its ``world_size`` ranks reports and none drains. Its ranks step
-    together (expert parallelism exchanges tokens between all of them every step), they start
-    only once all have joined, and Serve restarts the whole gang when one rank fails: the
-    seats of a group with a dead, stopping or missing rank would take tasks that cannot run.
-    """
-    counted: set[str] = set()
-    groups: dict[str, list[RankReport]] = defaultdict(list)
-    for report in reports:
-        if report.gang_id is None:
-            counted.add(report.replica_id)
-        else:
-            groups[report.gang_id].append(report)
-    for members in groups.values():
-        world_size = max(m.world_size for m in members)
-        ranks = {m.rank for m in members}
-        if ranks >= set(range(world_size)) and not any(m.draining for m in members):
-            counted.update(m.replica_id for m in members)
-    return frozenset(counted)

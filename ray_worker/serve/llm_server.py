@@ -534,6 +534,7 @@ class _TaskServingMixin(_Base):
             seats_online_in_use=int(held.get("seats_online_in_use", 0)),
             seats_offline_in_use=int(held.get("seats_offline_in_use", 0)),
             preemptions=int(held.get("preemptions", 0)),
+            **self._gang(),
             in_flight=len(self._inflight),
             engine=str(raw.get("engine", DEFAULT_ENGINE)),
             ts=time.time(),
@@ -542,6 +543,19 @@ class _TaskServingMixin(_Base):
         return load.as_report()
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _gang(self) -> dict[str, Any]:
+        """This replica's data-parallel group, for the load report (none outside Serve or
+        outside a gang): the poller counts a group's seats only while all its ranks report."""
+        try:
+            from ray import serve
+
+            gang = serve.get_replica_context().gang_context
+        except Exception:
+            return {}
+        if gang is None:
+            return {}
+        return {"gang_id": str(gang.gang_id), "dp_rank": gang.rank, "dp_size": gang.world_size}
 
     async def _load_adapter(self, lora_model_id: str) -> None:
         """Load ``base:adapter`` into this replica (Serve's multiplexed LRU) and the engine."""

@@ -23,7 +23,9 @@ soon. Online work may use every seat (beyond the free ones it preempts offline r
 offline tasks waiting in a replica beyond the width do not hold it back; offline work gives
 way once online work overflows its seats. A task with ``n`` > 1 counts as its ``n``
 sequences (the caller says how many, and releases as many). Tasks a replica holds that this
-tracker did not count (``held_unknown``) count one each, at both levels.
+tracker did not count (``held_unknown``) count one each, at both levels. A data-parallel
+group's ranks (each one replica with its own engine) count only while the whole group reports
+and none drains (``ray_worker.hop.counted_replicas``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 
 from ray_worker.bella.protocol import Level
 from ray_worker.config import CapacityConfig
-from ray_worker.hop import ReplicaLoad
+from ray_worker.hop import ReplicaLoad, counted_replicas
 
 __all__ = ["CapacityTracker", "ModelCapacity"]
 
@@ -168,9 +170,18 @@ class CapacityTracker:
             del state.loads[rid]
         return list(state.loads.values())
 
+    def _counted(self, model_id: str) -> list[_Seen]:
+        """Fresh reports of the replicas whose seats count: a data-parallel group counts only
+        while all its ranks report and none drains (``ray_worker.hop.counted_replicas``)."""
+        fresh = self._fresh(model_id)
+        if all(seen.load.gang_id is None for seen in fresh):
+            return fresh
+        counted = counted_replicas(seen.load for seen in fresh)
+        return [seen for seen in fresh if seen.load.replica_id in counted]
+
     def replicas(self, model_id: str) -> int:
-        """Replicas counted as running (fresh reports, not draining)."""
-        return sum(1 for seen in self._fresh(model_id) if not seen.load.draining)
+        """Replicas counted as running (fresh reports, not draining; DP groups whole)."""
+        return sum(1 for seen in self._counted(model_id) if not seen.load.draining)
 
     def task_fate(self, model_id: str, replica_id: str, task_id: str, *, since: float) -> str:
         """What ``replica_id`` of ``model_id`` says of ``task_id`` in reports received after
@@ -191,21 +202,21 @@ class CapacityTracker:
     def target(self, model_id: str) -> int:
         """Tasks the model's running replicas should hold: enough to keep batches full, plus
         the online seats."""
-        return sum(sum(_seats(seen.load, self.config)) for seen in self._fresh(model_id))
+        return sum(sum(_seats(seen.load, self.config)) for seen in self._counted(model_id))
 
     def max_num_seqs(self, model_id: str) -> int:
         """Sequences the running replicas can run at once."""
-        return sum(seen.load.max_num_seqs for seen in self._fresh(model_id))
+        return sum(seen.load.max_num_seqs for seen in self._counted(model_id))
 
     def remaining(self, model_id: str, level: Level) -> int:
         """How many more tasks of ``level`` may be taken for ``model_id`` now."""
-        offline_target = seats = width = unknown = 0
-        for seen in self._fresh(model_id):
+        offline_target = seats = width = 0
+        for seen in self._counted(model_id):
             offline, online = _seats(seen.load, self.config)
             offline_target += offline
             seats += online
             width += 0 if seen.load.draining else seen.load.width
-            unknown += seen.held_unknown
+        unknown = sum(seen.held_unknown for seen in self._fresh(model_id))
         counts = self._models[model_id].in_flight
         online_held, offline_held = counts[Level.ONLINE], counts[Level.OFFLINE]
         if level is Level.OFFLINE:
@@ -225,10 +236,11 @@ class CapacityTracker:
         out: dict[str, dict[str, Any]] = {}
         for model_id, state in self._models.items():
             seens = self._fresh(model_id)
-            loads = [seen.load for seen in seens]
+            counted = self._counted(model_id)
+            loads = [seen.load for seen in counted]
             out[model_id] = {
                 "replicas": sum(1 for x in loads if not x.draining),
-                "draining": sum(1 for x in loads if x.draining),
+                "draining": sum(1 for seen in seens if seen.load.draining),
                 "target": self.target(model_id),
                 "max_num_seqs": sum(x.max_num_seqs for x in loads),
                 "in_flight_online": state.in_flight[Level.ONLINE],

@@ -8,6 +8,7 @@ runtime env, is stubbed: the unit tier starts no Ray) and hold Ray's answer agai
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,16 +22,18 @@ from ray.serve.config import GangPlacementStrategy, GangRuntimeFailurePolicy
 from ray.serve.llm import LLMConfig
 from ray.serve.llm.deployment import DPServer
 
+from ray_worker.bella.protocol import Level
+from ray_worker.config import CapacityConfig
 from ray_worker.errors import ConfigError
+from ray_worker.hop import ReplicaLoad, counted_replicas
 from ray_worker.serve.data_parallel import (
     DataParallelLayout,
-    RankReport,
     ReplicaBounds,
-    counted_replicas,
     is_data_parallel,
     layout_of,
     serve_replica_bounds,
 )
+from ray_worker.worker.capacity import CapacityTracker
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -141,14 +144,16 @@ def test_serve_replicas_are_groups_times_data_parallel_size(
 # ---------------------------------------------------------------------------- capacity
 
 
-def _gang(gang_id: str, ranks: range, size: int = 4, **kw: Any) -> list[RankReport]:
-    return [
-        RankReport(f"{gang_id}-{r}", gang_id=gang_id, rank=r, world_size=size, **kw) for r in ranks
-    ]
+def _rank(replica_id: str, **kw: Any) -> ReplicaLoad:
+    return ReplicaLoad(replica_id=replica_id, model_id="m", max_num_seqs=8, **kw)
+
+
+def _gang(gang_id: str, ranks: Iterable[int], size: int = 4, **kw: Any) -> list[ReplicaLoad]:
+    return [_rank(f"{gang_id}-{r}", gang_id=gang_id, dp_rank=r, dp_size=size, **kw) for r in ranks]
 
 
 def test_a_whole_group_counts() -> None:
-    reports = [*_gang("g1", range(4)), RankReport("plain")]
+    reports = [*_gang("g1", range(4)), _rank("plain")]
     assert counted_replicas(reports) == {"g1-0", "g1-1", "g1-2", "g1-3", "plain"}
 
 
@@ -162,10 +167,22 @@ def test_a_group_with_a_draining_rank_counts_nothing() -> None:
     # One rank's engine died: Serve restarts the whole gang, so its healthy ranks take nothing.
     reports = [
         *_gang("g1", range(3)),
-        RankReport("g1-3", draining=True, gang_id="g1", rank=3, world_size=4),
-        RankReport("plain-draining", draining=True),
+        _rank("g1-3", draining=True, gang_id="g1", dp_rank=3, dp_size=4),
+        _rank("plain-draining", draining=True),
     ]
     assert counted_replicas(reports) == {"plain-draining"}
+
+
+def test_the_capacity_of_a_group_is_its_ranks_seats_once_all_report() -> None:
+    cap = CapacityTracker(CapacityConfig(target_ratio=1.25), ["m"])
+    for load in _gang("g1", range(3)):
+        cap.report(load.as_report())
+    assert cap.replicas("m") == 0  # rank 3 has not joined: nothing runs yet
+    assert cap.remaining("m", Level.OFFLINE) == 0
+    cap.report(_gang("g1", [3])[0].as_report())
+    assert cap.replicas("m") == 4
+    assert cap.max_num_seqs("m") == 4 * 8  # data_parallel_size x max_num_seqs
+    assert cap.remaining("m", Level.OFFLINE) == 4 * 10  # per rank ceil(8 x 1.25)
 
 
 # ----------------------------------------------------------------- the builder's DP server
