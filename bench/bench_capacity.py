@@ -26,10 +26,13 @@ next shape. Figures, per part and shape:
   the ``backlog``, and ``ratio_p50`` / ``ratio_p99`` (backlog over idle; target with equal
   lengths on the simulated engine: p99 ratio at most 1.5); ``values`` in put order, and
   ``idle_outlier`` where the idle p99 is over 3x its p50 (one task slowed by the shared
-  machine: the p99 ratio then says nothing);
-- ``slot_use_of_width``: per sample, offline sequences running over the configured width
-  (``engine_running_offline / offline_width``; where the status has no ``offline_width`` (no
-  online seats), ``engine_running / max_num_seqs``); ``basis`` says which (target >= 0.95);
+  machine: the p99 ratio then says nothing). Quantiles are nearest rank: with fewer than 51
+  values the p99 is the maximum, so the simulated part puts 60 online tasks in each phase
+  (``--quick``: 8; the tiny-model part 20, its p99 is its maximum);
+- ``slot_use_of_width``: per sample, offline sequences running in the engines over the
+  configured width: ``(engine_running - online_seats_in_use) / offline_width`` (the engines
+  run ``offline_width + online_seats``); where the status has no online seats (before them),
+  ``engine_running / max_num_seqs``; ``basis`` says which (target >= 0.95);
 - ``offline_tasks_per_s``: offline answers received during the window, per second;
 - ``preemptions_per_1000_offline``: the status' ``preemptions`` count over the window per
   1,000 offline tasks answered in it (null while the status has no such count);
@@ -88,7 +91,7 @@ CHAT = "/v1/chat/completions"
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ("mixed", "equal")
 SAMPLE_INTERVAL_S = 0.25
-IDLE_GAP_S = (0.2, 0.6)
+IDLE_GAP_S = (0.1, 0.4)
 """Pause before each online task put into the idle worker (random, seeded)."""
 SLOT_USE_TARGET = 0.95
 RATIO_P99_TARGET = 1.5
@@ -272,6 +275,12 @@ def _sample_of(status: dict[str, Any]) -> Sample:
     if running_offline is None:
         running_offline = running - int(seats_in_use or 0)
     has_width = "offline_width" in cap
+    if "engine_running_offline" in cap:
+        basis = "engine_running_offline / offline_width"
+    elif seats_in_use is not None:
+        basis = "(engine_running - online_seats_in_use) / offline_width"
+    else:
+        basis = "engine_running / max_num_seqs"
     preemptions = cap.get("preemptions")
     seats = cap.get("online_seats")
     remaining = cap.get("remaining_offline")
@@ -283,11 +292,7 @@ def _sample_of(status: dict[str, Any]) -> Sample:
         engine_waiting=int(cap["engine_waiting"]),
         running_offline=int(running_offline),
         width=int(cap["offline_width"] if has_width else cap["max_num_seqs"]),
-        width_basis=(
-            "engine_running_offline / offline_width"
-            if has_width
-            else "engine_running / max_num_seqs"
-        ),
+        width_basis=basis,
         online_seats=None if seats is None else int(seats),
         online_seats_in_use=None if seats_in_use is None else int(seats_in_use),
         preemptions=None if preemptions is None else int(preemptions),
@@ -789,12 +794,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--window-s", type=float, default=30.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
-    parser.add_argument("--idle-tasks", type=int, default=20, help="online tasks, idle worker")
-    parser.add_argument("--online-tasks", type=int, default=20, help="online tasks, backlog")
+    parser.add_argument("--idle-tasks", type=int, default=60, help="online tasks, idle worker")
+    parser.add_argument("--online-tasks", type=int, default=60, help="online tasks, backlog")
     parser.add_argument("--offline-tasks", type=int, default=None)
     parser.add_argument("--tiny-window-s", type=float, default=20.0)
-    parser.add_argument("--tiny-idle-tasks", type=int, default=8)
-    parser.add_argument("--tiny-online-tasks", type=int, default=10)
+    parser.add_argument("--tiny-idle-tasks", type=int, default=20)
+    parser.add_argument("--tiny-online-tasks", type=int, default=20)
     parser.add_argument("--tiny-offline-tasks", type=int, default=140)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--ready-timeout-s", type=float, default=300.0)
