@@ -55,15 +55,25 @@ typecheck: install
 
 check: lint typecheck
 
-# Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start.
+# Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start. The unit and
+# integration tiers run in two pytest-xdist workers (PYTEST_WORKERS): integration modules
+# spend most of their time waiting (outages, stop budgets, redeliveries), and each worker has
+# its own redis-server, emulator and local Ray on free ports; a module stays on one worker
+# (--dist loadfile) with its shared deployment. The e2e tier shares one `serve run` on port
+# 8000 and runs alone.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: install tiny-model redis-server
-	$(PY) -m pytest tests/unit tests/integration tests/e2e
+	$(PY) -m pytest tests/unit $(XDIST)
+	$(PY) -m pytest tests/integration $(XDIST)
+	$(PY) -m pytest tests/e2e
 
 test-unit: install
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/unit $(XDIST)
 
 test-integration: install redis-server
-	$(PY) -m pytest tests/integration
+	$(PY) -m pytest tests/integration $(XDIST)
 
 test-e2e: install tiny-model redis-server
 	$(PY) -m pytest tests/e2e

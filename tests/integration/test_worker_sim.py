@@ -292,13 +292,14 @@ async def test_redelivered_duplicate_runs_once(
 ) -> None:
     await worker_running(worker)
     before = (await worker.status.remote())["duplicates"]
-    # ~5 s of generation against process_timeout 3 s: the emulator redelivers the task while
-    # the worker still runs it; the worker must not run it twice.
+    # ~4.5 s of generation against process_timeout 3 s: the emulator redelivers the task while
+    # the worker still runs it, which must not run it twice, and answers it 408 itself at 6 s
+    # (process_timeout x (retries + 1)) unless the worker answered first.
     task_id = await client.put(
         _put(
             queue,
             ResponseMode.CALLBACK,
-            _chat(max_tokens=1000),
+            _chat(max_tokens=900),
             level=1,
             callback_url=receiver.url,
             timeout=120,
@@ -347,9 +348,10 @@ async def test_redis_restart_mid_stream_keeps_every_completion(ray_serve: Any) -
 
 # -- engine seats: online work never waits behind offline work ---------------------------------
 
-OFFLINE_TOKENS = 400
-"""2 s at the module's 200 tokens/s: the engine stays full of offline work while online
-streams are put into it."""
+OFFLINE_TOKENS = 300
+"""1.5 s at the module's 200 tokens/s: the engine stays full of offline work while online
+streams are put into it, and a preempted task's second run still ends well before the
+server answers it 408 itself (6 s after the take: process_timeout x (retries + 1))."""
 
 
 async def _fill_with_offline(
@@ -430,7 +432,7 @@ async def test_online_burst_beyond_the_seats_preempts_offline_work_answered_once
     streams = [
         _first_event_then_rest(
             client,
-            _put(queue, ResponseMode.STREAMING, _chat(f"online {i}", max_tokens=100), timeout=60),
+            _put(queue, ResponseMode.STREAMING, _chat(f"online {i}", max_tokens=60), timeout=60),
             receiver,
             offline,
         )
