@@ -5,7 +5,8 @@ worker's to ``bench/results/worker.json``, the capacity one's to
 ``bench/results/capacity.json``, the CPU one's to ``bench/results/cpu.json`` and the peer one's
 (the worker against vLLM's own server, tiny model) to ``bench/results/peer.json``. ``--quick``
 is passed on to the worker benchmark (it then skips the tiny-model part) and to the capacity
-benchmark (a shorter window). This module only sequences them; it measures nothing.
+benchmark (a shorter window, no tiny-model part). This module only sequences them; it measures
+nothing.
 """
 
 from __future__ import annotations
