@@ -148,8 +148,9 @@ async def _running_load(
     event stream's last entry id from before the puts, and the load."""
     await worker_running(worker)
     start = await last_entry_id(redis_server.url, emulator.topic + emulator.instance_id)
+    answered = await _answered(worker)
     load = await _put_load(client, queue, receiver, long_online=long_online)
-    await _all_running(worker, load.count)
+    await _all_running(worker, load.count, answered)
     return start, load
 
 
@@ -161,10 +162,20 @@ async def _short_ones_finish(load: Load) -> None:
         assert _stream_ok(events)
 
 
-async def _all_running(worker: Any, n: int) -> None:
+async def _answered(worker: Any) -> int:
+    """Tasks the worker has answered so far (every status)."""
+    status = await worker.status.remote()
+    return sum(int(v) for v in status["answered"].values())
+
+
+async def _all_running(worker: Any, n: int, answered_before: int = 0) -> None:
+    """Wait until the ``n`` tasks put since ``answered_before`` all started: running in the
+    engines, or (a short one, on a slow machine) already answered."""
+
     async def running() -> bool:
         status = await worker.status.remote()
-        return bool(status["pools"][0]["capacity"]["engine_running"] >= n)
+        answered = sum(int(v) for v in status["answered"].values()) - answered_before
+        return bool(status["pools"][0]["capacity"]["engine_running"] + answered >= n)
 
     await wait_for(running, timeout=60, interval=0.05, message=f"{n} tasks generating")
 
