@@ -28,7 +28,9 @@ CMPL = "/v1/completions"
 MAX_MODEL_LEN = 2048
 """``tiny-llama``'s in the shared config (``tests/e2e/local-shared.yaml``)."""
 MAX_NUM_SEQS = 8
-"""``tiny-llama``'s in the shared config (``configs/local.yaml``)."""
+"""``tiny-llama``'s in the shared config (``configs/local.yaml``): the width."""
+ONLINE_SEATS = 1
+"""``ceil(8 * capacity.online_reserve_ratio 0.1)``: the engine runs ``MAX_NUM_SEQS`` + these."""
 
 
 def chat(**extra: Any) -> dict[str, Any]:
@@ -151,7 +153,10 @@ async def test_load_while_generating_and_abort(handle: Any) -> None:
     report = await load(handle)
     assert report["running"] == 1
     assert report["waiting"] == 0
-    assert report["max_num_seqs"] == MAX_NUM_SEQS
+    # vLLM itself runs the width plus the online seats (with_online_seats raised it).
+    assert report["max_num_seqs"] == MAX_NUM_SEQS + ONLINE_SEATS
+    assert report["offline_width"] == MAX_NUM_SEQS
+    assert report["online_seats"] == ONLINE_SEATS
     assert report["model_id"] == MODEL
     assert report["engine"] == "vllm"
     assert report["replica_id"]
