@@ -56,25 +56,22 @@ typecheck: install
 
 check: lint typecheck
 
-# Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start. The unit and
-# integration tiers run in two pytest-xdist workers (PYTEST_WORKERS): integration modules
-# spend most of their time waiting (outages, stop budgets, redeliveries), and each worker has
-# its own redis-server, emulator and local Ray on free ports; a module stays on one worker
-# (--dist loadfile) with its shared deployment. The e2e tier shares one `serve run` on port
-# 8000 and runs alone.
+# Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start. The unit tier
+# runs in two pytest-xdist workers (PYTEST_WORKERS; it is CPU-bound and shares nothing). The
+# integration and e2e tiers run in one process each: on 2 cores two integration workers saved
+# minutes in one run and lost them in the next (two modules starting Serve replicas at once
+# starved each other's timeouts), and the e2e tier shares one `serve run` on port 8000.
 PYTEST_WORKERS ?= 2
-XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 test: install tiny-model redis-server
-	$(PY) -m pytest tests/unit $(XDIST)
-	$(PY) -m pytest tests/integration $(XDIST)
-	$(PY) -m pytest tests/e2e
+	$(PY) -m pytest tests/unit -n $(PYTEST_WORKERS)
+	$(PY) -m pytest tests/integration tests/e2e
 
 test-unit: install
-	$(PY) -m pytest tests/unit $(XDIST)
+	$(PY) -m pytest tests/unit -n $(PYTEST_WORKERS)
 
 test-integration: install redis-server
-	$(PY) -m pytest tests/integration $(XDIST)
+	$(PY) -m pytest tests/integration
 
 test-e2e: install tiny-model redis-server
 	$(PY) -m pytest tests/e2e

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -26,37 +25,6 @@ if TYPE_CHECKING:
     from ray_worker.bella.client import QueueClient
     from ray_worker.emulator.server import EmulatorServer
     from ray_worker.testing.callback_receiver import CallbackReceiver
-
-
-LONGEST_FIRST = (
-    "test_lifecycle.py",
-    "test_soak.py",
-    "test_outage.py",
-    "test_autoscaling_sim.py",
-    "test_two_nodes.py",
-    "test_worker_sim.py",
-    "test_notebooks.py",
-    "test_faults.py",
-    "test_publisher_faults.py",
-    "test_clock_skew.py",
-    "test_cli_serve.py",
-    "test_publisher_actor.py",
-    "test_fuzz.py",
-)
-"""Integration modules that run longest (about 3 min down to 30 s on the 2-core CI machine),
-in that order. ``make test`` runs the tier in two pytest-xdist workers handing out whole
-modules in collection order: the long ones start first, the short ones fill in at the end."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Put the ``LONGEST_FIRST`` modules first within the integration tier's items (in
-    place: the other tiers keep their places, and the order is stable otherwise)."""
-    here = Path(__file__).parent
-    slots = [i for i, item in enumerate(items) if item.path.is_relative_to(here)]
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    ordered = sorted((items[i] for i in slots), key=lambda it: rank.get(it.path.name, len(rank)))
-    for i, item in zip(slots, ordered, strict=True):
-        items[i] = item
 
 
 @pytest.fixture(scope="module")
