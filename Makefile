@@ -58,9 +58,10 @@ check: lint typecheck
 
 # Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start. The unit tier
 # runs in two pytest-xdist workers (PYTEST_WORKERS; it is CPU-bound and shares nothing). The
-# integration and e2e tiers run in one process each: on 2 cores two integration workers saved
-# minutes in one run and lost them in the next (two modules starting Serve replicas at once
-# starved each other's timeouts), and the e2e tier shares one `serve run` on port 8000.
+# integration and e2e tiers run in one process (the e2e tier joins its Ray and shares one
+# `serve run` on port 8000): on 2 cores two integration workers saved minutes in one run and
+# lost them in the next (two modules starting Serve replicas at once starved each other's
+# timeouts).
 PYTEST_WORKERS ?= 2
 
 test: install tiny-model redis-server
