@@ -401,12 +401,12 @@ class TaskRunner:
                             await seat.enter_async_context(
                                 self.seats.hold(task.task_id, online=online, weight=_seqs(data))
                             )
-                        async for item in self._attempts(task, endpoint, data, priority, run):
-                            run.count_usage(item)
-                            if streaming:
+                        if streaming:
+                            async for item in self._attempts(task, endpoint, data, priority, run):
+                                run.count_usage(item)
                                 await self._chunk(task, run, item)
-                            else:
-                                response = item
+                        else:
+                            response = await self._whole(task, endpoint, data, priority, run)
         except EngineDeadError:
             raise
         except Exception as err:

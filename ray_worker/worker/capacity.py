@@ -170,10 +170,11 @@ class CapacityTracker:
             del state.loads[rid]
         return list(state.loads.values())
 
-    def _counted(self, model_id: str) -> list[_Seen]:
-        """Fresh reports of the replicas whose seats count: a data-parallel group counts only
-        while all its ranks report and none drains (``ray_worker.hop.counted_replicas``)."""
-        fresh = self._fresh(model_id)
+    @staticmethod
+    def _counted(fresh: list[_Seen]) -> list[_Seen]:
+        """Of ``fresh`` reports, those of the replicas whose seats count: a data-parallel group
+        counts only while all its ranks report and none drains
+        (``ray_worker.hop.counted_replicas``)."""
         if all(seen.load.gang_id is None for seen in fresh):
             return fresh
         counted = counted_replicas(seen.load for seen in fresh)
@@ -181,7 +182,7 @@ class CapacityTracker:
 
     def replicas(self, model_id: str) -> int:
         """Replicas counted as running (fresh reports, not draining; DP groups whole)."""
-        return sum(1 for seen in self._counted(model_id) if not seen.load.draining)
+        return sum(1 for seen in self._counted(self._fresh(model_id)) if not seen.load.draining)
 
     def task_fate(self, model_id: str, replica_id: str, task_id: str, *, since: float) -> str:
         """What ``replica_id`` of ``model_id`` says of ``task_id`` in reports received after
@@ -202,21 +203,23 @@ class CapacityTracker:
     def target(self, model_id: str) -> int:
         """Tasks the model's running replicas should hold: enough to keep batches full, plus
         the online seats."""
-        return sum(sum(_seats(seen.load, self.config)) for seen in self._counted(model_id))
+        counted = self._counted(self._fresh(model_id))
+        return sum(sum(_seats(seen.load, self.config)) for seen in counted)
 
     def max_num_seqs(self, model_id: str) -> int:
         """Sequences the running replicas can run at once."""
-        return sum(seen.load.max_num_seqs for seen in self._counted(model_id))
+        return sum(seen.load.max_num_seqs for seen in self._counted(self._fresh(model_id)))
 
     def remaining(self, model_id: str, level: Level) -> int:
         """How many more tasks of ``level`` may be taken for ``model_id`` now."""
         offline_target = seats = width = 0
-        for seen in self._counted(model_id):
+        fresh = self._fresh(model_id)
+        for seen in self._counted(fresh):
             offline, online = _seats(seen.load, self.config)
             offline_target += offline
             seats += online
             width += 0 if seen.load.draining else seen.load.width
-        unknown = sum(seen.held_unknown for seen in self._fresh(model_id))
+        unknown = sum(seen.held_unknown for seen in fresh)
         counts = self._models[model_id].in_flight
         online_held, offline_held = counts[Level.ONLINE], counts[Level.OFFLINE]
         if level is Level.OFFLINE:
@@ -236,7 +239,7 @@ class CapacityTracker:
         out: dict[str, dict[str, Any]] = {}
         for model_id, state in self._models.items():
             seens = self._fresh(model_id)
-            counted = self._counted(model_id)
+            counted = self._counted(seens)
             loads = [seen.load for seen in counted]
             out[model_id] = {
                 "replicas": sum(1 for x in loads if not x.draining),
