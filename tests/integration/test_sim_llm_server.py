@@ -131,29 +131,38 @@ async def test_abort_through_the_handle(handle: Any) -> None:
 
 async def test_online_priority_overtakes_waiting_offline_tasks(handle: Any) -> None:
     stream = handle.options(stream=True)
-    blockers = [
-        # Long enough (2,000 tokens at 50/s) never to end by themselves on a loaded machine:
-        # a blocker finishing on its own would free a slot before the online task arrives.
-        stream.run_task.remote(CHAT, chat(stream=True, max_tokens=2_000), request_id=f"b{i}")
-        for i in range(2)
-    ]
+
+    def long_call(rid: str, prio: int) -> Any:
+        # 2,000 tokens at 50/s: never ends by itself while the test looks, even on a loaded
+        # machine, so a slot frees only when the test cancels a call.
+        data = chat(stream=True, max_tokens=2_000)
+        return stream.run_task.remote(CHAT, data, request_id=rid, priority=prio)
+
+    blockers = [long_call(f"b{i}", PRIORITY_ONLINE) for i in range(2)]
     for b in blockers:
         await b.__anext__()
-    order: list[str] = []
+    done: list[str] = []
 
-    async def run(rid: str, prio: int) -> None:
-        await drain(handle, CHAT, chat(max_tokens=1), rid, prio)
-        order.append(rid)
+    async def run(rid: str) -> None:
+        await drain(handle, CHAT, chat(max_tokens=1), rid, PRIORITY_OFFLINE)
+        done.append(rid)
 
-    offline = [asyncio.ensure_future(run(f"off{i}", PRIORITY_OFFLINE)) for i in range(3)]
+    offline = [asyncio.ensure_future(run(f"off{i}")) for i in range(3)]
     await wait_for(lambda: _waiting_is(handle, 3), 20)
-    online = asyncio.ensure_future(run("on", PRIORITY_ONLINE))
+    online = long_call("on", PRIORITY_ONLINE)
+    first = asyncio.ensure_future(online.__anext__())
     await wait_for(lambda: _waiting_is(handle, 4), 20)
     blockers[0].cancel()
-    await asyncio.wait_for(online, 20)
+    # The freed slot goes to the online call, which then holds it: no offline task can run
+    # (and none can finish) until the test frees a slot again. The order is read in the
+    # engine, not from when each client's answer happened to arrive.
+    await asyncio.wait_for(first, 20)
+    assert done == []
+    assert await _waiting_is(handle, 3)
+    online.cancel()
     blockers[1].cancel()
     await asyncio.wait_for(asyncio.gather(*offline), 20)
-    assert order[0] == "on"
+    assert sorted(done) == ["off0", "off1", "off2"]
 
 
 async def _waiting_is(handle: Any, n: int) -> bool:
