@@ -7,7 +7,7 @@ import asyncio
 import logging
 import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -22,6 +22,24 @@ from ray_worker.errors import (
 )
 from ray_worker.task.outbox import Outbox
 from ray_worker.testing.waiting import wait_for
+
+@pytest.fixture(autouse=True)
+def _outboxes_stop_with_their_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every outbox a test makes stops delivering when the test ends: a retry loop left
+    running (an answer whose Bella-Queue stays down) would go on in the next tests, which
+    share the event loop, spending their CPU and logging into their captured records."""
+    made: list[Outbox] = []
+    init = Outbox.__init__
+
+    def tracked(self: Outbox, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Outbox, "__init__", tracked)
+    yield
+    for outbox in made:
+        outbox.hand_over()
+
 
 FAST = DispatcherConfig(complete_backoff_initial_s=0.01, complete_backoff_max_s=0.02)
 

@@ -810,7 +810,9 @@ async def test_complete_retries_retryable_faults(
     assert client.counters.complete_retries == 2
     assert client.counters.complete_failures == 0
     assert delays == [0.5, 1.0]
-    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    retries = [
+        r for r in caplog.records if r.name == "ray_worker.bella.client" and "retrying" in r.msg
+    ]
     assert [getattr(r, "task_id", None) for r in retries] == [TASK_ID, TASK_ID]
     assert [getattr(r, "attempt", None) for r in retries] == [1, 2]
 
