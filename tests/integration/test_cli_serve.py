@@ -1,5 +1,7 @@
 """``ray-worker serve``: the worker started as an operator would, stopped with SIGTERM, drains
-its in-flight tasks (each gets its answer) and leaves no Ray process behind."""
+its in-flight tasks (each gets its answer) and leaves no Ray process behind; and on a Ray
+started before it, as ``ray up cluster.yaml`` leaves one, the app is built with the
+environment of that Ray's start, not of the shell that runs ``serve run``."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
-from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV
+from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV, LocalRayCluster
 from ray_worker.testing.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,3 +114,73 @@ async def test_sigterm_drains_in_flight_tasks(emulator: EmulatorServer, tmp_path
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def _blocking_task(queue: str) -> PutRequest:
+    data = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    return PutRequest(
+        endpoint="/v1/chat/completions",
+        queue=queue,
+        response_mode=ResponseMode.BLOCKING,
+        data=data,
+        timeout=120,
+    )
+
+
+async def test_serve_run_on_a_started_ray_builds_with_that_rays_environment(
+    emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cluster.yaml's shape on one machine: Ray started with the key (and, here, the queue URL
+    and queues) in its environment, then ``ray-worker serve`` from a shell that has none of
+    them. ``serve run`` of a config on a running Ray submits it to Serve's controller, which
+    builds the app in a Ray task: a key only in the ``serve run`` shell would never reach it."""
+    queue = f"srvc-{uuid.uuid4().hex[:6]}"
+    contract = ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES", "BELLA_EVENTBUS_URL")
+    for name in contract:
+        monkeypatch.delenv(name, raising=False)
+    cluster = LocalRayCluster(
+        num_cpus=8,
+        env={
+            "BELLA_QUEUE_URL": emulator.url,
+            "BELLA_QUEUE_APIKEY": emulator.apikey,
+            "BELLA_QUEUE_QUEUES": f"{queue}:0",
+        },
+    )
+    await asyncio.to_thread(cluster.start)
+    shell = {k: v for k, v in {**DEFAULT_RAY_ENV, **os.environ}.items() if k not in contract}
+    shell["RAY_ADDRESS"] = cluster.address
+    log = (tmp_path / "serve.log").open("wb")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-m", "ray_worker.cli", "serve", "configs/simulated.yaml"],
+            cwd=REPO,
+            env=shell,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        async def ready() -> bool:
+            status = await _status()
+            return bool(status and status["state"] == "running")
+
+        await wait_for(ready, timeout=240, interval=1.0)
+        status = await _status()
+        assert status
+        assert status["queues"] == [f"{queue}:0"]  # BELLA_QUEUE_QUEUES of the Ray
+        async with QueueClient(emulator.url, emulator.apikey) as client:
+            # Answered only by a poller that takes from this test's queue with the key.
+            result = await asyncio.wait_for(client.put_blocking(_blocking_task(queue)), 150)
+        assert result.status_code == 200
+        assert result.body["object"] == "chat.completion"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 120) == 0
+    finally:
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        await asyncio.to_thread(cluster.stop)

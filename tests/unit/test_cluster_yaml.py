@@ -11,6 +11,7 @@ import copy
 import importlib.metadata
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,13 +233,45 @@ def test_gpu_nodes_hold_the_deepseek_r1_h100_alternative(cluster: dict[str, Any]
 # ------------------------------------------------------------------------ secrets, comments
 
 
+KEY_FROM_SECRET_MANAGER = re.compile(r'BELLA_QUEUE_APIKEY="\$\(python -c "[^"]+"\)"')
+
+
 def test_no_secrets_in_the_file(cluster: dict[str, Any]) -> None:
     for text in _strings(cluster):
+        # The key's name appears only where it is read from the secret manager.
+        text = KEY_FROM_SECRET_MANAGER.sub("", text).replace("export BELLA_QUEUE_APIKEY", "")
         assert "APIKEY" not in text.upper(), text
         assert "PASSWORD" not in text.upper(), text
         assert not re.search(r"\bAKIA[0-9A-Z]{16}\b", text), "an AWS access key id"
         assert not re.search(r"redis://[^@\s]*:[^@\s]+@", text), "a Redis URL with a password"
     assert "aws_credentials" not in cluster["provider"]
+
+
+def test_the_head_starts_ray_with_the_api_key_from_the_secret_manager(
+    cluster: dict[str, Any],
+) -> None:
+    """``serve run CONFIG`` builds the app in a Ray task on the head, in the environment of the
+    head's ``ray start``: the key must be there, fetched in the same shell command, and Ray
+    must not start without it."""
+    (start,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
+    fetch = KEY_FROM_SECRET_MANAGER.search(start)
+    assert fetch, start
+    rest = start[fetch.end() :]
+    assert re.match(r"\s*&& export BELLA_QUEUE_APIKEY\s*&& ray start --head\b", rest), rest
+    snippet = re.search(r'python -c "([^"]+)"', fetch.group(0))
+    assert snippet
+    code = snippet.group(1)
+    compile(code, "key-fetch", "exec")  # valid Python
+    region = re.search(r"region_name='([^']+)'", code)
+    assert region
+    assert region.group(1) == cluster["provider"]["region"]
+    assert "SecretId='bella/queue-apikey'" in code
+    assert "secret-id bella/queue-apikey" in CLUSTER.read_text()  # the header says the same id
+    assert any("boto3" in c for c in cluster["head_setup_commands"])
+    syntax = subprocess.run(["bash", "-n", "-c", start], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    for command in cluster["worker_start_ray_commands"]:
+        assert "APIKEY" not in command, "GPU nodes get the key through the replicas' arguments"
 
 
 def test_every_key_is_commented() -> None:

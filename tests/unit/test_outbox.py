@@ -23,6 +23,7 @@ from ray_worker.errors import (
 from ray_worker.task.outbox import Outbox
 from ray_worker.testing.waiting import wait_for
 
+
 @pytest.fixture(autouse=True)
 def _outboxes_stop_with_their_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every outbox a test makes stops delivering when the test ends: a retry loop left
