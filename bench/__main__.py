@@ -1,12 +1,13 @@
-"""``python -m bench [--quick]``: the publisher, worker, capacity, CPU and peer benchmarks.
+"""``python -m bench [--quick]``: the publisher, worker, capacity, take, CPU and peer benchmarks.
 
 Each prints its JSON object; the publisher's goes to ``bench/results/publisher.json``, the
 worker's to ``bench/results/worker.json``, the capacity one's to
-``bench/results/capacity.json``, the CPU one's to ``bench/results/cpu.json`` and the peer one's
-(the worker against vLLM's own server, tiny model) to ``bench/results/peer.json``. ``--quick``
-is passed on to the worker benchmark (it then skips the tiny-model part) and to the capacity
-benchmark (a shorter window, no tiny-model part). This module only sequences them; it measures
-nothing.
+``bench/results/capacity.json``, the take one's (an idle poller's takes, httpx against kept
+connections) to ``bench/results/take.json``, the CPU one's to ``bench/results/cpu.json`` and
+the peer one's (the worker against vLLM's own server, tiny model) to
+``bench/results/peer.json``. ``--quick`` is passed on to the worker benchmark (it then skips
+the tiny-model part) and to the capacity benchmark (a shorter window, no tiny-model part).
+This module only sequences them; it measures nothing.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         timeout=1200,
         check=False,
     )
+    # What an idle worker's takes cost the poller: httpx against the kept connections.
+    take = subprocess.run([sys.executable, "-m", "bench.bench_take"], timeout=600, check=False)
     # CPU per streamed event in each Ray process of the worker (its own Ray, started last).
     cpu = subprocess.run([sys.executable, "-m", "bench.bench_cpu"], timeout=900, check=False)
     # The worker against vLLM's own OpenAI server on the tiny model (each side's Ray and
     # engine of its own, one after the other), last.
     peer = subprocess.run([sys.executable, "-m", "bench.bench_peer"], timeout=1500, check=False)
-    return capacity.returncode or cpu.returncode or peer.returncode
+    return capacity.returncode or take.returncode or cpu.returncode or peer.returncode
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from ray_worker.aio import jittered
+from ray_worker.bella.http11 import KeptHttp11, usable_for
 from ray_worker.bella.producer import BlockingResult, ProducerClient, SSEEvent
 from ray_worker.bella.protocol import (
     EventBusConfig,
@@ -116,11 +117,21 @@ class QueueClient(ProducerClient):
         # Completes get a pool of their own: a burst of answers retried through an outage
         # cannot hold every connection a take needs, nor long takes starve the answers.
         self._complete_client = self._http(complete_max_connections, transport)
+        # Takes, most of them empty while the worker idles, go over kept connections of their
+        # own at a tenth of httpx's CPU (see http11); an injected transport (tests) or a URL
+        # httpx must handle (a proxy, credentials in it) keeps them on httpx.
+        self._take_http: KeptHttp11 | None = None
+        if transport is None and usable_for(self.base_url):
+            self._take_http = KeptHttp11(
+                self.base_url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s
+            )
 
     async def aclose(self) -> None:
         """Close the connection pools."""
         try:
             await self._complete_client.aclose()
+            if self._take_http is not None:
+                await self._take_http.aclose()
         finally:
             await super().aclose()
 
@@ -148,7 +159,9 @@ class QueueClient(ProducerClient):
         ``process_timeout`` when it was sent (§2.5), and are otherwise left ``queued``.
         """
         what = "POST /v1/queue/take"
-        response = await self._request("POST", "/v1/queue/take", json_body=request.to_wire())
+        response = await self._request(
+            "POST", "/v1/queue/take", json_body=request.to_wire(), kept=self._take_http
+        )
         try:
             parsed = TakeResponse.from_text(response.text)
         except ValueError as exc:

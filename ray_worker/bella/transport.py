@@ -43,6 +43,7 @@ import httpx
 from pydantic import SecretStr
 
 from ray_worker.bella.clock import ServerClock
+from ray_worker.bella.http11 import KeptHttp11
 from ray_worker.bella.protocol import redact_url
 from ray_worker.errors import (
     AuthenticationError,
@@ -258,8 +259,12 @@ class BellaHttp:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         client: httpx.AsyncClient | None = None,
+        kept: KeptHttp11 | None = None,
     ) -> httpx.Response:
-        """Send one request; raise the mapped error for transport faults and non-2xx answers."""
+        """Send one request; raise the mapped error for transport faults and non-2xx answers.
+
+        ``kept``: send a POST of JSON through that client's kept connections instead of
+        httpx (the take's path: a fraction of the CPU, the same answers and errors)."""
         what = f"{method} {path}"
         all_headers = self._headers(headers)
         content: bytes | None = None
@@ -268,15 +273,18 @@ class BellaHttp:
             all_headers["Content-Type"] = "application/json"
         sent_s = time.time()
         try:
-            response = await (client or self._client).request(
-                method,
-                path,
-                content=content,
-                params=params,
-                files=files,
-                data=data,
-                headers=all_headers,
-            )
+            if kept is not None and method == "POST" and not (params or files or data):
+                response = await kept.post(path, content or b"", all_headers)
+            else:
+                response = await (client or self._client).request(
+                    method,
+                    path,
+                    content=content,
+                    params=params,
+                    files=files,
+                    data=data,
+                    headers=all_headers,
+                )
         except httpx.HTTPError as exc:
             self._raise_transport(exc, what)
         self.clock.observe(response.headers.get("date"), sent_s, time.time())
