@@ -13,7 +13,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -44,6 +44,19 @@ async def _status() -> dict[str, Any] | None:
     return None
 
 
+async def _ray_worker_serve(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """``ray-worker serve configs/simulated.yaml`` as an operator starts it, in its own session."""
+    return await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "ray_worker.cli", "serve", "configs/simulated.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 async def test_sigterm_drains_in_flight_tasks(emulator: EmulatorServer, tmp_path: Path) -> None:
     queue = f"srv-{uuid.uuid4().hex[:6]}"
     env = {
@@ -55,15 +68,7 @@ async def test_sigterm_drains_in_flight_tasks(emulator: EmulatorServer, tmp_path
     }
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "serve.log").open("wb")
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [sys.executable, "-m", "ray_worker.cli", "serve", "configs/simulated.yaml"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = await _ray_worker_serve(env, log)
     try:
 
         async def ready() -> bool:
@@ -152,15 +157,7 @@ async def test_serve_run_on_a_started_ray_builds_with_that_rays_environment(
     log = (tmp_path / "serve.log").open("wb")
     proc: subprocess.Popen[bytes] | None = None
     try:
-        proc = await asyncio.to_thread(
-            subprocess.Popen,
-            [sys.executable, "-m", "ray_worker.cli", "serve", "configs/simulated.yaml"],
-            cwd=REPO,
-            env=shell,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = await _ray_worker_serve(shell, log)
 
         async def ready() -> bool:
             status = await _status()
