@@ -131,6 +131,19 @@ async def test_a_post_is_answered_and_its_connection_kept(
     assert json.loads(body) == {"i": 2}
 
 
+async def test_an_answer_far_larger_than_the_header_limit(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """A take of many long prompts: megabytes in one answer, past the stream's buffer limit."""
+    body = json.dumps({"q:0": [{"text": "x" * 999_000}, {"text": "y" * 999_000}]}).encode()
+    server = await serve(keep_answering(body))
+    client = kept(server.url)
+    try:
+        assert (await client.post("/x", b"{}", {})).content == body
+    finally:
+        await client.aclose()
+
+
 async def test_chunked_and_close_delimited_answers(serve: Callable[..., Awaitable[Server]]) -> None:
     async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: Server) -> None:
         await s.read_request(r)
