@@ -140,7 +140,11 @@ class KeptHttp11:
             b"Content-Length: " + str(len(body)).encode("ascii"),
         ]
         for name, value in headers.items():
-            lines.append(name.encode("ascii") + b": " + value.encode("latin-1"))
+            if "\r" in value or "\n" in value:
+                # An API key read with its trailing newline would end the headers early (and
+                # let the rest be read as a header of its own): refused, as httpx refuses it.
+                raise httpx.LocalProtocolError(f"illegal value in header {name!r}")
+            lines.append(name.encode("ascii") + b": " + value.encode("ascii"))
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
     async def _acquire(self) -> _Connection:

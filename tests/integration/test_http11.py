@@ -250,6 +250,20 @@ async def test_faults_map_to_the_errors_httpx_faults_map_to(
             await client.take(take)
 
 
+async def test_a_key_with_a_line_break_is_refused_unsent(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(keep_answering(b"{}"))
+    async with QueueClient(server.url, "the-key\n") as client:
+        with pytest.raises(QueueUnavailableError, match="LocalProtocolError"):
+            await client.take(TakeRequest(queues=["q:0"], size=1))
+    assert server.requests == []
+    # httpx refuses it alike (the mapping is the same on both paths).
+    with pytest.raises(httpx.LocalProtocolError):
+        async with httpx.AsyncClient() as plain:
+            await plain.post(server.url, headers={"Authorization": "Bearer the-key\n"})
+
+
 async def test_take_reads_tasks_through_it(serve: Callable[..., Awaitable[Server]]) -> None:
     server = await serve(keep_answering(json.dumps({"q:0": [TASK]}).encode()))
     async with QueueClient(server.url, "k") as client:
