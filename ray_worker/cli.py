@@ -195,9 +195,58 @@ def _prepare(
     return [config_check, key_check], secrets, args, apikey
 
 
+def _check_ray_environment(timeout_s: float) -> Check:
+    """Whether the app ``serve run`` builds here gets this shell's environment: a Ray already
+    running builds it with its own (see ``ray_worker.ray_env``)."""
+    from ray_worker.ray_env import CONTRACT, fingerprints, ray_environment, running_ray
+
+    name = "ray environment"
+    address = running_ray()
+    if address is None:
+        return Check(name, "ok", "no Ray to join: `serve run` starts one with this environment")
+    try:
+        there = ray_environment(address, timeout_s)
+    except Exception as err:
+        return Check(
+            name,
+            "WARN",
+            f"`serve run` would join the Ray at {address}, which did not answer "
+            f"({type(err).__name__}: {err}); its environment is unknown",
+        )
+    here = fingerprints(os.environ)
+    key = "BELLA_QUEUE_APIKEY"
+    where = (
+        f"`serve run` joins the Ray at {address} and builds the app with that Ray's "
+        "environment, not this shell's (README: 'Where the environment is read')"
+    )
+    if there[key] is None:
+        return Check(
+            name,
+            "FAIL",
+            f"{where}, which has no {key}: start that Ray with it (cluster.yaml's "
+            "head_start_ray_commands read it from the secret manager)",
+        )
+    if there[key] != here[key]:
+        return Check(name, "FAIL", f"{where}, whose {key} is not this shell's")
+    others = [
+        f"{n} ({'unset there' if there[n] is None else 'different there'})"
+        for n in CONTRACT
+        if n != key and there[n] != here[n]
+    ]
+    if others:
+        return Check(
+            name,
+            "WARN",
+            f"{where}; the checks above used this shell's values of {', '.join(others)}",
+        )
+    return Check(name, "ok", f"the Ray at {address} has this shell's {key} and settings")
+
+
 async def _check(config: Path, app: str | None, timeout_s: float) -> tuple[list[Check], list[str]]:
     """Run the checks; returns the report lines and the secrets to scrub from them."""
     checks, secrets, args, apikey = _prepare(config, app)
+    if apikey is not None:
+        checks.append(await asyncio.to_thread(_check_ray_environment, min(timeout_s, 30.0)))
     if args is None or apikey is None:
         return checks, secrets
     base_url = str(args.queue_url)
@@ -588,10 +637,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser(
         "check",
-        help="check config, API key, queues, event-bus Redis and redelivery settings",
+        help="check config, API key, Ray's environment, queues, event-bus Redis, redelivery",
         description=(
-            "Load the config with the environment overrides, then check the API key "
-            "(GET /v1/queue/eventbus), each queue's registration, the event-bus Redis "
+            "Load the config with the environment overrides, then check which environment "
+            "the app will be built with (a running Ray that `serve run` would join builds it "
+            "with that Ray's own), the API key (GET /v1/queue/eventbus), each queue's "
+            "registration, the event-bus Redis "
             "(PING) and what redelivery of level-1 tasks needs (process_timeout_s; the "
             "Redis's notify-keyspace-events). WARN lines pass but name what to look at "
             "(plaintext URLs to other hosts, settings that could not be read). Exit 0 only "

@@ -85,6 +85,9 @@ def env(monkeypatch: pytest.MonkeyPatch, emulator: EmulatorServer, unique_queue:
     for name in ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("BELLA_EVENTBUS_URL", raising=False)
+    # The session's Ray is not one `serve run` would join (its address file is in its own
+    # temp dir): the `ray environment` line says so, whatever the caller's RAY_ADDRESS.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("BELLA_QUEUE_URL", emulator.url)
     monkeypatch.setenv("BELLA_QUEUE_APIKEY", EMULATOR_APIKEY)
     monkeypatch.setenv("BELLA_QUEUE_QUEUES", f"{unique_queue}:0,{unique_queue}:1")
@@ -122,7 +125,10 @@ def test_check_passes_for_registered_queue(
         f"queue {env}",
         "event bus",
         "redelivery",
+        "ray environment",
     }
+    # No Ray running that `serve run` would join: it would start one with this environment.
+    assert lines["ray environment"].startswith("ok"), out
     assert all(line.startswith("ok ") for line in lines.values()), out
     assert f"{env}:0, {env}:1" in lines[f"queue {env}"]
     assert "/v1/chat/completions" in lines[f"queue {env}"]
@@ -130,7 +136,7 @@ def test_check_passes_for_registered_queue(
     # configs/local.yaml sends process_timeout_s 300; the test Redis has `Ex` (shown as "xE").
     assert "process_timeout_s 300, process_max_retries 2" in lines["redelivery"]
     assert "notify-keyspace-events 'xE'" in lines["redelivery"]
-    assert "all 6 checks passed" in out
+    assert "all 7 checks passed" in out
     assert EMULATOR_APIKEY not in out
 
 
@@ -297,7 +303,7 @@ def test_check_fails_when_bella_queues_redis_has_no_keyspace_events(
     assert "notify-keyspace-events ''" in line
     assert "never redelivered" in line
     assert "CONFIG SET notify-keyspace-events Ex" in line
-    assert "1 of 6 checks failed" in out
+    assert "1 of 7 checks failed" in out
 
 
 def test_check_warns_when_an_override_redis_has_no_keyspace_events(
@@ -318,7 +324,7 @@ def test_check_warns_when_an_override_redis_has_no_keyspace_events(
     assert line.startswith("WARN"), out
     assert "(BELLA_EVENTBUS_URL)" in line
     assert "if it is the Redis that holds Bella-Queue's queues" in line
-    assert "all 6 checks passed, 1 with a warning" in out
+    assert "all 7 checks passed, 1 with a warning" in out
 
 
 def test_check_redelivery_unknown_when_redis_refuses_config(

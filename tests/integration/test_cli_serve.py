@@ -132,6 +132,22 @@ def _blocking_task(queue: str) -> PutRequest:
     )
 
 
+async def _ray_environment_line(env: dict[str, str]) -> str:
+    """The ``ray environment`` line of ``ray-worker check`` run from a shell with ``env``."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ray_worker.cli", "check", "--config", "configs/simulated.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in done.stdout.splitlines() if " ray environment " in line]
+    assert len(lines) == 1, done.stdout + done.stderr
+    return lines[0]
+
+
 async def test_serve_run_on_a_started_ray_builds_with_that_rays_environment(
     emulator: EmulatorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,20 +159,27 @@ async def test_serve_run_on_a_started_ray_builds_with_that_rays_environment(
     contract = ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES", "BELLA_EVENTBUS_URL")
     for name in contract:
         monkeypatch.delenv(name, raising=False)
-    cluster = LocalRayCluster(
-        num_cpus=8,
-        env={
-            "BELLA_QUEUE_URL": emulator.url,
-            "BELLA_QUEUE_APIKEY": emulator.apikey,
-            "BELLA_QUEUE_QUEUES": f"{queue}:0",
-        },
-    )
-    await asyncio.to_thread(cluster.start)
-    shell = {k: v for k, v in {**DEFAULT_RAY_ENV, **os.environ}.items() if k not in contract}
-    shell["RAY_ADDRESS"] = cluster.address
+    rays_env = {
+        "BELLA_QUEUE_URL": emulator.url,
+        "BELLA_QUEUE_APIKEY": emulator.apikey,
+        "BELLA_QUEUE_QUEUES": f"{queue}:0",
+    }
+    cluster = LocalRayCluster(num_cpus=8, env=rays_env)
     log = (tmp_path / "serve.log").open("wb")
     proc: subprocess.Popen[bytes] | None = None
     try:
+        await asyncio.to_thread(cluster.start)
+        shell = {k: v for k, v in {**DEFAULT_RAY_ENV, **os.environ}.items() if k not in contract}
+        shell["RAY_ADDRESS"] = cluster.address
+        # `ray-worker check` tells an operator which environment the app will get.
+        same = await _ray_environment_line({**shell, **rays_env})
+        assert same.startswith("ok "), same
+        other_key = {**shell, **rays_env, "BELLA_QUEUE_APIKEY": "not-the-rays-key"}
+        differs = await _ray_environment_line(other_key)
+        assert differs.startswith("FAIL "), differs
+        assert "is not this shell's" in differs
+        assert "not-the-rays-key" not in differs
+
         proc = await _ray_worker_serve(shell, log)
 
         async def ready() -> bool:
