@@ -102,15 +102,25 @@ _WORKER_RESULT = {
 }
 
 
+_TAKE_RESULT = {
+    "per_take": {"httpx": {"cpu_us_per_take": 728.2}, "kept": {"cpu_us_per_take": 196.5}},
+    "idle_poller": {"httpx": {"cpu_pct_of_a_core": 4.43}, "kept": {"cpu_pct_of_a_core": 2.24}},
+    "idle_cpu_ratio_kept_to_httpx": 0.506,
+}
+
+
 @pytest.mark.timeout(300)
 def test_benchmark_report_plots_results(
     kernel_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "worker.json").write_text(json.dumps(_WORKER_RESULT))
+    (tmp_path / "take.json").write_text(json.dumps(_TAKE_RESULT))
     monkeypatch.setenv("BELLA_BENCH_RESULTS", str(tmp_path))
     notebook = _run("benchmark_report.ipynb", kernel_name)
-    assert "1 result file(s)" in _text(notebook)
-    assert _images(notebook) == 3
+    text = _text(notebook)
+    assert "2 result file(s)" in text
+    assert "idle CPU ratio, kept / httpx: 0.506" in text
+    assert _images(notebook) == 4
 
 
 @pytest.mark.timeout(300)
