@@ -237,7 +237,7 @@ def _check_ray_environment(timeout_s: float) -> Check:
         return Check(
             name,
             "WARN",
-            f"{where}; the checks above used this shell's values of {', '.join(others)}",
+            f"{where}; the other checks use this shell's values of {', '.join(others)}",
         )
     return Check(name, "ok", f"the Ray at {address} has this shell's {key} and settings")
 
