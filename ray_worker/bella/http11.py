@@ -92,13 +92,13 @@ class KeptHttp11:
         url = httpx.URL(base_url)
         if not usable_for(base_url):
             raise ValueError(f"KeptHttp11 cannot serve {url.scheme}://{url.host} (see usable_for)")
-        self._url = url
         self._host = url.host
         self._tls = url.scheme == "https"
-        self._port = url.port or (443 if self._tls else 80)
+        default_port = 443 if self._tls else 80
+        self._port = url.port or default_port
         host = f"[{url.host}]" if ":" in url.host else url.host
-        default_port = url.port is None or url.port == (443 if self._tls else 80)
-        self._host_header = (host if default_port else f"{host}:{self._port}").encode("ascii")
+        shown = host if self._port == default_port else f"{host}:{self._port}"
+        self._host_header = shown.encode("ascii")
         self._prefix = url.raw_path.rstrip(b"/")
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -164,7 +164,7 @@ class KeptHttp11:
                 )
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connect to {self._host}:{self._port} timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from exc
         return _Connection(reader, writer)
 
@@ -173,9 +173,7 @@ class KeptHttp11:
     ) -> tuple[httpx.Response, bool]:
         try:
             async with asyncio.timeout(self.timeout_s):
-                conn.writer.write(head + body if len(body) < 65536 else head)
-                if len(body) >= 65536:
-                    conn.writer.write(body)
+                conn.writer.writelines((head, body))  # one write: asyncio joins them
                 await conn.writer.drain()
         except TimeoutError as exc:
             raise httpx.WriteTimeout("writing the request timed out") from exc
