@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,13 @@ class Server:
     requests: list[tuple[bytes, dict[bytes, bytes], bytes]] = field(default_factory=list)
     server: asyncio.Server | None = None
 
+    @classmethod
+    async def started(cls, script: Script, *, tls: ssl.SSLContext | None = None) -> Server:
+        """A server on a free loopback port, listening (TLS with ``tls``)."""
+        server = cls(script)
+        server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=tls)
+        return server
+
     @property
     def url(self) -> str:
         assert self.server is not None
@@ -75,12 +83,12 @@ class Server:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Script], Awaitable[Server]]]:
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    """``Server.started``, each server closed after the test."""
     servers: list[Server] = []
 
-    async def start(script: Script) -> Server:
-        server = Server(script)
-        server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    async def start(script: Script, *, tls: ssl.SSLContext | None = None) -> Server:
+        server = await Server.started(script, tls=tls)
         servers.append(server)
         return server
 
@@ -315,13 +323,13 @@ def test_any_chunking_reads_back_the_body(body: bytes, cuts: list[int]) -> None:
             w.write(b"0\r\n\r\n")
             await w.drain()
 
-        server = Server(script)
-        server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        server = await Server.started(script)
         client = kept(server.url)
         try:
             return (await client.post("/x", b"", {})).content
         finally:
             await client.aclose()
+            assert server.server is not None
             server.server.close()
 
     assert asyncio.run(run()) == body
@@ -330,8 +338,6 @@ def test_any_chunking_reads_back_the_body(body: bytes, cuts: list[int]) -> None:
 async def test_https_with_the_trust_httpx_uses(
     serve: Callable[..., Awaitable[Server]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ssl
-
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
     names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
@@ -343,22 +349,18 @@ async def test_https_with_the_trust_httpx_uses(
     )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    server = Server(keep_answering(b'{"tls":true}'))
-    server.server = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+    server = await serve(keep_answering(b'{"tls":true}'), tls=context)
     url = server.url.replace("http://", "https://")
+    untrusting = kept(url)
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        await untrusting.post("/x", b"", {})
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    client = kept(url)
     try:
-        untrusting = kept(url)
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            await untrusting.post("/x", b"", {})
-        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-        client = kept(url)
-        try:
-            assert (await client.post("/x", b"", {})).json() == {"tls": True}
-            assert (await client.post("/x", b"", {})).json() == {"tls": True}
-        finally:
-            await client.aclose()
+        assert (await client.post("/x", b"", {})).json() == {"tls": True}
+        assert (await client.post("/x", b"", {})).json() == {"tls": True}
     finally:
-        server.server.close()
+        await client.aclose()
     assert server.connections == 1  # the refused handshake never got past TLS; then one, kept
 
 
