@@ -21,6 +21,7 @@ import pytest
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import PutRequest, ResponseMode
 from ray_worker.emulator.server import EmulatorServer
+from ray_worker.ray_env import CONTRACT
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV, LocalRayCluster
 from ray_worker.testing.waiting import wait_for
 
@@ -156,8 +157,7 @@ async def test_serve_run_on_a_started_ray_builds_with_that_rays_environment(
     them. ``serve run`` of a config on a running Ray submits it to Serve's controller, which
     builds the app in a Ray task: a key only in the ``serve run`` shell would never reach it."""
     queue = f"srvc-{uuid.uuid4().hex[:6]}"
-    contract = ("BELLA_QUEUE_URL", "BELLA_QUEUE_APIKEY", "BELLA_QUEUE_QUEUES", "BELLA_EVENTBUS_URL")
-    for name in contract:
+    for name in CONTRACT:
         monkeypatch.delenv(name, raising=False)
     rays_env = {
         "BELLA_QUEUE_URL": emulator.url,
@@ -169,7 +169,7 @@ async def test_serve_run_on_a_started_ray_builds_with_that_rays_environment(
     proc: subprocess.Popen[bytes] | None = None
     try:
         await asyncio.to_thread(cluster.start)
-        shell = {k: v for k, v in {**DEFAULT_RAY_ENV, **os.environ}.items() if k not in contract}
+        shell = {k: v for k, v in {**DEFAULT_RAY_ENV, **os.environ}.items() if k not in CONTRACT}
         shell["RAY_ADDRESS"] = cluster.address
         # `ray-worker check` tells an operator which environment the app will get.
         same = await _ray_environment_line({**shell, **rays_env})

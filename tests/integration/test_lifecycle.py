@@ -162,10 +162,14 @@ async def _short_ones_finish(load: Load) -> None:
         assert _stream_ok(events)
 
 
-async def _answered(worker: Any) -> int:
-    """Tasks the worker has answered so far (every status)."""
-    status = await worker.status.remote()
+def _answered_in(status: dict[str, Any]) -> int:
+    """Tasks the worker had answered (every status) when it gave ``status``."""
     return sum(int(v) for v in status["answered"].values())
+
+
+async def _answered(worker: Any) -> int:
+    """Tasks the worker has answered so far."""
+    return _answered_in(await worker.status.remote())
 
 
 async def _all_running(worker: Any, n: int, answered_before: int = 0) -> None:
@@ -174,7 +178,7 @@ async def _all_running(worker: Any, n: int, answered_before: int = 0) -> None:
 
     async def running() -> bool:
         status = await worker.status.remote()
-        answered = sum(int(v) for v in status["answered"].values()) - answered_before
+        answered = _answered_in(status) - answered_before
         return bool(status["pools"][0]["capacity"]["engine_running"] + answered >= n)
 
     await wait_for(running, timeout=60, interval=0.05, message=f"{n} tasks generating")
