@@ -4,6 +4,13 @@ Every item under ``tests/integration`` is marked ``integration`` and every item 
 ``tests/e2e`` is marked ``e2e`` here (``pytest_collection_modifyitems``); modules set no tier
 mark by hand.
 
+Lanes (``make test`` runs the integration and e2e tiers in two pytest-xdist workers with
+``--dist loadgroup``): each item gets an ``xdist_group``. The e2e tier and every module marked
+``default_ports`` (it starts a Ray of its own with ``serve run``, so Serve takes port 8000) form
+the ``serve`` lane: one worker runs them one after another, first, while the other worker runs
+integration modules; a module is one group, so its module fixtures are set up once. Each worker
+has its own session fixtures (Redis, emulator, Ray) on free ports.
+
 - ``redis_server``: one real ``redis-server`` on a free loopback port for the whole session.
 - ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, made
   by ``ray_worker.testing.emulator.emulator_server`` (the key ``EMULATOR_APIKEY``, short
@@ -38,19 +45,33 @@ if TYPE_CHECKING:
 TESTS_DIR = Path(__file__).parent
 TIER_MARKS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
 """The mark every item under ``tests/<folder>`` gets."""
+SERVE_LANE = "serve"
+"""The ``xdist_group`` of the e2e tier and of ``default_ports`` modules (see the docstring)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each item by its folder: ``tests/integration`` -> ``integration``,
-    ``tests/e2e`` -> ``e2e`` (so ``-m "not e2e"`` and friends need no mark in the modules)."""
+    ``tests/e2e`` -> ``e2e`` (so ``-m "not e2e"`` and friends need no mark in the modules);
+    give each integration and e2e item its lane (``xdist_group``), the ``serve`` lane first."""
+    serve_lane: list[pytest.Item] = []
     for item in items:
         try:
             folder = item.path.relative_to(TESTS_DIR).parts[0]
         except ValueError:
             continue
         mark = TIER_MARKS.get(folder)
-        if mark is not None and item.get_closest_marker(mark.name) is None:
+        if mark is None:
+            continue
+        if item.get_closest_marker(mark.name) is None:
             item.add_marker(mark)
+        if folder == "e2e" or item.get_closest_marker("default_ports") is not None:
+            item.add_marker(pytest.mark.xdist_group(SERVE_LANE))
+            serve_lane.append(item)
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.path.relative_to(TESTS_DIR).as_posix()))
+    # xdist hands groups out in collection order: the longest lane starts first.
+    first = set(map(id, serve_lane))
+    items[:] = serve_lane + [item for item in items if id(item) not in first]
 
 
 @pytest.fixture(scope="session")
