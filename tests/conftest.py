@@ -4,12 +4,13 @@ Every item under ``tests/integration`` is marked ``integration`` and every item 
 ``tests/e2e`` is marked ``e2e`` here (``pytest_collection_modifyitems``); modules set no tier
 mark by hand.
 
-Lanes (``make test`` runs the integration and e2e tiers in two pytest-xdist workers with
-``--dist loadgroup``): each item gets an ``xdist_group``. The e2e tier and every module marked
-``default_ports`` (it starts a Ray of its own with ``serve run``, so Serve takes port 8000) form
-the ``serve`` lane: one worker runs them one after another, first, while the other worker runs
-integration modules; a module is one group, so its module fixtures are set up once. Each worker
-has its own session fixtures (Redis, emulator, Ray) on free ports.
+Lanes: ``make test`` runs the integration and e2e tiers in two pytest-xdist workers with
+``--dist loadscope``, and here a scope is a lane (``pytest_xdist_make_scheduler``). The e2e
+tier and the modules named in ``SERVE_LANE`` (they start a Ray of their own whose Serve takes
+port 8000) are one scope, the ``serve`` lane: one worker runs it, first, while the other runs
+integration modules; every other module is a scope of its own, so its module fixtures are set
+up once, and whichever worker is free takes the next. Each worker has its own session fixtures
+(Redis, emulator, Ray) on free ports.
 
 - ``redis_server``: one real ``redis-server`` on a free loopback port for the whole session.
 - ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, made
@@ -45,33 +46,68 @@ if TYPE_CHECKING:
 TESTS_DIR = Path(__file__).parent
 TIER_MARKS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
 """The mark every item under ``tests/<folder>`` gets."""
-SERVE_LANE = "serve"
-"""The ``xdist_group`` of the e2e tier and of ``default_ports`` modules (see the docstring)."""
+SERVE_LANE = (
+    "tests/e2e/test_engine_processes.py",
+    "tests/e2e/",
+    "tests/integration/test_cli_serve.py",
+)
+"""The serve lane's tests, in the order it runs them: the e2e tier, and modules that start a Ray
+of their own whose Serve takes port 8000 (two of them at once would collide). The module with a
+``serve run`` of its own goes before the tier's shared one starts, so the two never idle side by
+side."""
+
+
+LONGEST_FIRST = tuple(
+    f"tests/integration/test_{name}.py"
+    for name in ("lifecycle", "soak", "autoscaling_sim", "two_nodes", "outage", "worker_sim")
+)
+"""Integration modules of a minute or more (measured in lanes, longest first): handed out
+before the others, so the short ones even out the lanes' ends. Only the order depends on it."""
+
+
+def lane_of(nodeid: str) -> str:
+    """The xdist scope of a test: ``serve`` for the serve lane, else its module's path."""
+    module = nodeid.partition("::")[0]
+    return "serve" if module.startswith(SERVE_LANE) else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``--dist loadscope``, the scopes are the lanes (``lane_of``)."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane_of(nodeid)
+
+    return LaneScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each item by its folder: ``tests/integration`` -> ``integration``,
     ``tests/e2e`` -> ``e2e`` (so ``-m "not e2e"`` and friends need no mark in the modules);
-    give each integration and e2e item its lane (``xdist_group``), the ``serve`` lane first."""
-    serve_lane: list[pytest.Item] = []
+    put the serve lane first, then ``LONGEST_FIRST`` (xdist hands scopes out in collection
+    order)."""
     for item in items:
         try:
             folder = item.path.relative_to(TESTS_DIR).parts[0]
         except ValueError:
             continue
         mark = TIER_MARKS.get(folder)
-        if mark is None:
-            continue
-        if item.get_closest_marker(mark.name) is None:
+        if mark is not None and item.get_closest_marker(mark.name) is None:
             item.add_marker(mark)
-        if folder == "e2e" or item.get_closest_marker("default_ports") is not None:
-            item.add_marker(pytest.mark.xdist_group(SERVE_LANE))
-            serve_lane.append(item)
-        else:
-            item.add_marker(pytest.mark.xdist_group(item.path.relative_to(TESTS_DIR).as_posix()))
-    # xdist hands groups out in collection order: the longest lane starts first.
-    first = set(map(id, serve_lane))
-    items[:] = serve_lane + [item for item in items if id(item) not in first]
+    items.sort(key=lambda item: _rank(item.nodeid))  # stable: keeps the order within a rank
+
+
+def _rank(nodeid: str) -> int:
+    """Where a test goes in the collection: the serve lane in ``SERVE_LANE``'s order, then
+    ``LONGEST_FIRST``, then the rest."""
+    module = nodeid.partition("::")[0]
+    for rank, prefix in enumerate((*SERVE_LANE, *LONGEST_FIRST)):
+        if module.startswith(prefix):
+            return rank
+    return len(SERVE_LANE) + len(LONGEST_FIRST)
 
 
 @pytest.fixture(scope="session")

