@@ -5,12 +5,9 @@ Every item under ``tests/integration`` is marked ``integration`` and every item 
 mark by hand.
 
 Lanes: ``make test`` runs the integration and e2e tiers in two pytest-xdist workers with
-``--dist loadscope``, and here a scope is a lane (``pytest_xdist_make_scheduler``). The e2e
-tier and the modules named in ``SERVE_LANE`` (they start a Ray of their own whose Serve takes
-port 8000) are one scope, the ``serve`` lane: one worker runs it, first, while the other runs
-integration modules; every other module is a scope of its own, so its module fixtures are set
-up once, and whichever worker is free takes the next. Each worker has its own session fixtures
-(Redis, emulator, Ray) on free ports.
+``--dist loadscope``; here a scope is a lane of ``ray_worker.testing.lanes``
+(``pytest_xdist_make_scheduler``) and the collection is put in the lanes' order. Each worker
+has its own session fixtures (Redis, emulator, Ray) on free ports.
 
 - ``redis_server``: one real ``redis-server`` on a free loopback port for the whole session.
 - ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, made
@@ -37,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ray_worker.testing import lanes
 from ray_worker.testing.emulator import emulator_server
 
 if TYPE_CHECKING:
@@ -46,40 +44,17 @@ if TYPE_CHECKING:
 TESTS_DIR = Path(__file__).parent
 TIER_MARKS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
 """The mark every item under ``tests/<folder>`` gets."""
-SERVE_LANE = (
-    "tests/e2e/test_engine_processes.py",
-    "tests/e2e/",
-    "tests/integration/test_cli_serve.py",
-)
-"""The serve lane's tests, in the order it runs them: the e2e tier, and modules that start a Ray
-of their own whose Serve takes port 8000 (two of them at once would collide). The module with a
-``serve run`` of its own goes before the tier's shared one starts, so the two never idle side by
-side."""
-
-
-LONGEST_FIRST = tuple(
-    f"tests/integration/test_{name}.py"
-    for name in ("lifecycle", "soak", "autoscaling_sim", "two_nodes", "outage", "worker_sim")
-)
-"""Integration modules of a minute or more (measured in lanes, longest first): handed out
-before the others, so the short ones even out the lanes' ends. Only the order depends on it."""
-
-
-def lane_of(nodeid: str) -> str:
-    """The xdist scope of a test: ``serve`` for the serve lane, else its module's path."""
-    module = nodeid.partition("::")[0]
-    return "serve" if module.startswith(SERVE_LANE) else module
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under ``--dist loadscope``, the scopes are the lanes (``lane_of``)."""
+    """Under ``--dist loadscope``, the scopes are the lanes (``lanes.lane_of``)."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class LaneScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return lane_of(nodeid)
+            return lanes.lane_of(nodeid)
 
     return LaneScheduling(config, log)
 
@@ -87,8 +62,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each item by its folder: ``tests/integration`` -> ``integration``,
     ``tests/e2e`` -> ``e2e`` (so ``-m "not e2e"`` and friends need no mark in the modules);
-    put the serve lane first, then ``LONGEST_FIRST`` (xdist hands scopes out in collection
-    order)."""
+    order the collection by lane (``lanes.rank``: xdist hands scopes out in that order)."""
     for item in items:
         try:
             folder = item.path.relative_to(TESTS_DIR).parts[0]
@@ -97,17 +71,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         mark = TIER_MARKS.get(folder)
         if mark is not None and item.get_closest_marker(mark.name) is None:
             item.add_marker(mark)
-    items.sort(key=lambda item: _rank(item.nodeid))  # stable: keeps the order within a rank
-
-
-def _rank(nodeid: str) -> int:
-    """Where a test goes in the collection: the serve lane in ``SERVE_LANE``'s order, then
-    ``LONGEST_FIRST``, then the rest."""
-    module = nodeid.partition("::")[0]
-    for rank, prefix in enumerate((*SERVE_LANE, *LONGEST_FIRST)):
-        if module.startswith(prefix):
-            return rank
-    return len(SERVE_LANE) + len(LONGEST_FIRST)
+    items.sort(key=lambda item: lanes.rank(item.nodeid))  # stable: keeps the order in a rank
 
 
 @pytest.fixture(scope="session")
