@@ -60,7 +60,7 @@ check: lint typecheck
 # Fastest tier first: a broken unit fails in seconds, before Ray and vLLM start. The unit tier
 # runs in two pytest-xdist workers (PYTEST_WORKERS; it is CPU-bound and shares nothing). The
 # integration and e2e tiers run in two lanes (PYTEST_LANES xdist workers, --dist loadscope; the
-# lanes are set in tests/conftest.py): one worker runs the serve lane (the e2e tier's shared
+# lanes are ray_worker/testing/lanes.py): one worker runs the serve lane (the e2e tier's shared
 # `serve run` and everything that takes port 8000) while the other runs integration modules,
 # each module whole; whichever is free takes the next module. The tiers wait on deploys and
 # real-time outages more than they compute, so two lanes fit 2 cores.
