@@ -265,8 +265,29 @@ class CapacityConfig(_Frozen):
         description="A replica that has not reported its load for this long is not counted.",
     )
     load_report_interval_s: float = Field(
-        default=0.5, gt=0, description="How often each LLM replica reports its load to the poller."
+        default=0.5,
+        gt=0,
+        description=(
+            "How often each LLM replica reads its load; it reports to the poller when the load "
+            "changed (and every load_heartbeat_s)."
+        ),
     )
+    load_heartbeat_s: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Longest time between two reports of a replica whose load is unchanged (capped at "
+            "half of load_stale_after_s, so one lost report does not make a replica stale)."
+        ),
+    )
+
+    @property
+    def report_heartbeat_s(self) -> float:
+        """The heartbeat the replicas use: ``load_heartbeat_s`` within
+        [``load_report_interval_s``, ``load_stale_after_s`` / 2]."""
+        return max(
+            self.load_report_interval_s, min(self.load_heartbeat_s, self.load_stale_after_s / 2)
+        )
 
 
 class DispatcherConfig(_Frozen):

@@ -11,8 +11,8 @@ module is the one home of what those calls carry and of the rules both sides app
   task's first event or answer leaves, then ``{"phase": "done", "outcome": Outcome}``. A
   replica that does not run the task (a duplicate, a dead engine) sends ``done`` alone.
 - ``report_load(report)``: every replica pushes its ``ReplicaLoad`` (as a plain dict) to the
-  ``POLLER_DEPLOYMENT`` every ``load_report_interval_s``; the answer carries its model's
-  backlog (``{"backlog": n}``).
+  ``POLLER_DEPLOYMENT`` when it changes (read every ``load_report_interval_s``) and at least
+  every ``load_heartbeat_s``; the answer carries its model's backlog (``{"backlog": n}``).
 - The rules both sides read: ``deadline_ms`` (when a task stops mattering), the vLLM
   priorities, the task endpoints served.
 

@@ -54,7 +54,8 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg.model_id: build_llm_deployment(
             cfg,
             engine=app_args.engine,
-            load_report_interval_s=app_args.capacity.load_report_interval_s,
+            load_report_interval_s=capacity.load_report_interval_s,
+            load_heartbeat_s=capacity.report_heartbeat_s,
             bella=runner,
             apikey=apikey,
         )

@@ -227,6 +227,7 @@ class _TaskServingMixin(_Base):
         engine_cls: type | None = None,
         model_downloader: type | None = None,
         load_report_interval_s: float | None = None,
+        load_heartbeat_s: float | None = None,
         bella: Mapping[str, Any] | None = None,
         apikey: Any = None,
     ) -> None:
@@ -264,7 +265,9 @@ class _TaskServingMixin(_Base):
         if load_report_interval_s:
             from ray_worker.serve.load_report import LoadReporter
 
-            self._load_reporter = LoadReporter(self.get_load, load_report_interval_s)
+            self._load_reporter = LoadReporter(
+                self.get_load, load_report_interval_s, heartbeat_s=load_heartbeat_s
+            )
             self._load_reporter.start()
 
     def _init_state(self, llm_config: LLMConfig, engine_cls: type | None) -> None:
@@ -655,6 +658,7 @@ def build_llm_deployment(
     name: str | None = None,
     engine: Engine = DEFAULT_ENGINE,
     load_report_interval_s: float | None = None,
+    load_heartbeat_s: float | None = None,
     override_serve_options: Mapping[str, Any] | None = None,
     bella: Mapping[str, Any] | None = None,
     apikey: Any = None,
@@ -664,7 +668,8 @@ def build_llm_deployment(
     Built with Ray's ``build_llm_deployment(deployment_cls=BellaLLMServer)`` after
     ``with_worker_defaults``. The deployment is named ``name`` (default: the model id with
     ``/`` and ``.`` replaced, as Ray LLM does). With ``load_report_interval_s``, every replica
-    pushes ``get_load()`` to the app's ``QueuePoller`` at that interval
+    reads ``get_load()`` at that interval and pushes it to the app's ``QueuePoller`` when it
+    changed, or ``load_heartbeat_s`` after the last push
     (``ray_worker.serve.load_report.LoadReporter``).
 
     A vLLM config with ``engine_kwargs.data_parallel_size`` > 1 is built with Ray's
@@ -698,6 +703,8 @@ def build_llm_deployment(
         bind_kwargs["model_downloader"] = BellaLoraLoader
     if load_report_interval_s:
         bind_kwargs["load_report_interval_s"] = float(load_report_interval_s)
+        if load_heartbeat_s:
+            bind_kwargs["load_heartbeat_s"] = float(load_heartbeat_s)
     if bella is not None:
         # The worker app: replicas run and answer whole tasks (``RunnerSettings`` as a dict).
         bind_kwargs["bella"] = dict(bella)

@@ -195,8 +195,8 @@ class QueuePoller:
         return self.kit.outbox.adopt(answers)
 
     async def report_load(self, report: dict[str, Any]) -> dict[str, Any]:
-        """An LLM replica's load report (``ray_worker.hop.ReplicaLoad``, pushed every
-        ``load_report_interval_s``).
+        """An LLM replica's load report (``ray_worker.hop.ReplicaLoad``, pushed when it
+        changes and every ``load_heartbeat_s``).
 
         The answer carries the backlog of the replica's model, which the replica reports to
         the autoscaling policy (``ray_worker.serve.autoscaling``).

@@ -76,6 +76,7 @@ def test_capacity_defaults() -> None:
         "kv_cache_high_watermark": 0.95,
         "load_stale_after_s": 5.0,
         "load_report_interval_s": 0.5,
+        "load_heartbeat_s": 2.0,
     }
 
 
