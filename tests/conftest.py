@@ -105,22 +105,32 @@ class RayServe:
     """The session's Ray cluster and the URL of Serve's HTTP proxy."""
 
     cluster: Any
-    http_url: str
+    http_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start_serve(self) -> None:
+        """Start Serve with its proxy on ``http_port`` (a no-op while it runs). Needed again
+        after a ``serve run`` joined to this Ray is stopped: Ctrl-C makes it shut Serve down
+        for the whole cluster, and the next ``serve.run`` would start it on port 8000."""
+        from ray import serve
+
+        serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
 
 
 @pytest.fixture(scope="session")
 def ray_serve() -> Iterator[RayServe]:
     """A local Ray head with Serve; logical CPUs above the 2 real ones so replicas fit."""
-    from ray import serve
-
     from ray_worker.testing.ray_cluster import LocalRayCluster
     from ray_worker.testing.redis_server import free_port
 
     cluster = LocalRayCluster(num_cpus=16).start()
     try:
         cluster.connect()
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield RayServe(cluster, f"http://127.0.0.1:{port}")
+        ray_serve = RayServe(cluster, free_port())
+        ray_serve.start_serve()
+        yield ray_serve
     finally:
         cluster.stop()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ SHARED_TIMEOUT_S = 600
 E2E_DIR = Path(__file__).parent
 SHARED_STOP = pytest.StashKey[contextlib.ExitStack]()
 """The shared run's stop, kept on the config: the fixture's end, or the tier's last test."""
+SERVE_AGAIN = pytest.StashKey[Callable[[], None]]()
+"""Starts the session's Serve again (``RayServe.start_serve``): stopping the shared run shuts
+it down, and tests may follow the tier in the same session (an xdist lane)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,6 +81,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     stop = item.config.stash.get(SHARED_STOP, None)
     if stop is not None:
         stop.close()
+        if nextitem is not None:
+            item.config.stash[SERVE_AGAIN]()
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +153,7 @@ def shared_worker(
             )
         )
         pytestconfig.stash[SHARED_STOP] = stop
+        pytestconfig.stash[SERVE_AGAIN] = ray_serve.start_serve
         try:
             yield SharedWorker(
                 run=run,
