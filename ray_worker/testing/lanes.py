@@ -29,10 +29,12 @@ SERVE_LANE = (
 side by side."""
 LONGEST_FIRST = tuple(
     f"tests/integration/test_{name}.py"
-    for name in ("lifecycle", "soak", "autoscaling_sim", "two_nodes", "outage", "worker_sim")
+    for name in ("lifecycle", "outage", "soak", "autoscaling_sim", "two_nodes", "worker_sim")
 )
-"""Integration modules of a minute or more (measured in lanes, longest first): handed out
-before the others, so the short ones even out the lanes' ends. Only the order depends on it."""
+"""Integration modules of a minute or more (measured in lanes): handed out before the others,
+so the short ones even out the lanes' ends. The two that mostly wait (on redeploys, on real-time
+outages) go first, beside the serve lane's CPU-heavy engine starts; the soak, CPU-heavy itself,
+after them. Only the order depends on it."""
 
 
 def _module(nodeid: str) -> str:
