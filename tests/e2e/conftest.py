@@ -57,11 +57,10 @@ SHARED_QUEUES = {
 capacity its queue draws on (the default of its tasks' ``data.model``)."""
 SHARED_TIMEOUT_S = 600
 E2E_DIR = Path(__file__).parent
-SHARED_STOP = pytest.StashKey[contextlib.ExitStack]()
-"""The shared run's stop, kept on the config: the fixture's end, or the tier's last test."""
-SERVE_AGAIN = pytest.StashKey[Callable[[], None]]()
-"""Starts the session's Serve again (``RayServe.start_serve``): stopping the shared run shuts
-it down, and tests may follow the tier in the same session (an xdist lane)."""
+SHARED_STOP = pytest.StashKey[Callable[[bool], None]]()
+"""Stops the shared run early, at the tier's last test (a no-op once stopped); with True (tests
+follow in this session: an xdist lane), then starts the session's Serve again, which stopping
+the run shut down (``RayServe.start_serve``)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -80,9 +79,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return
     stop = item.config.stash.get(SHARED_STOP, None)
     if stop is not None:
-        stop.close()
-        if nextitem is not None:
-            item.config.stash[SERVE_AGAIN]()
+        stop(nextitem is not None)
 
 
 @pytest.fixture(scope="session")
@@ -152,8 +149,13 @@ def shared_worker(
                 cluster_sid=ray_session_of(address),
             )
         )
-        pytestconfig.stash[SHARED_STOP] = stop
-        pytestconfig.stash[SERVE_AGAIN] = ray_serve.start_serve
+
+        def stop_early(tests_follow: bool) -> None:
+            stop.close()
+            if tests_follow:
+                ray_serve.start_serve()
+
+        pytestconfig.stash[SHARED_STOP] = stop_early
         try:
             yield SharedWorker(
                 run=run,
