@@ -11,7 +11,9 @@ down when ``serve run`` aborts on SIGTERM, would leave them running with the GPU
 ``_die_with_parent`` makes every process started while the engine starts, and every process
 those start, ask the kernel for SIGKILL when its parent thread goes
 (``prctl(PR_SET_PDEATHSIG)``, Linux only; elsewhere nothing changes). The engine is started on
-the replica's long-lived event-loop thread, which lives as long as the replica.
+the replica's long-lived event-loop thread, which lives as long as the replica. A CPU engine
+whose model runs in the engine process (``uni``) has that process bound to cores right after
+it started (``engine_cpus``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ray_worker.proc import die_with_parent
+from ray_worker.serve.engine_cpus import bind_engine_process
 from ray_worker.serve.llm_config import VLLM_DEFAULT_MAX_NUM_SEQS
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ __all__ = ["BellaVLLMEngine", "engine_class"]
 _start_lock = threading.Lock()
 _ORIGINAL_START = multiprocessing.process.BaseProcess.start
 _hook_installed = False
+_on_engine_started: Callable[[int], object] | None = None
+"""Called with the pid of each engine process started in a ``_die_with_parent`` block."""
 
 
 def _child_main(parent_pid: int, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -54,6 +59,9 @@ def _start_dying_with_parent(self: multiprocessing.process.BaseProcess) -> None:
     if target is not None and not wrapped:
         self._target = functools.partial(_child_main, os.getpid(), target)  # type: ignore[attr-defined]
     _ORIGINAL_START(self)
+    started = _on_engine_started
+    if started is not None and self.name.startswith("EngineCore") and self.pid is not None:
+        started(self.pid)
 
 
 def _install_start_hook() -> bool:
@@ -77,33 +85,39 @@ def _uninstall_start_hook() -> None:
 
 
 @contextlib.contextmanager
-def _die_with_parent() -> Iterator[None]:
-    """Processes started (with ``multiprocessing``) inside this block die with this process."""
+def _die_with_parent(on_engine_started: Callable[[int], object] | None = None) -> Iterator[None]:
+    """Processes started (with ``multiprocessing``) inside this block die with this process;
+    ``on_engine_started`` gets the pid of each engine process (``EngineCore...``) among them."""
+    global _on_engine_started
     installed_here = not _hook_installed and _install_start_hook()
+    _on_engine_started = on_engine_started
     try:
         yield
     finally:
+        _on_engine_started = None
         if installed_here:
             _uninstall_start_hook()
 
 
-def _honour_executor_backend(llm_config: Any, vllm_config: Any) -> None:
-    """Run the model in the engine process itself when the config asks for ``uni``.
+def _honour_executor_backend(llm_config: Any, vllm_config: Any) -> bool:
+    """Run the model in the engine process itself when the config asks for ``uni``; True then.
 
     Ray Serve LLM sets ``distributed_executor_backend: mp`` for every CPU deployment, which
     gives the engine a separate model process; its engine process then waits for every step
     by spinning (``sched_yield``) on shared memory and keeps a core busy that the replica and
     the publisher need on a small CPU machine. A one-process deployment (tensor and pipeline
-    parallel size 1) that names ``uni`` in ``engine_kwargs`` gets it; nothing else changes.
+    parallel size 1) that names ``uni`` in ``engine_kwargs`` gets it; its engine process is then
+    bound to cores as vLLM binds a model process (``engine_cpus``).
     """
     asked = (getattr(llm_config, "engine_kwargs", None) or {}).get("distributed_executor_backend")
     parallel = vllm_config.parallel_config
     if asked != "uni" or parallel.world_size != 1:
-        return
+        return False
     if str(getattr(vllm_config.device_config, "device_type", "")) != "cpu":
-        return
+        return False
     parallel.distributed_executor_backend = "uni"
     logger.info("the model runs in the engine process (distributed_executor_backend: uni)")
+    return True
 
 
 def _make_vllm_engine_class() -> type:
@@ -150,8 +164,9 @@ def _make_vllm_engine_class() -> type:
         def _start_async_llm_engine(
             self, vllm_engine_args: Any, vllm_engine_config: Any, placement_group: Any
         ) -> Any:
-            _honour_executor_backend(self.llm_config, vllm_engine_config)
-            with _die_with_parent():
+            # A model in the engine process is bound to cores as vLLM binds its model process.
+            uni_cpu = _honour_executor_backend(self.llm_config, vllm_engine_config)
+            with _die_with_parent(bind_engine_process if uni_cpu else None):
                 client = super()._start_async_llm_engine(
                     vllm_engine_args, vllm_engine_config, placement_group
                 )

@@ -6,12 +6,16 @@ The run is the tier's shared one (``tests/e2e/conftest.py``): ``configs/local.ya
 read at test time, plus the additions of ``tests/e2e/local-shared.yaml`` (more model ids, LoRA,
 longer answers, a faster cancellation check), joined to the session's Ray as ``serve run`` joins
 a cluster ``ray up`` made. Its stop at the end of the session is checked: Ctrl-C, then no
-``serve run`` process and no ``VLLM::`` process of the cluster left.
+``serve run`` process and no ``VLLM::`` process of the cluster left. Its engine processes are
+bound to cores as vLLM binds a model process of its own.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +23,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import BatchRequest, ResponseMode
+from ray_worker.serve.engine_cpus import CLAIMS_FILE
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.e2e import TINY_MODEL as MODEL
-from ray_worker.testing.e2e import SharedWorker, chat, put
+from ray_worker.testing.e2e import SharedWorker, chat, engine_processes, put, ray_session_of
 from ray_worker.testing.serve_run import ServeRun
 from ray_worker.testing.waiting import wait_for
 
@@ -116,3 +121,26 @@ async def test_batch(worker: ServeRun, client: QueueClient, queue: str) -> None:
     for line in output:
         assert line["response"]["status_code"] == 200
         ChatCompletion.model_validate(line["response"]["body"])
+
+
+def test_engine_processes_are_bound_to_cores_no_other_engine_holds(
+    worker: ServeRun, ray_serve: Any
+) -> None:
+    """``configs/local.yaml`` runs each model in its engine process (``uni``): every engine
+    process of the run was bound right after it started (``engine_cpus``), to cores no other
+    engine of the machine holds, or recorded as left on every core where none was free."""
+    engines = [
+        p.pid
+        for p in engine_processes(ray_session_of(ray_serve.cluster.address))
+        if p.args.startswith("VLLM::EngineCore")
+    ]
+    assert engines
+    path = Path(tempfile.gettempdir()) / CLAIMS_FILE
+    claims = {int(pid): cores for pid, cores in json.loads(path.read_text()).items()}
+    live = {pid: cores for pid, cores in claims.items() if Path(f"/proc/{pid}").exists()}
+    held = [core for cores in live.values() for core in cores]
+    assert len(held) == len(set(held)), f"two engines hold one core: {live}"
+    everywhere = os.sched_getaffinity(0)
+    for pid in engines:
+        assert pid in live, f"engine {pid} was never bound or recorded: {claims}"
+        assert os.sched_getaffinity(pid) == (set(live[pid]) or everywhere)

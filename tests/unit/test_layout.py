@@ -42,6 +42,7 @@ REPLICA_SIDE = (
     "ray_worker.serve.load_report",
     "ray_worker.serve.engine_io",
     "ray_worker.serve.vllm_engine",
+    "ray_worker.serve.engine_cpus",
     "ray_worker.serve.sim_engine",
     "ray_worker.serve.lora",
     "ray_worker.serve.reasoning",
