@@ -31,7 +31,10 @@ rate, and the engine's steps (``vllm:iteration_tokens_total``: vLLM's ``/metrics
 through Ray's metrics agent) with generated tokens per step, the mean batch. ``ratios`` are
 worker over vLLM; ``goals`` the issue's targets. The engine processes' threads, CPU affinity and
 ``OMP_NUM_THREADS`` are listed per side (vLLM's server always runs an ``mp`` executor on CPU: a
-``uni`` in ``engine_kwargs`` becomes ``mp`` there).
+``uni`` in ``engine_kwargs`` becomes ``mp`` there). Both sides bind the model to cores the same
+way: vLLM binds its ``VLLM::Worker``, the worker its ``uni`` engine process
+(``ray_worker.serve.engine_cpus``); ``--replica-env VLLM_CPU_OMP_THREADS_BIND=nobind`` leaves
+the worker's unbound.
 
 One JSON object goes to stdout and ``bench/results/peer.json`` (written after each side); the
 per-phase lines go to stderr. Every process it starts (vLLM's server and its engine, ``serve
