@@ -59,15 +59,28 @@ def test_explicit_lists_take_the_first_entry_no_other_engine_holds() -> None:
 # -- real processes --------------------------------------------------------------------------
 
 
+def _sleep_process() -> subprocess.Popen[bytes]:
+    """A child process standing in for an engine."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A child process standing in for an engine."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = _sleep_process()
     try:
         yield proc
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def cores() -> list[int]:
+    """The cores this process may use (at least 2)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 cores")
+    return allowed
 
 
 def _affinity(pid: int) -> set[int]:
@@ -79,40 +92,37 @@ def _env(**values: str) -> dict[str, str]:
 
 
 @linux_only
+@pytest.mark.parametrize("before", [None, "{not json"], ids=["no file", "a corrupt file"])
 def test_a_started_engine_is_bound_and_its_claim_recorded(
-    tmp_path: Path, sleeper: subprocess.Popen[bytes]
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], cores: list[int], before: str | None
 ) -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        pytest.skip("needs 2 cores")
     claims = tmp_path / "claims.json"
-    cores = bind_engine_process(sleeper.pid, env=_env(), claims_path=claims)
-    assert cores == [allowed[0]]
-    assert _affinity(sleeper.pid) == {allowed[0]}
-    assert json.loads(claims.read_text()) == {str(sleeper.pid): [allowed[0]]}
+    if before is not None:
+        claims.write_text(before)
+    assert bind_engine_process(sleeper.pid, env=_env(), claims_path=claims) == [cores[0]]
+    assert _affinity(sleeper.pid) == {cores[0]}
+    assert json.loads(claims.read_text()) == {str(sleeper.pid): [cores[0]]}
 
 
 @linux_only
-def test_a_second_engine_does_not_take_the_first_ones_core(tmp_path: Path) -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        pytest.skip("needs 2 cores")
+def test_a_second_engine_does_not_take_the_first_ones_core(
+    tmp_path: Path, cores: list[int]
+) -> None:
     claims = tmp_path / "claims.json"
-    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    first, second = _sleep_process(), _sleep_process()
     try:
-        assert bind_engine_process(first.pid, env=_env(), claims_path=claims) == [allowed[0]]
-        expected = [allowed[1]] if len(allowed) > 2 else None
+        assert bind_engine_process(first.pid, env=_env(), claims_path=claims) == [cores[0]]
+        expected = [cores[1]] if len(cores) > 2 else None
         assert bind_engine_process(second.pid, env=_env(), claims_path=claims) == expected
         if expected is None:  # left on every core this replica may use, and recorded so
-            assert _affinity(second.pid) == set(allowed)
+            assert _affinity(second.pid) == set(cores)
         assert json.loads(claims.read_text())[str(second.pid)] == (expected or [])
         # The first engine's claim ends with its process: the core is free again.
         first.kill()
         first.wait()
-        third = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        third = _sleep_process()
         try:
-            assert bind_engine_process(third.pid, env=_env(), claims_path=claims) == [allowed[0]]
+            assert bind_engine_process(third.pid, env=_env(), claims_path=claims) == [cores[0]]
         finally:
             third.kill()
             third.wait()
@@ -135,19 +145,6 @@ def test_nobind_and_bad_settings_leave_the_engine_on_every_core(
     ):
         assert bind_engine_process(sleeper.pid, env=env, claims_path=claims) is None
         assert _affinity(sleeper.pid) == everything
-
-
-@linux_only
-def test_a_corrupt_claims_file_is_started_afresh(
-    tmp_path: Path, sleeper: subprocess.Popen[bytes]
-) -> None:
-    allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        pytest.skip("needs 2 cores")
-    claims = tmp_path / "claims.json"
-    claims.write_text("{not json")
-    assert bind_engine_process(sleeper.pid, env=_env(), claims_path=claims) == [allowed[0]]
-    assert json.loads(claims.read_text()) == {str(sleeper.pid): [allowed[0]]}
 
 
 @linux_only
