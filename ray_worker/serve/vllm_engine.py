@@ -48,7 +48,9 @@ _on_engine_started: Callable[[int], object] | None = None
 
 def _child_main(parent_pid: int, target: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The target of an engine process: die with the parent, pass that on, run ``target``."""
+    global _on_engine_started
     die_with_parent(parent_pid)
+    _on_engine_started = None  # a forked child holds the parent's: it binds nothing itself
     _install_start_hook()  # the processes this one starts (vLLM's Workers) die with it
     return target(*args, **kwargs)
 
