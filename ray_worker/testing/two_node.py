@@ -172,6 +172,10 @@ def _app_args(queue_url: str, queue: str, tokens_per_s: float) -> dict[str, Any]
                 "deployment_config": {
                     "num_replicas": 2,
                     "max_replicas_per_node": 1,
+                    # A replica holds at most a full batch: Serve's router must send the rest
+                    # of the burst to the other node's replica (by default it may queue all 16
+                    # on one when the other answers its probes slowly on a busy machine).
+                    "max_ongoing_requests": 8,
                     "ray_actor_options": {"num_cpus": 0.1},
                 },
             }
