@@ -7,7 +7,8 @@ mark by hand.
 Lanes: ``make test`` runs the integration and e2e tiers in two pytest-xdist workers with
 ``--dist loadscope``; here a scope is a lane of ``ray_worker.testing.lanes``
 (``pytest_xdist_make_scheduler``) and the collection is put in the lanes' order. Each worker
-has its own session fixtures (Redis, emulator, Ray) on free ports.
+has its own session fixtures (Redis, emulator, Ray) on free ports. Every report has its lone
+surrogates escaped (``pytest_runtest_makereport``): xdist cannot send them.
 
 - ``redis_server``: one real ``redis-server`` on a free loopback port for the whole session.
 - ``emulator``: one Bella-Queue emulator (uvicorn in a background thread) on that Redis, made
@@ -36,6 +37,7 @@ import pytest
 
 from ray_worker.testing import lanes
 from ray_worker.testing.emulator import emulator_server
+from ray_worker.testing.reports import escape_surrogates
 
 if TYPE_CHECKING:
     from ray_worker.emulator.server import EmulatorServer
@@ -57,6 +59,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return lanes.lane_of(nodeid)
 
     return LaneScheduling(config, log)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Every report leaves without lone surrogates (``reports.escape_surrogates``): xdist
+    cannot send one, and its worker would crash."""
+    outcome: Any = yield
+    escape_surrogates(outcome.get_result())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
