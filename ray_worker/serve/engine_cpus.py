@@ -35,7 +35,14 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLAIMS_FILE", "bind_engine_process", "choose_cores", "parse_cpu_list"]
+__all__ = [
+    "CLAIMS_FILE",
+    "bind_engine_process",
+    "choose_cores",
+    "claims_file",
+    "live_claims",
+    "parse_cpu_list",
+]
 
 CLAIMS_FILE = "bella-ray-worker-engine-cpus.json"
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
@@ -115,6 +122,17 @@ def _claims(path: Path) -> Iterator[dict[int, list[int]]]:
         handle.write(json.dumps({str(pid): cores for pid, cores in claims.items()}))
 
 
+def claims_file() -> Path:
+    """Where the engines of this node record their cores."""
+    return Path(tempfile.gettempdir()) / CLAIMS_FILE
+
+
+def live_claims(path: Path | None = None) -> dict[int, list[int]]:
+    """The engines of this node that are alive, with their cores (``[]``: left unbound)."""
+    with _claims(path or claims_file()) as claims:
+        return dict(claims)
+
+
 def _set_affinity(pid: int, cores: list[int]) -> None:
     """Bind every thread of ``pid`` (a just started process has one, or a few)."""
     os.sched_setaffinity(pid, cores)
@@ -141,7 +159,7 @@ def bind_engine_process(
     if not hasattr(os, "sched_setaffinity"):
         return None
     env = os.environ if env is None else env
-    path = claims_path or Path(tempfile.gettempdir()) / CLAIMS_FILE
+    path = claims_path or claims_file()
     bind = env.get(BIND_ENV) or "auto"
     allowed = os.sched_getaffinity(0)
     try:

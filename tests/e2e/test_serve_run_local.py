@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +21,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ray_worker.bella.client import QueueClient
 from ray_worker.bella.protocol import BatchRequest, ResponseMode
-from ray_worker.serve.engine_cpus import CLAIMS_FILE
+from ray_worker.serve.engine_cpus import live_claims
 from ray_worker.testing.callback_receiver import CallbackReceiver
 from ray_worker.testing.e2e import TINY_MODEL as MODEL
 from ray_worker.testing.e2e import SharedWorker, chat, engine_processes, put, ray_session_of
@@ -135,12 +133,10 @@ def test_engine_processes_are_bound_to_cores_no_other_engine_holds(
         if p.args.startswith("VLLM::EngineCore")
     ]
     assert engines
-    path = Path(tempfile.gettempdir()) / CLAIMS_FILE
-    claims = {int(pid): cores for pid, cores in json.loads(path.read_text()).items()}
-    live = {pid: cores for pid, cores in claims.items() if Path(f"/proc/{pid}").exists()}
+    live = live_claims()
     held = [core for cores in live.values() for core in cores]
     assert len(held) == len(set(held)), f"two engines hold one core: {live}"
     everywhere = os.sched_getaffinity(0)
     for pid in engines:
-        assert pid in live, f"engine {pid} was never bound or recorded: {claims}"
+        assert pid in live, f"engine {pid} was never bound or recorded: {live}"
         assert os.sched_getaffinity(pid) == (set(live[pid]) or everywhere)

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from ray_worker.serve.engine_cpus import bind_engine_process, choose_cores, parse_cpu_list
+from ray_worker.serve.engine_cpus import (
+    bind_engine_process,
+    choose_cores,
+    live_claims,
+    parse_cpu_list,
+)
 
 linux_only = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux only"
@@ -120,6 +125,8 @@ def test_a_second_engine_does_not_take_the_first_ones_core(
         # The first engine's claim ends with its process: the core is free again.
         first.kill()
         first.wait()
+        assert first.pid not in live_claims(claims)
+        assert second.pid in live_claims(claims)
         third = _sleep_process()
         try:
             assert bind_engine_process(third.pid, env=_env(), claims_path=claims) == [cores[0]]
